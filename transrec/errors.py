@@ -1,0 +1,13 @@
+"""Errors shared by every room."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad config, bad file): printed as one line."""
+
+
+class DataError(UserError):
+    """A structural problem with a dataset (manifest, schema version, shards): names the file."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value or an unknown key."""
