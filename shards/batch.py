@@ -39,20 +39,28 @@ class TextContent:
     input_ids: torch.Tensor  # [Ut, T] int64 token ids
     attention_mask: torch.Tensor  # [Ut, T] int64, 1 for real tokens
     index: torch.Tensor  # [Ut] int64 rows of Batch.unique_items
+    # Frozen-prefix activations [Ut, T, H] (hidden states after the last frozen block), filled by
+    # the frozen-prefix cache; when present the text encoder runs only its trainable tail.
+    prefix: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> TextContent:
-        return TextContent(*(t.to(device, non_blocking=non_blocking) for t in
-                             (self.input_ids, self.attention_mask, self.index)))
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return TextContent(mv(self.input_ids), mv(self.attention_mask), mv(self.index), mv(self.prefix))
 
 
 @dataclass
 class ImageContent:
     pixels: torch.Tensor  # [Ui, 3, H, W] uint8; normalising is the encoder's job
     index: torch.Tensor  # [Ui] int64 rows of Batch.unique_items
+    # Frozen-prefix activations [Ui, C, h, w] (feature map after the last frozen stage), filled by
+    # the frozen-prefix cache; when present the image encoder runs only its trainable tail.
+    prefix: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> ImageContent:
-        return ImageContent(self.pixels.to(device, non_blocking=non_blocking),
-                            self.index.to(device, non_blocking=non_blocking))
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return ImageContent(mv(self.pixels), mv(self.index), mv(self.prefix))
 
 
 @dataclass
@@ -92,8 +100,9 @@ class Batch:
             return t.pin_memory() if isinstance(t, torch.Tensor) else t
         text = self.text and TextContent(*(pin(t) for t in (self.text.input_ids,
                                                              self.text.attention_mask,
-                                                             self.text.index)))
-        image = self.image and ImageContent(pin(self.image.pixels), pin(self.image.index))
+                                                             self.text.index, self.text.prefix)))
+        image = self.image and ImageContent(*(pin(t) for t in (self.image.pixels, self.image.index,
+                                                               self.image.prefix)))
         return replace(self, seq=pin(self.seq), mask=pin(self.mask), inverse=pin(self.inverse),
                        unique_items=pin(self.unique_items), unique_log_q=pin(self.unique_log_q),
                        users=pin(self.users), text=text, image=image)
