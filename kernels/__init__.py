@@ -1,21 +1,64 @@
-"""In-batch softmax over the batch's unique items (linear cross-entropy) behind one dispatcher.
+"""In-batch softmax over the batch's unique items (a linear cross-entropy) behind one dispatcher.
 
-Model code calls :func:`inbatch_softmax` only and never imports triton.
+    loss_i = LSE_j(q_i.k_j / tau + b_j) - (q_i.k_{t_i} / tau + b_{t_i})
+
+q [N, D] user states, k [M, D] unique item embeddings, t_i the positive item of row i, b [M] an
+optional logit bias (b = -log popularity for the logQ correction), rows with ``row_mask`` False
+dropped (padding). Model code calls :func:`inbatch_softmax` only and never imports triton.
+
+Implementations (``impl``):
+  "triton"  fused Triton kernels (kernels/triton_*.py): never writes the N x M logits; CUDA, or
+            the CPU under TRITON_INTERPRET=1 (slow, for tests)
+  "chunked" torch, ``chunk`` rows at a time, peak memory O(chunk x M) (kernels/chunked.py)
+  "torch"   the plain reference materialising all logits in float32 (kernels/reference.py)
+  "auto"    triton on CUDA, chunked elsewhere
 """
 
 from __future__ import annotations
 
+import torch
+from transrec.kernels.chunked import inbatch_softmax_chunked_rows
 from transrec.kernels.reference import inbatch_softmax_reference
+from transrec.kernels.validate import IMPLS, REDUCTIONS, KernelInputError, check_inputs
+
+
+def reduce_rows(loss: torch.Tensor, row_mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Mask and reduce per-row losses; the mean's normaliser stays on the device (no host sync)."""
+    if row_mask is not None:
+        loss = torch.where(row_mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if row_mask is None:
+        return loss.sum() / loss.shape[0]
+    return loss.sum() / row_mask.sum().clamp_min(1).to(loss.dtype)
 
 
 def inbatch_softmax(q, k, target, *, bias=None, temperature=1.0, row_mask=None, reduction="mean",
-                    impl="auto"):
+                    impl="auto", chunk_size=None):
     """loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_{t_i}/tau + b_{t_i}); rows with row_mask False drop out.
 
-    ``impl``: "auto" | "triton" | "torch" | "chunked". (Only the torch reference exists so far.)
+    Returns a float32 loss (float64 for float64 inputs): a scalar for reduction "mean" (over the
+    unmasked rows) or "sum", a [N] vector (masked rows 0) for "none". Gradients flow to q, k and
+    bias. ``chunk_size`` (rows per chunk) applies to impl "chunked" only. Bad input raises one
+    :class:`KernelInputError` (a ``ValueError``).
     """
-    return inbatch_softmax_reference(q, k, target, bias=bias, temperature=temperature,
-                                     row_mask=row_mask, reduction=reduction)
+    tau = check_inputs(q, k, target, bias, temperature, row_mask, reduction, impl)
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "chunked"
+    if impl == "torch":
+        return inbatch_softmax_reference(q, k, target, bias=bias, temperature=tau, row_mask=row_mask,
+                                         reduction=reduction)
+    if impl == "chunked":
+        rows = inbatch_softmax_chunked_rows(q, k, target, bias=bias, temperature=tau,
+                                            chunk_size=chunk_size)
+    else:
+        from transrec.kernels.triton_op import inbatch_softmax_triton_rows  # imports triton lazily
+
+        rows = inbatch_softmax_triton_rows(q, k, target, bias=bias, temperature=tau)
+    return reduce_rows(rows, row_mask, reduction)
 
 
-__all__ = ["inbatch_softmax", "inbatch_softmax_reference"]
+__all__ = ["IMPLS", "REDUCTIONS", "KernelInputError", "inbatch_softmax", "inbatch_softmax_reference",
+           "reduce_rows"]
