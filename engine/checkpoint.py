@@ -1,0 +1,230 @@
+"""Checkpoints that are either whole or ignored, and resume that continues exactly.
+
+Layout of ``RUN/checkpoints/``::
+
+    step-00000100/            a complete checkpoint (DeepSpeed's files + ours)
+        manifest.json         written last, before the rename: what wrote it, file sizes
+        rng-rank00000.pt      each rank's torch / numpy / python RNG state (tensors and numbers)
+        ...DeepSpeed files    model states, ZeRO partitions of the optimizer (all ranks)
+    .tmp-step-00000200/       a save in progress (or killed): never read
+    latest                    the tag of the newest complete checkpoint (replaced atomically)
+
+A save: every rank writes into ``.tmp-<tag>``, a barrier, then rank 0 writes the manifest, renames
+the folder to ``<tag>``, replaces ``latest`` and prunes beyond ``keep_last``. A save killed at any
+point leaves the previous checkpoint as the latest. (Several nodes need the run folder on a shared
+file system, as DeepSpeed's own checkpoints do.)
+
+Resuming needs the world size and the ZeRO stage the checkpoint was written with; anything else
+is refused with the supported path: export consolidated weights (``transrec export``) and start a
+new run from them (``run.init_from=EXPORT``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transrec.errors import UserError
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used for what was asked (named, with the way forward)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and numbers only (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "python_version": int(py_state[0]),
+        "python_state": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": py_state[2],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()),
+                     state["python_gauss"]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- manager
+
+@dataclass
+class ClientState:
+    """What the engine needs besides DeepSpeed's states to continue exactly."""
+
+    step: int  # optimizer steps done
+    epoch: int  # epoch of the next batch
+    cursor: int  # global sample cursor within that epoch (loader start_cursor)
+    seed: int
+    samples: int = 0  # sequences trained on in total (all ranks)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep_last: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = max(int(keep_last), 1)
+
+    # -- discovery ------------------------------------------------------------------------
+    def complete(self) -> list[str]:
+        """Tags of complete checkpoints (manifest present and readable), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        tags = []
+        for p in sorted(self.dir.iterdir()):
+            if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (p / MANIFEST).is_file():
+                try:
+                    json.loads((p / MANIFEST).read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                tags.append(p.name)
+        return tags
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint: ``latest`` when it names one that verifies, else the scan."""
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if tag and self._verify(tag, raise_error=False):
+                return tag
+        for tag in reversed(self.complete()):
+            if self._verify(tag, raise_error=False):
+                return tag
+        return None
+
+    def manifest(self, tag: str) -> dict:
+        return json.loads((self.dir / tag / MANIFEST).read_text())
+
+    def _verify(self, tag: str, raise_error: bool = True) -> bool:
+        folder = self.dir / tag
+        try:
+            man = json.loads((folder / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            if raise_error:
+                raise CheckpointError(f"checkpoint {folder} has no readable {MANIFEST}: "
+                                      "it is incomplete (a killed save?)") from None
+            return False
+        if man.get("schema") != SCHEMA:
+            if raise_error:
+                raise CheckpointError(f"{folder / MANIFEST}: schema {man.get('schema')} is not {SCHEMA}")
+            return False
+        for name, size in man.get("files", {}).items():
+            f = folder / name
+            if not f.is_file() or f.stat().st_size != size:
+                if raise_error:
+                    raise CheckpointError(f"checkpoint {folder}: {name} is missing or has the wrong size "
+                                          "(the checkpoint is damaged)")
+                return False
+        return True
+
+    # -- save -----------------------------------------------------------------------------
+    def save(self, engine, client: ClientState, *, world_size: int, zero_stage: int, precision: str,
+             extra: dict | None = None, _fail_after_write: bool = False) -> str:
+        """Collective: every rank calls it. Returns the tag written."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        tag = tag_for(client.step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp = self.dir / tmp_tag
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"transrec": vars(client)},
+                               save_latest=False)
+        torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
+        _barrier()
+        if _fail_after_write:  # test hook: the process dies between writing and committing
+            raise KeyboardInterrupt("save interrupted")
+        if rank == 0:
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+            man = {
+                "schema": SCHEMA, "tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "world_size": world_size, "zero_stage": zero_stage, "precision": precision,
+                "client": vars(client), "files": files, **(extra or {}),
+            }
+            _write_atomic(tmp / MANIFEST, json.dumps(man, indent=1))
+            final = self.dir / tag
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_atomic(self.dir / LATEST, tag)
+            self._prune(keep=tag)
+        _barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = [t for t in self.complete() if t != keep]
+        for t in tags[: max(len(tags) - (self.keep_last - 1), 0)]:
+            shutil.rmtree(self.dir / t, ignore_errors=True)
+        for p in self.dir.iterdir():  # stale temporaries of killed saves
+            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- load -----------------------------------------------------------------------------
+    def check_compatible(self, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> dict:
+        self._verify(tag)
+        man = self.manifest(tag)
+        if man["world_size"] != world_size or man["zero_stage"] != zero_stage:
+            raise CheckpointError(
+                f"checkpoint {self.dir / tag} was written with world size {man['world_size']} and ZeRO "
+                f"stage {man['zero_stage']}, this run has world size {world_size} and ZeRO stage "
+                f"{zero_stage}; resuming needs both equal. Supported path: "
+                f"`transrec export --run {run_dir} --out EXPORT`, then start a new run with "
+                f"run.init_from=EXPORT")
+        return man
+
+    def load(self, engine, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> ClientState:
+        """Collective: restores DeepSpeed states (model, optimizer, scheduler) and this rank's RNG."""
+        import torch.distributed as dist
+
+        man = self.check_compatible(tag, world_size=world_size, zero_stage=zero_stage, run_dir=run_dir)
+        path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        set_rng_state(torch.load(self.dir / tag / f"rng-rank{rank:05d}.pt", weights_only=True))
+        return ClientState(**man["client"])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

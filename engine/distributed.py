@@ -1,0 +1,95 @@
+"""Process-group set-up for one process, the ``deepspeed`` launcher and ``torchrun``.
+
+- ``transrec train`` alone: no launcher variables are set, so this fills ``MASTER_ADDR``,
+  ``MASTER_PORT`` (a free port), ``RANK=0``, ``LOCAL_RANK=0``, ``WORLD_SIZE=1`` (otherwise DeepSpeed
+  goes looking for MPI).
+- ``deepspeed --num_gpus N -m transrec.cli train ...`` / ``torchrun --nproc_per_node N -m
+  transrec.cli train ...``: the launcher sets them (``deepspeed`` passes ``--local_rank``; the CLI
+  accepts and ignores it, ``LOCAL_RANK`` is read from the environment).
+- Backend: NCCL with CUDA, gloo on the CPU (``deepspeed.backend`` overrides).
+
+On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, 30-60 s
+per fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
+collectives and never that op (it serves DeepSpeed inference's all-reduce), so it is switched off
+unless ``TRANSREC_DS_SHM=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_backend(choice: str = "auto") -> str:
+    if choice != "auto":
+        return choice
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _disable_shm_op() -> None:
+    if os.environ.get("TRANSREC_DS_SHM") == "1" or torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    # The probe that fills this dict runs compiler subprocesses; the engine needs one entry only.
+    ops = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if ops is None:
+        deepspeed.ops.__dict__["__compatible_ops__"] = {"deepspeed_shm_comm": False}
+    else:
+        ops["deepspeed_shm_comm"] = False
+
+
+def init(backend: str = "auto") -> tuple[int, int, int]:
+    """Initialise the process group once; returns ``(rank, local_rank, world_size)``."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    _disable_shm_op()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=default_backend(backend), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_main() -> bool:
+    return rank() == 0
