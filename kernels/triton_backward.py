@@ -1,0 +1,132 @@
+"""Triton backward of the in-batch softmax: dK and d(bias), recomputing logit tiles from the
+saved row LSE (dQ comes from the forward's A, see triton_forward.py).
+
+One program owns BLOCK_N rows of k (their fp32 dK accumulator and d(bias) stay in registers; no
+atomics) and streams every BLOCK_M-row tile of q past them. With s_ij = q_i.k_j / tau + b_j,
+p_ij = exp(s_ij - LSE_i), g_i = dL/dloss_i and t_i the target of row i:
+
+    dS_ij = g_i (p_ij - [j = t_i])
+    dk_j  = (1/tau) sum_i dS_ij q_i          db_j = sum_i dS_ij
+
+Rows beyond N read LSE = +inf and g = 0, so they contribute exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from transrec.kernels.triton_common import LOG2E, load_rows, mma, store_rows
+from transrec.kernels.triton_config import INTERPRET_BLOCK, d_class, d_layout, interpreting, next_pow2, tuned
+
+
+@triton.jit
+def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
+                   N, M, D,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_dkd,
+                   scale2, inv_tau,
+                   N_KEY, M_KEY,
+                   HAS_BIAS: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   EVEN_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < M
+    cdt = Q.dtype.element_ty
+
+    if NUM_DC == 1:
+        k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+    if HAS_BIAS:
+        b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) * LOG2E
+    if COMPUTE_DK:
+        dk0 = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+        if NUM_DC > 1:
+            dk1 = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+        if NUM_DC > 2:
+            dk2 = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+        if NUM_DC > 3:
+            dk3 = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
+    if COMPUTE_DB:
+        db = tl.zeros([BLOCK_N], tl.float32)
+
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < N
+        st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        if NUM_DC > 1:
+            k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+        q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+        st = mma(k0, tl.trans(q0), st, DOT_FP32, IEEE)
+        if NUM_DC > 1:
+            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            st = mma(k1, tl.trans(q1), st, DOT_FP32, IEEE)
+        if NUM_DC > 2:
+            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            st = mma(k2, tl.trans(q2), st, DOT_FP32, IEEE)
+        if NUM_DC > 3:
+            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            st = mma(k3, tl.trans(q3), st, DOT_FP32, IEEE)
+
+        st = st * scale2
+        if HAS_BIAS:
+            st = st + b2[:, None]
+        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
+        g = tl.load(G + rows, mask=row_ok, other=0.0)
+        t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)
+        ds = tl.exp2(st - lse2[None, :]) * g[None, :]
+        ds = ds - tl.where(cols[:, None] == t[None, :], g[None, :], 0.0)  # [BLOCK_N, BLOCK_M] = dS^T
+        if COMPUTE_DK:
+            dsc = ds.to(cdt)
+            dk0 = mma(dsc, q0, dk0, DOT_FP32, IEEE)
+            if NUM_DC > 1:
+                dk1 = mma(dsc, q1, dk1, DOT_FP32, IEEE)
+            if NUM_DC > 2:
+                dk2 = mma(dsc, q2, dk2, DOT_FP32, IEEE)
+            if NUM_DC > 3:
+                dk3 = mma(dsc, q3, dk3, DOT_FP32, IEEE)
+        if COMPUTE_DB:
+            db += tl.sum(ds, 1)
+
+    if COMPUTE_DK:
+        store_rows(DK, dk0 * inv_tau, cols, col_ok, 0, D, stride_dkn, stride_dkd, BLOCK_DC, EVEN_D)
+        if NUM_DC > 1:
+            store_rows(DK, dk1 * inv_tau, cols, col_ok, BLOCK_DC, D, stride_dkn, stride_dkd, BLOCK_DC,
+                       EVEN_D)
+        if NUM_DC > 2:
+            store_rows(DK, dk2 * inv_tau, cols, col_ok, 2 * BLOCK_DC, D, stride_dkn, stride_dkd, BLOCK_DC,
+                       EVEN_D)
+        if NUM_DC > 3:
+            store_rows(DK, dk3 * inv_tau, cols, col_ok, 3 * BLOCK_DC, D, stride_dkn, stride_dkd, BLOCK_DC,
+                       EVEN_D)
+    if COMPUTE_DB:
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
+
+
+def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
+                       block_m: int | None = None, block_n: int | None = None, block_dc: int | None = None):
+    """Returns (dk [M, D] in k's dtype or None, db [M] in bias's dtype or None)."""
+    n, d = q.shape
+    m = k.shape[0]
+    bdc, ndc, even_d = d_layout(d, block_dc)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if compute_dk else None
+    db = torch.empty(m, dtype=bias.dtype, device=k.device) if compute_db else None
+    interp = interpreting()
+    args = (q, k, bias if bias is not None else lse2, target, lse2, g,
+            dk if dk is not None else lse2, db if db is not None else lse2, n, m, d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            dk.stride(0) if dk is not None else 0, dk.stride(1) if dk is not None else 0,
+            1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
+    consts = dict(HAS_BIAS=bias is not None, COMPUTE_DK=compute_dk, COMPUTE_DB=compute_db, EVEN_D=even_d,
+                  NUM_DC=ndc, BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
+    if interp or block_m is not None:
+        bm = block_m or INTERPRET_BLOCK
+        bn = block_n or INTERPRET_BLOCK
+        _bwd_dk_kernel[(triton.cdiv(m, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, **consts)
+    else:
+        kern = tuned(_bwd_dk_kernel, "bwd", d_class(bdc, ndc))
+        kern[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),)](*args, **consts)
+    return dk, db

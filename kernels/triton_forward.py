@@ -1,0 +1,168 @@
+"""Triton forward of the in-batch softmax: row LSE (fp32) and, when q needs a gradient, the
+softmax-weighted item sum for dQ, without ever writing the N x M logits.
+
+One program owns BLOCK_M rows of q and streams every BLOCK_N-row tile of k past them, keeping an
+online max m_i and sum l_i in the log2 domain (s2 = log2(e) * (q_i.k_j / tau + b_j)):
+
+    LSE_i  = ln 2 * (m_i + log2 l_i)
+    loss_i = LSE_i - (q_i.k_{t_i} / tau + b_{t_i})
+
+With COMPUTE_DQ the same tiles also accumulate (flash-attention style, V = K)
+
+    A_i = sum_j p_ij k_j - k_{t_i},      p_ij = exp(s_ij - LSE_i)
+
+so that dq_i = (g_i / tau) * A_i in the backward (g_i = dL/dloss_i) with no second pass over k
+for dQ: forward+backward costs 8 N M D flops (2 here for the logits, 2 for A; 4 in the dK pass).
+A is stored in fp32, [N, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from transrec.kernels.triton_common import LN2, LOG2E, load_rows, mma, store_rows
+from transrec.kernels.triton_config import INTERPRET_BLOCK, d_class, d_layout, interpreting, next_pow2, tuned
+
+
+@triton.jit
+def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
+                N, M, D,
+                stride_qn, stride_qd, stride_kn, stride_kd, stride_an, stride_ad,
+                scale2, inv_tau,
+                N_KEY, M_KEY,
+                HAS_BIAS: tl.constexpr, COMPUTE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
+                EVEN_M: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    cdt = K.dtype.element_ty
+
+    # With one D chunk the q tile stays resident; with several it is reloaded per k tile (L2 hits)
+    # so the registers go to the fp32 accumulators.
+    if NUM_DC == 1:
+        q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite floor: a tile of -inf gives no inf - inf
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if COMPUTE_DQ:
+        acc0 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        if NUM_DC > 1:
+            acc1 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        if NUM_DC > 2:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        if NUM_DC > 3:
+            acc3 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if NUM_DC > 1:
+            q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+        k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+        s = mma(q0, tl.trans(k0), s, DOT_FP32, IEEE)
+        if NUM_DC > 1:
+            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q1, tl.trans(k1), s, DOT_FP32, IEEE)
+        if NUM_DC > 2:
+            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q2, tl.trans(k2), s, DOT_FP32, IEEE)
+        if NUM_DC > 3:
+            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q3, tl.trans(k3), s, DOT_FP32, IEEE)
+
+        s = s * scale2
+        if HAS_BIAS:
+            b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+            s = s + b[None, :] * LOG2E
+        if not EVEN_M:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if COMPUTE_DQ:
+            pc = p.to(cdt)
+            acc0 = mma(pc, k0, acc0 * alpha[:, None], DOT_FP32, IEEE)
+            if NUM_DC > 1:
+                acc1 = mma(pc, k1, acc1 * alpha[:, None], DOT_FP32, IEEE)
+            if NUM_DC > 2:
+                acc2 = mma(pc, k2, acc2 * alpha[:, None], DOT_FP32, IEEE)
+            if NUM_DC > 3:
+                acc3 = mma(pc, k3, acc3 * alpha[:, None], DOT_FP32, IEEE)
+        m_i = m_new
+
+    lse2 = m_i + tl.log2(l_i)
+    # Positive logit from the target rows of k (a gather of BLOCK_M rows, once per program).
+    t = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
+    t_ok = row_ok & (t >= 0) & (t < M)  # masked rows may carry any target
+    inv_l = 1.0 / l_i
+    q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D).to(tl.float32)
+    kt0 = load_rows(K, t, t_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
+    pos = tl.sum(q0 * kt0, 1)
+    if COMPUTE_DQ:
+        store_rows(A, acc0 * inv_l[:, None] - kt0, rows, row_ok, 0, D, stride_an, stride_ad, BLOCK_DC, EVEN_D)
+    if NUM_DC > 1:
+        q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D).to(tl.float32)
+        kt1 = load_rows(K, t, t_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
+        pos += tl.sum(q1 * kt1, 1)
+        if COMPUTE_DQ:
+            store_rows(A, acc1 * inv_l[:, None] - kt1, rows, row_ok, BLOCK_DC, D, stride_an, stride_ad,
+                       BLOCK_DC, EVEN_D)
+    if NUM_DC > 2:
+        q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC,
+                       EVEN_D).to(tl.float32)
+        kt2 = load_rows(K, t, t_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
+        pos += tl.sum(q2 * kt2, 1)
+        if COMPUTE_DQ:
+            store_rows(A, acc2 * inv_l[:, None] - kt2, rows, row_ok, 2 * BLOCK_DC, D, stride_an,
+                       stride_ad, BLOCK_DC, EVEN_D)
+    if NUM_DC > 3:
+        q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC,
+                       EVEN_D).to(tl.float32)
+        kt3 = load_rows(K, t, t_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
+        pos += tl.sum(q3 * kt3, 1)
+        if COMPUTE_DQ:
+            store_rows(A, acc3 * inv_l[:, None] - kt3, rows, row_ok, 3 * BLOCK_DC, D, stride_an,
+                       stride_ad, BLOCK_DC, EVEN_D)
+    pos = pos * inv_tau
+    if HAS_BIAS:
+        pos += tl.load(BIAS + t, mask=t_ok, other=0.0).to(tl.float32)
+    tl.store(LSE2 + rows, lse2, mask=row_ok)
+    tl.store(LOSS + rows, lse2 * LN2 - pos, mask=row_ok)
+
+
+_fwd = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_fwd_kernel)
+
+
+def triton_forward(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                   tau: float, compute_dq: bool, *, block_m: int | None = None, block_n: int | None = None,
+                   block_dc: int | None = None):
+    """Returns (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None)."""
+    n, d = q.shape
+    m = k.shape[0]
+    bdc, ndc, even_d = d_layout(d, block_dc)
+    loss = torch.empty(n, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty(n, dtype=torch.float32, device=q.device)
+    a = torch.empty((n, d), dtype=torch.float32, device=q.device) if compute_dq else loss
+    interp = interpreting()
+    args = (q, k, bias if bias is not None else loss, target, loss, lse2, a, n, m, d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            a.stride(0) if compute_dq else 0, a.stride(1) if compute_dq else 0,
+            1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
+    consts = dict(HAS_BIAS=bias is not None, COMPUTE_DQ=compute_dq, EVEN_D=even_d, NUM_DC=ndc,
+                  BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
+    if interp or block_m is not None:
+        bm = block_m or INTERPRET_BLOCK
+        bn = block_n or INTERPRET_BLOCK
+        _fwd[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, **consts)
+    else:
+        kern = tuned(_fwd, "fwd", d_class(bdc, ndc))
+        kern[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **consts)
+    return loss, lse2, (a if compute_dq else None)
