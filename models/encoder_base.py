@@ -1,0 +1,163 @@
+"""What text and image item encoders share: the split at the freeze boundary.
+
+An item encoder is a stem (embeddings / stem convolution) followed by ``n`` blocks (transformer
+layers / CNN stages), then a tail head (final norm, pooling, projection to the shared dimension d).
+With ``trainable = k`` the top ``k`` blocks train and the stem plus the lower ``n - k`` blocks form
+the **frozen prefix**:
+
+    forward(x) = forward_tail(forward_prefix(x))
+    forward_prefix: stem + blocks[:n-k]       (eval mode, no_grad when frozen)
+    forward_tail:   blocks[n-k:] + head       (trainable; gradient checkpointing per block)
+
+``trainable = "all"`` puts only the stem in the prefix (which then trains, so it is not cacheable);
+``"none"`` puts every block in the prefix. Frozen modules run in eval mode (no dropout, BatchNorm
+running statistics) unless the config's ``frozen_dropout`` is set, so the prefix output of an item
+is a pure function of its content and the frozen weights: the frozen-prefix cache keys on
+:meth:`frozen_hash` and applies when :meth:`prefix_is_cacheable` says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transrec.models.config import parse_trainable
+from transrec.models.lora import has_lora, inject_lora, is_lora_param
+
+from transrec.errors import ConfigError
+
+
+def _has_dropout(modules: list[nn.Module]) -> bool:
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, nn.Dropout | nn.Dropout1d | nn.Dropout2d) and m.p > 0:
+                return True
+    return False
+
+
+class ItemEncoderBase(nn.Module):
+    """Subclasses set ``self.backbone``, ``self.arch``, and implement ``_stem_modules``,
+    ``_blocks``, ``_stem``, ``_block``; then call :meth:`_setup_split`."""
+
+    arch: str = ""
+
+    # -- to implement -----------------------------------------------------------------------
+    def _stem_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _head_modules(self) -> list[nn.Module]:
+        """Backbone modules after the last block (final norms); they train unless trainable='none'."""
+        return []
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _setup_split(self, trainable, lora_cfg, grad_ckpt: bool, frozen_dropout: bool, where: str):
+        blocks = self._blocks()
+        n = len(blocks)
+        t = parse_trainable(trainable, where)
+        if t == "all":
+            k = n
+        elif t == "none":
+            k = 0
+        else:
+            if t > n:
+                raise ConfigError(f"{where}.trainable={t} but the {self.arch} encoder has only {n} blocks")
+            k = t
+        self.n_blocks, self.n_trainable_blocks = n, k
+        self.n_frozen_blocks = n - k
+        self.train_stem = t == "all" and lora_cfg is None
+        self.grad_ckpt = bool(grad_ckpt)
+        self.frozen_dropout = bool(frozen_dropout)
+        self.trainable_spec = t
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        tail = blocks[self.n_frozen_blocks:]
+        if lora_cfg is not None:
+            if k == 0:
+                raise ConfigError(f"{where}.lora needs trainable blocks; {where}.trainable is 'none'")
+            self.lora_layers = inject_lora(tail, self.arch, lora_cfg)
+            for name, p in self.backbone.named_parameters():
+                p.requires_grad_(is_lora_param(name))
+        else:
+            self.lora_layers = 0
+            for mod in tail + (self._head_modules() if k > 0 else []):
+                for p in mod.parameters():
+                    p.requires_grad_(True)
+            if self.train_stem:
+                for mod in self._stem_modules():
+                    for p in mod.parameters():
+                        p.requires_grad_(True)
+        self.train(self.training)
+
+    # -- the split ------------------------------------------------------------------------------
+    def prefix_modules(self) -> list[nn.Module]:
+        return self._stem_modules() + self._blocks()[: self.n_frozen_blocks]
+
+    def tail_blocks(self) -> list[nn.Module]:
+        return self._blocks()[self.n_frozen_blocks:]
+
+    def prefix_frozen(self) -> bool:
+        return not any(p.requires_grad for m in self.prefix_modules() for p in m.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen prefix modules always run in eval mode (unless frozen_dropout keeps them stochastic);
+        # frozen head modules too (BatchNorm statistics of a frozen encoder must not drift).
+        if mode and not self.frozen_dropout and self.prefix_frozen():
+            for m in self.prefix_modules():
+                m.eval()
+        if mode and self.n_trainable_blocks == 0:
+            for m in self._head_modules():
+                m.eval()
+        return self
+
+    def prefix_not_cacheable_reason(self) -> str | None:
+        """None when the frozen-prefix output may be cached, else why not (one line)."""
+        if self.n_frozen_blocks == 0 and self.train_stem:
+            return f"{self.arch} encoder is fully fine-tuned (trainable='all'): no frozen prefix"
+        if any(p.requires_grad for m in self.prefix_modules() for p in m.parameters()):
+            return f"{self.arch} encoder has trainable parameters in its prefix"
+        if any(has_lora(m) for m in self.prefix_modules()):
+            return f"{self.arch} encoder has LoRA adapters on frozen blocks"
+        if self.frozen_dropout and self.training and self._stochastic_prefix():
+            return f"{self.arch} encoder keeps dropout active in its frozen blocks (frozen_dropout=True)"
+        return None
+
+    def _stochastic_prefix(self) -> bool:
+        """Whether the prefix has anything random in training mode (dropout, stochastic depth)."""
+        return _has_dropout(self.prefix_modules())
+
+    def prefix_is_cacheable(self) -> bool:
+        return self.prefix_not_cacheable_reason() is None
+
+    def frozen_hash(self) -> str:
+        """sha256 over the architecture, the freeze depth and every prefix weight and buffer.
+
+        Call it on full (not ZeRO-3-partitioned) weights, e.g. before wrapping in DeepSpeed.
+        """
+        h = hashlib.sha256()
+        h.update(f"{type(self).__name__}|{self.arch}|{self.describe()}|frozen={self.n_frozen_blocks}"
+                 .encode())
+        for i, mod in enumerate(self.prefix_modules()):
+            for name, t in sorted(mod.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        return self.arch
+
+    def _prefix_context(self):
+        if self.prefix_frozen():
+            return torch.no_grad()
+        return torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad()
+
+    def _run_block(self, block_fn, i: int, h: torch.Tensor, *args):
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(block_fn, i, h, *args, use_reentrant=False)
+        return block_fn(i, h, *args)

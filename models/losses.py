@@ -1,0 +1,154 @@
+"""Training losses over user states and the batch's unique item embeddings.
+
+Both losses share one interface::
+
+    loss, metrics = criterion(user [N, d], keys [U, d], target [N], row_mask [N], log_q [U], items [U])
+
+``target`` is the row of each user state's next item in ``keys`` (``Batch.inverse``); rows with
+``row_mask`` False (padding) drop out. The loss is ``sum / count`` with ``count`` (the number of
+valid rows, on device) in ``metrics``; nothing syncs to the host.
+
+Data-parallel note: DeepSpeed / DDP average gradients over ranks, so each rank's ``sum / count``
+gives the mean of per-rank means. For the exact global mean a trainer all-reduces ``count`` and
+multiplies the loss by ``world_size * count / global_count`` (``metrics["loss_sum"]`` and
+``metrics["count"]`` carry what it needs).
+
+- ``inbatch``: softmax over the unique items, loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_t/tau + b_t)
+  with b = -log q (logQ popularity correction) when enabled; computed by
+  :func:`transrec.kernels.inbatch_softmax` (the logits are never materialised by the fused kernels).
+  Every unique item appears once among the keys, so a row's positive is never also a negative.
+- ``bce``: -log sigma(s_pos) - sum_{j=1..k} log sigma(-s_neg_j) with s = q.k/tau and k negatives
+  sampled uniformly from the unique items other than the row's positive (the paper's loss).
+
+Global negatives: ``keys`` are gathered from every rank with gradient (a ``gather_fn``); an item
+present on several ranks keeps its first copy only (the others get bias -inf and are never
+sampled), and each row's target is remapped to that first copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transrec.kernels import inbatch_softmax
+
+# gather_fn(keys [U, d], items [U], log_q [U]) -> (keys_all [M, d], items_all [M], log_q_all [M], offset)
+GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+def default_global_gather(keys: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor):
+    """All-gather (with gradient for ``keys``) over the default process group; ranks may hold
+    different numbers of unique items, so rows are padded to the largest and stripped after."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnf
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([keys.shape[0]], device=keys.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    m = max(sizes)
+    pad = m - keys.shape[0]
+    k_all = dnf.all_gather(F.pad(keys, (0, 0, 0, pad)))
+    i_all = [torch.empty(m, dtype=items.dtype, device=items.device) for _ in range(world)]
+    q_all = [torch.empty(m, dtype=log_q.dtype, device=log_q.device) for _ in range(world)]
+    dist.all_gather(i_all, F.pad(items, (0, pad), value=-1))
+    dist.all_gather(q_all, F.pad(log_q, (0, pad)))
+    keys_all = torch.cat([k[:s] for k, s in zip(k_all, sizes)])
+    items_all = torch.cat([t[:s] for t, s in zip(i_all, sizes)])
+    logq_all = torch.cat([t[:s] for t, s in zip(q_all, sizes)])
+    return keys_all, items_all, logq_all, sum(sizes[:rank])
+
+
+def first_copy(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [M] bool: the first copy of each item id, first [M] long: index of each row's first copy)."""
+    m = items.shape[0]
+    uniq, inv = torch.unique(items, return_inverse=True)
+    pos = torch.arange(m, device=items.device)
+    first_of = torch.full((uniq.shape[0],), m, dtype=torch.long, device=items.device)
+    first_of = first_of.scatter_reduce(0, inv, pos, reduce="amin")
+    first = first_of[inv]
+    return first == pos, first
+
+
+def sample_negatives(target: torch.Tensor, candidates: torch.Tensor, k: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """k indices per row drawn uniformly from ``candidates`` (sorted key indices) minus the row's
+    target (which must be one of the candidates). Returns [N, k]; [N, 0] if only one candidate."""
+    c = candidates.shape[0]
+    n = target.shape[0]
+    if c <= 1 or k <= 0:
+        return torch.zeros(n, 0, dtype=torch.long, device=target.device)
+    tpos = torch.searchsorted(candidates, target)  # position of the target among the candidates
+    r = torch.randint(0, c - 1, (n, k), device=target.device, generator=generator)
+    r = r + (r >= tpos[:, None]).long()  # skip the positive
+    return candidates[r]
+
+
+def bce_sampled(user: torch.Tensor, keys: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor,
+                row_mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row BCE with given negatives [N, k]: softplus(-s_pos) + sum_j softplus(s_neg_j).
+
+    Returns [N] (0 at masked rows).
+    """
+    dt = torch.float64 if user.dtype == torch.float64 else torch.float32
+    q = user.to(dt)
+    k = keys.to(dt)
+    pos = (q * k[target]).sum(-1) / temperature
+    neg = torch.einsum("nd,nkd->nk", q, k[negatives]) / temperature
+    loss = F.softplus(-pos) + F.softplus(neg).sum(-1)
+    if row_mask is not None:
+        loss = torch.where(row_mask, loss, torch.zeros((), dtype=dt, device=loss.device))
+    return loss
+
+
+class Criterion(torch.nn.Module):
+    """The configured loss; see the module docstring."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.gather_fn: GatherFn | None = None
+
+    def _global(self) -> GatherFn | None:
+        if self.cfg.negatives != "global":
+            return None
+        if self.gather_fn is not None:
+            return self.gather_fn
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return default_global_gather
+        return None
+
+    def forward(self, user, keys, target, row_mask, log_q, items):
+        cfg = self.cfg
+        if cfg.l2_normalize:
+            user, keys = F.normalize(user, dim=-1), F.normalize(keys, dim=-1)
+        target = target.long()
+        col_bias = None
+        keep = None
+        gather = self._global()
+        if gather is not None:
+            keys, items_all, log_q, offset = gather(keys, items, log_q)
+            keep, first = first_copy(items_all)
+            target = first[target + offset]
+            col_bias = torch.where(keep, 0.0, float("-inf")).to(torch.float32)
+        count = row_mask.sum().to(torch.float32)
+        if cfg.kind == "inbatch":
+            bias = -log_q.float() if cfg.logq else None
+            if col_bias is not None:
+                bias = col_bias if bias is None else bias + col_bias
+            total = inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
+                                    row_mask=row_mask, reduction="sum", impl=cfg.impl)
+        else:
+            cand = torch.arange(keys.shape[0], device=keys.device)
+            if keep is not None:
+                cand = cand[keep]
+            neg = sample_negatives(target, cand, cfg.num_negatives)
+            total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
+        loss = total / count.clamp_min(1.0)
+        metrics = {"loss": loss.detach(), "loss_sum": total.detach(), "count": count,
+                   "num_keys": torch.tensor(float(keys.shape[0]), device=keys.device)}
+        return loss, metrics

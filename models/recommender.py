@@ -1,0 +1,234 @@
+"""The TransRec model (content item encoders + user encoder + loss) and the ID-based SASRec baseline.
+
+Training step on a :class:`~transrec.shards.batch.Batch` (``seq [B, L]`` right-aligned, L = inputs + 1):
+
+1. ``encode_items``: one encoder pass per modality over the batch's unique items; the outputs are
+   scattered into one table ``[U, d]`` by ``text.index`` / ``image.index`` (plus an optional
+   learned modality embedding);
+2. position embeddings are gathered from the table with ``inverse`` (no loop over positions);
+3. the user encoder reads the inputs ``seq[:, :-1]``; the loss scores user states against the
+   table: ``bidirectional`` at the last position only (predicting ``seq[:, -1]``), ``causal`` at
+   every valid position (predicting ``seq[:, 1:]``).
+
+Mixed modality under ZeRO-3: every rank must run every encoder the same number of times per step
+(ZeRO-3 gathers each module's partitioned weights with collectives in its forward hooks; a rank
+that skipped an encoder would leave the others waiting). A batch with no item of a modality
+therefore runs that encoder on a tiny dummy input (two items) and adds ``0 * output.sum()`` to the
+table: values unchanged, every encoder parameter gets a (zero) gradient, the collectives line up.
+The dummy's BatchNorm statistics are not recorded. If the batch's other modality came as
+frozen-prefix activations (the prefix cache), the dummy runs the tail only, like the real content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transrec.models.config import ModelConfig, validate_model_config
+from transrec.models.losses import Criterion, GatherFn
+from transrec.models.user import UserEncoder
+from transrec.shards.batch import Batch, ImageContent, TextContent
+
+from transrec.errors import ConfigError
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """BatchNorm layers keep normalising with batch statistics but do not update running ones."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+
+
+class SequentialRecommender(nn.Module):
+    """What TransRec and the ID baseline share: user encoder, loss, training forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = int(cfg.dim)
+        self.user = UserEncoder(cfg.user, self.dim)
+        self.criterion = Criterion(cfg.loss)
+
+    # -- interface ------------------------------------------------------------------------------
+    def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,
+                     image: ImageContent | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_users(self, item_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """User state at the last position [B, d] (the newest item is the last column)."""
+        return self.user.last(item_emb, mask)
+
+    def content_spec(self) -> dict | None:
+        return None
+
+    def set_negative_gather(self, fn: GatherFn | None) -> None:
+        """Global negatives: ``fn(keys, items, log_q) -> (keys_all, items_all, log_q_all, offset)``
+        gathering keys across ranks with gradient. Used when ``loss.negatives == "global"``;
+        without it, torch.distributed's autograd all-gather is used when a process group of more
+        than one rank is initialised."""
+        self.criterion.gather_fn = fn
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return []
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split for separate learning rates: item-encoder backbones vs rest."""
+        enc = {id(p) for m in self.encoder_modules() for p in m.parameters()}
+        groups = {"encoders": [], "rest": []}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups["encoders" if id(p) in enc else "rest"].append(p)
+        return groups
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        table = self.encode_items(batch.unique_items, batch.text, batch.image)
+        return self.loss_from_table(batch, table)
+
+    def loss_from_table(self, batch: Batch, table: torch.Tensor,
+                        inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss given the unique-item table [U, d] (and optionally the input embeddings [B, L-1, d])."""
+        if batch.seq.shape[1] < 2:
+            raise ConfigError("a training batch needs windows of at least 2 positions (inputs + target)")
+        mask = batch.mask
+        in_mask = mask[:, :-1]
+        if inputs is None:
+            inputs = table[batch.inverse[:, :-1]]
+        out = self.user(inputs, in_mask)
+        if self.user.causal:
+            q = out.reshape(-1, out.shape[-1])
+            target = batch.inverse[:, 1:].reshape(-1)
+            row_mask = (in_mask & mask[:, 1:]).reshape(-1)
+        else:
+            q = out[:, -1]
+            target = batch.inverse[:, -1]
+            row_mask = in_mask[:, -1] & mask[:, -1]
+        log_q = batch.unique_log_q.to(table.device)
+        loss, metrics = self.criterion(q, table, target, row_mask, log_q, batch.unique_items)
+        metrics["num_unique"] = torch.tensor(float(table.shape[0]), device=table.device)
+        return loss, metrics
+
+
+class TransRec(SequentialRecommender):
+    """Content-based sequential recommender over mixture-of-modality items (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        from transrec.models.image import ImageItemEncoder
+        from transrec.models.text import TextItemEncoder
+
+        self.text_encoder = TextItemEncoder(cfg.text, self.dim)
+        self.image_encoder = ImageItemEncoder(cfg.image, self.dim)
+        self.modality = nn.Embedding(2, self.dim) if cfg.modality_embedding else None
+        if self.modality is not None:
+            nn.init.normal_(self.modality.weight, std=0.02)
+        # Run an absent modality's encoder on a dummy input (see the module docstring).
+        self.run_absent_encoders = True
+
+    def item_encoders(self) -> dict[str, nn.Module]:
+        return {"text": self.text_encoder, "image": self.image_encoder}
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.text_encoder.backbone, self.image_encoder.backbone]
+
+    def content_spec(self) -> dict:
+        from transrec.models.text import tokenizer_path
+
+        return {"tokenizer": tokenizer_path(self.cfg.text.name), "max_text_len": int(self.cfg.text.max_len),
+                "image_size": int(self.cfg.image.image_size)}
+
+    def _device(self) -> torch.device:
+        return self.text_encoder.proj.weight.device
+
+    def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,
+                     image: ImageContent | None) -> torch.Tensor:
+        """[U, d]: one pass per modality over the unique items, scattered back by ``index``."""
+        n = int(unique_items.shape[0])
+        parts, zero_terms = [], []
+        cached = any(c is not None and c.prefix is not None for c in (text, image))
+        for mid, (content, enc) in enumerate(((text, self.text_encoder), (image, self.image_encoder))):
+            if content is not None and content.index.numel():
+                emb = enc(content)
+                if self.modality is not None:
+                    emb = emb + self.modality.weight[mid].to(emb.dtype)
+                parts.append((content.index.to(emb.device), emb))
+            elif self.run_absent_encoders:
+                with _bn_stats_frozen(enc):
+                    zero_terms.append(enc(enc.dummy_content(self._device(), like_prefix=cached)).sum())
+        if not parts:
+            raise ConfigError("encode_items got no text and no image content")
+        emb0 = parts[0][1]
+        table = torch.zeros(n, emb0.shape[1], dtype=emb0.dtype, device=emb0.device)
+        for idx, emb in parts:
+            table = table.index_copy(0, idx, emb.to(table.dtype))
+        for z in zero_terms:
+            table = table + 0.0 * z.to(table.dtype)
+        return table
+
+    def forward(self, batch: Batch, dedup: bool = True):
+        """Training loss. ``dedup=False`` encodes every position's item separately (the naive
+        path, for tests and benchmarks): same values, U -> number of valid positions of work."""
+        if dedup:
+            return super().forward(batch)
+        return self._forward_per_position(batch)
+
+    def _forward_per_position(self, batch: Batch):
+        mask = batch.mask
+        rows = batch.inverse[mask]  # unique-item row of every valid position, [P]
+        p, u = int(rows.shape[0]), batch.num_unique
+        dev = rows.device
+        text = image = None
+        positions = torch.arange(p, device=dev)
+        if batch.text is not None:
+            t_row = torch.full((u,), -1, dtype=torch.long, device=dev)
+            t_row[batch.text.index] = torch.arange(batch.text.index.shape[0], device=dev)
+            r = t_row[rows]
+            sel = r >= 0
+            pre = batch.text.prefix[r[sel]] if batch.text.prefix is not None else None
+            text = TextContent(batch.text.input_ids[r[sel]], batch.text.attention_mask[r[sel]],
+                               positions[sel], pre)
+        if batch.image is not None:
+            i_row = torch.full((u,), -1, dtype=torch.long, device=dev)
+            i_row[batch.image.index] = torch.arange(batch.image.index.shape[0], device=dev)
+            r = i_row[rows]
+            sel = r >= 0
+            pre = batch.image.prefix[r[sel]] if batch.image.prefix is not None else None
+            image = ImageContent(batch.image.pixels[r[sel]], positions[sel], pre)
+        per_pos = self.encode_items(positions, text, image)  # [P, d]
+        full = torch.zeros(*mask.shape, per_pos.shape[1], dtype=per_pos.dtype, device=dev)
+        full = full.index_put((mask.nonzero(as_tuple=True)), per_pos)
+        first = torch.full((u,), p, dtype=torch.long, device=dev).scatter_reduce(0, rows, positions, "amin")
+        return self.loss_from_table(batch, per_pos[first], inputs=full[:, :-1])
+
+
+class IDSASRec(SequentialRecommender):
+    """ID-based SASRec baseline: an item embedding table in place of the content encoders."""
+
+    def __init__(self, cfg: ModelConfig, n_items: int):
+        super().__init__(cfg)
+        if n_items <= 0:
+            raise ConfigError("the ID model needs the number of items "
+                              "(model.n_items or build_model's n_items)")
+        self.n_items = int(n_items)
+        self.item_emb = nn.Embedding(self.n_items, self.dim)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+
+    def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
+        return self.item_emb(unique_items.to(self.item_emb.weight.device))
+
+
+def build_model(cfg: ModelConfig, n_items: int | None = None) -> SequentialRecommender:
+    """TransRec (``cfg.kind == "transrec"``) or the ID baseline (``"id"``) from one config."""
+    validate_model_config(cfg)
+    if cfg.kind == "id":
+        return IDSASRec(cfg, int(n_items if n_items is not None else cfg.n_items))
+    return TransRec(cfg)
