@@ -18,7 +18,8 @@ Layout conventions (shared by the loader, the models and the engine):
   correction of in-batch softmax (``b = -log q``).
 - ``hist_rows`` / ``hist_items`` (evaluation batches) list the (row, item) pairs of every item the
   user interacted with before the target, over the whole history and not only the window, so that
-  full-ranking evaluation can mask them.
+  full-ranking evaluation can mask them (the target itself is never listed).
+- ``row_valid`` (evaluation batches) is False for filler rows that only keep ranks in step.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class Batch:
     hist_rows: torch.Tensor | None = None  # [H] int64, evaluation only
     hist_items: torch.Tensor | None = None  # [H] int64, evaluation only
     cursor: int = 0  # global sample cursor after this batch (for exact resume)
+    # [B] bool, evaluation only: False for filler rows that repeat a user only to keep every rank
+    # at the same number of batches (count metrics over rows where it is True). None: all valid.
+    row_valid: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -105,7 +109,8 @@ class Batch:
                                                                self.image.prefix)))
         return replace(self, seq=pin(self.seq), mask=pin(self.mask), inverse=pin(self.inverse),
                        unique_items=pin(self.unique_items), unique_log_q=pin(self.unique_log_q),
-                       users=pin(self.users), text=text, image=image)
+                       users=pin(self.users), text=text, image=image,
+                       row_valid=pin(self.row_valid))
 
 
 class ContentSource(Protocol):

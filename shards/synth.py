@@ -1,0 +1,248 @@
+"""The synthetic mixture-of-modality world: content that carries meaning, in two domains.
+
+Items have latent attributes (category, colour, pattern, style). A text item's title names them
+("vintage red striped mug by Norvak"); an image item is a small picture that shows them: the
+category is the shape, the colour its fill, the pattern a texture inside it, the style the
+background. Users have tastes over the attributes and produce time-ordered sequences: the next item
+is drawn from a softmax over taste, popularity (Zipf-like skew) and the attributes shared with the
+last few items, with slow taste drift; no item is consumed twice.
+
+A *source* and a *target* domain share the attribute semantics and vocabulary but have disjoint
+item and user ids (prefixes ``s-``/``t-``), different title templates and different drawing details
+(shape scale, offset, outline), so a content-based model transfers and an ID-based one cannot.
+Everything is deterministic for a seed; the domain name enters the random stream too.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from transrec.shards.format import DatasetWriter
+
+CATEGORIES = ("shirt", "shoe", "bag", "hat", "lamp", "mug", "book", "chair")
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
+COLOURS = {
+    "red": (205, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 40),
+    "purple": (140, 50, 170), "orange": (240, 130, 30), "black": (30, 30, 30), "white": (235, 235, 235),
+}
+PATTERNS = ("plain", "striped", "dotted", "checked")
+STYLES = {"classic": (222, 205, 170), "modern": (150, 160, 175), "sporty": (120, 200, 200),
+          "vintage": (150, 110, 80)}
+ATTRIBUTES = ("category", "colour", "pattern", "style")
+SIZES = (len(CATEGORIES), len(COLOURS), len(PATTERNS), len(STYLES))
+
+_BRAND_A = ("nor", "vel", "kai", "lum", "dor", "zen", "mar", "tri", "sol", "bex", "quo", "fen")
+_BRAND_B = ("vak", "ora", "ix", "den", "ton", "ly", "mo", "rix", "gard", "sen", "tal", "po")
+
+TEMPLATES = {
+    "source": ("{style} {colour} {pattern} {category}",
+               "{colour} {pattern} {category} , {style}",
+               "{style} {category} in {colour} , {pattern}"),
+    "target": ("{category} : {colour} , {pattern} , {style} look",
+               "{pattern} {colour} {category} for {style} fans",
+               "{colour} {category} with {pattern} finish ( {style} )"),
+}
+
+# Per-domain defaults: the source is large, the target scarce so that pretraining pays off.
+DOMAIN_DEFAULTS = {
+    "source": dict(n_users=2000, n_items=800, min_len=5, max_len=20),
+    "target": dict(n_users=400, n_items=300, min_len=5, max_len=15),
+}
+_DOMAIN_CODE = {"source": 1, "target": 2}
+
+
+def _brand(rng: np.random.Generator) -> str:
+    return (_BRAND_A[rng.integers(len(_BRAND_A))] + _BRAND_B[rng.integers(len(_BRAND_B))]).capitalize()
+
+
+def make_title(attrs: np.ndarray, domain: str, rng: np.random.Generator) -> str:
+    """A title naming the item's attributes (template and brand noise per domain)."""
+    cat, col, pat, sty = (int(a) for a in attrs)
+    words = dict(category=CATEGORIES[cat], colour=list(COLOURS)[col], pattern=PATTERNS[pat],
+                 style=list(STYLES)[sty])
+    templates = TEMPLATES[domain]
+    title = templates[rng.integers(len(templates))].format(**words)
+    if rng.random() < 0.6:
+        title += f" by {_brand(rng)}"
+    return title
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    def ring(n: int, rad: np.ndarray, phase: float) -> list[tuple[float, float]]:
+        ang = phase + 2 * np.pi * np.arange(n) / n
+        return [(cx + float(q) * np.cos(a), cy + float(q) * np.sin(a)) for a, q in zip(ang, rad)]
+    if shape == "square":
+        return ring(4, np.full(4, r * 1.2), np.pi / 4)
+    if shape == "diamond":
+        return ring(4, np.full(4, r * 1.1), 0.0)
+    if shape == "triangle":
+        return ring(3, np.full(3, r * 1.2), -np.pi / 2)
+    if shape == "hexagon":
+        return ring(6, np.full(6, r), 0.0)
+    if shape == "star":
+        return ring(10, np.tile([r * 1.15, r * 0.5], 5), -np.pi / 2)
+    if shape == "cross":
+        w = r * 0.38
+        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
+                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
+                (cx - r, cy - w), (cx - w, cy - w)]
+    return None  # circle / ring are ellipses
+
+
+def render_image(attrs: np.ndarray, domain: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """Draw an item: shape = category, fill = colour, texture = pattern, background = style."""
+    cat, col, pat, sty = (int(a) for a in attrs)
+    s = 4 * size  # draw supersampled, then downscale (anti-aliasing)
+
+    def jitter(rgb, amount):
+        return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
+    bg = jitter(list(STYLES.values())[sty], 18)
+    fill = jitter(list(COLOURS.values())[col], 22)
+    dark = tuple(int(c * 0.45) for c in fill) if sum(fill) > 200 else tuple(min(255, c + 150) for c in fill)
+    img = Image.new("RGB", (s, s), bg)
+    if domain == "target":  # drawing details differ: smaller, offset shapes with an outline
+        r = s * rng.uniform(0.26, 0.34)
+        cx, cy = s / 2 + rng.uniform(-0.08, 0.08) * s, s / 2 + rng.uniform(-0.08, 0.08) * s
+    else:
+        r = s * rng.uniform(0.33, 0.4)
+        cx, cy = s / 2, s / 2
+    mask = Image.new("L", (s, s), 0)
+    md = ImageDraw.Draw(mask)
+    shape = SHAPES[cat]
+    poly = _shape_polygon(shape, cx, cy, r)
+    if poly is not None:
+        md.polygon(poly, fill=255)
+    else:
+        md.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if shape == "ring":
+            md.ellipse([cx - r * 0.5, cy - r * 0.5, cx + r * 0.5, cy + r * 0.5], fill=0)
+    tex = Image.new("RGB", (s, s), fill)
+    td = ImageDraw.Draw(tex)
+    step = s // 8
+    off = int(rng.integers(step))
+    if PATTERNS[pat] == "striped":
+        for x in range(-s, 2 * s, step):
+            td.line([(x + off, 0), (x + off + s, s)], fill=dark, width=max(1, step // 3))
+    elif PATTERNS[pat] == "dotted":
+        for y in range(off % step, s, step):
+            for x in range(off % step, s, step):
+                td.ellipse([x, y, x + step // 2.5, y + step // 2.5], fill=dark)
+    elif PATTERNS[pat] == "checked":
+        for y in range(0, s, step):
+            for x in range(0, s, step):
+                if ((x + y) // step) % 2 == 0:
+                    td.rectangle([x, y, x + step - 1, y + step - 1], fill=dark)
+    img.paste(tex, (0, 0), mask)
+    if domain == "target":
+        ImageDraw.Draw(img).polygon(poly, outline=(20, 20, 20), width=s // 32) if poly else \
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], outline=(20, 20, 20), width=s // 32)
+    return img.resize((size, size), Image.BILINEAR)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_len: int, max_len: int,
+                   popularity: float = 1.0, taste_concentration: float = 0.35, recency: float = 1.4,
+                   drift: float = 0.08, temperature: float = 1.0):
+    """The latent world: item attributes [n_items, 4], item popularity, and user sequences (lists
+    of item indices). Deterministic for (seed, domain)."""
+    rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 0])
+    attrs = np.stack([rng.integers(k, size=n_items) for k in SIZES], axis=1)
+    pop_rank = rng.permutation(n_items) + 1
+    log_pop = -popularity * np.log(pop_rank)
+    weights = np.array([1.6, 1.3, 0.6, 0.5])  # how much each attribute matters to taste
+    onehots = [np.eye(k)[attrs[:, a]] for a, k in enumerate(SIZES)]  # [n_items, k] per attribute
+    sequences = []
+    lengths = rng.integers(min_len, max_len + 1, size=n_users)
+    for u in range(n_users):
+        tastes = [rng.dirichlet(np.full(k, taste_concentration)) for k in SIZES]
+
+        def base_logits(tastes=tastes):
+            return sum(w * (oh @ np.log(t + 1e-3)) for w, oh, t in zip(weights, onehots, tastes)) + log_pop
+
+        logits = base_logits()
+        used = np.zeros(n_items, dtype=bool)
+        seq: list[int] = []
+        n = min(int(lengths[u]), n_items)
+        for _ in range(n):
+            z = logits.copy()
+            if seq:
+                # next item shares attributes with recent ones (the last counts most)
+                for lag, j in enumerate(reversed(seq[-3:])):
+                    z += recency * (0.6 ** lag) * (attrs == attrs[j]).sum(axis=1) / 2
+            z = z / temperature
+            z[used] = -np.inf
+            g = z + rng.gumbel(size=n_items)
+            j = int(np.argmax(g))
+            seq.append(j)
+            used[j] = True
+            if rng.random() < drift:  # taste drift: move part of one attribute's taste
+                a = int(rng.integers(len(SIZES)))
+                tastes[a] = 0.6 * tastes[a] + 0.4 * rng.dirichlet(np.full(SIZES[a], taste_concentration))
+                logits = base_logits()
+        sequences.append(seq)
+    return attrs, log_pop, sequences
+
+
+def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | None = None,
+               n_items: int | None = None, image_frac: float = 0.5, seed: int = 0, image_size: int = 32,
+               min_len: int | None = None, max_len: int | None = None, popularity: float = 1.0,
+               taste_concentration: float = 0.35, recency: float = 1.4, drift: float = 0.08,
+               temperature: float = 1.0, shard_size: int | None = None,
+               seq_shard_size: int | None = None, progress: bool = False) -> Path:
+    """Write a synthetic dataset folder for ``domain`` ("source" or "target") and return its path.
+
+    Sizes default to ``DOMAIN_DEFAULTS[domain]``; ``image_frac`` is the share of image items.
+    Item ids are ``s-i000123`` / ``t-i000123`` and user ids ``s-u000123`` / ``t-u000123``.
+    """
+    if domain not in DOMAIN_DEFAULTS:
+        raise ValueError(f"domain must be one of {sorted(DOMAIN_DEFAULTS)}, got {domain!r}")
+    d = DOMAIN_DEFAULTS[domain]
+    n_users = int(n_users if n_users is not None else d["n_users"])
+    n_items = int(n_items if n_items is not None else d["n_items"])
+    min_len = int(min_len if min_len is not None else d["min_len"])
+    max_len = int(max_len if max_len is not None else d["max_len"])
+    if n_users < 1 or n_items < 2 or not 1 <= min_len <= max_len:
+        raise ValueError("need n_users >= 1, n_items >= 2 and 1 <= min_len <= max_len")
+    if not 0.0 <= image_frac <= 1.0:
+        raise ValueError("image_frac must be in [0, 1]")
+    if image_size < 32:
+        raise ValueError("image_size must be at least 32")
+    attrs, log_pop, sequences = generate_world(
+        domain=domain, n_users=n_users, n_items=n_items, seed=seed, min_len=min_len, max_len=max_len,
+        popularity=popularity, taste_concentration=taste_concentration, recency=recency, drift=drift,
+        temperature=temperature)
+    rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 1])
+    is_image = rng.random(n_items) < image_frac
+    p = domain[0]
+    params = dict(domain=domain, n_users=n_users, n_items=n_items, image_frac=image_frac, seed=seed,
+                  image_size=image_size, min_len=min_len, max_len=max_len, popularity=popularity,
+                  taste_concentration=taste_concentration, recency=recency, drift=drift,
+                  temperature=temperature)
+    writer = DatasetWriter(out_dir, shard_size=shard_size or max(64, -(-n_items // 4)),
+                           seq_shard_size=seq_shard_size or max(16, -(-n_users // 8)),
+                           name=f"synthetic-{domain}", domain=domain, extra={"synthetic": params})
+    names = [CATEGORIES, list(COLOURS), PATTERNS, list(STYLES)]
+    items = range(n_items)
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc=f"synth {domain} items", unit="item")
+    for i in items:
+        meta = {a: names[k][int(attrs[i, k])] for k, a in enumerate(ATTRIBUTES)}
+        meta["log_popularity"] = round(float(log_pop[i]), 4)
+        if is_image[i]:
+            writer.add_item(f"{p}-i{i:06d}", image=_png(render_image(attrs[i], domain, rng, image_size)),
+                            image_ext="png", meta=meta)
+        else:
+            writer.add_item(f"{p}-i{i:06d}", title=make_title(attrs[i], domain, rng), meta=meta)
+    for u, seq in enumerate(sequences):
+        writer.add_sequence(f"{p}-u{u:06d}", [f"{p}-i{j:06d}" for j in seq])
+    return writer.close()
