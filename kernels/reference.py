@@ -18,7 +18,8 @@ def inbatch_softmax_reference(q: torch.Tensor, k: torch.Tensor, target: torch.Te
     if bias is not None:
         logits = logits + bias.to(dtype)[None, :]
     lse = torch.logsumexp(logits, dim=1)
-    pos = logits.gather(1, target.long()[:, None]).squeeze(1)
+    t = target.long().clamp(0, k.shape[0] - 1)  # rows masked out may carry any target
+    pos = logits.gather(1, t[:, None]).squeeze(1)
     loss = lse - pos
     if row_mask is not None:
         loss = torch.where(row_mask, loss, torch.zeros((), dtype=dtype, device=loss.device))

@@ -1,0 +1,173 @@
+"""Correctness of the in-batch softmax implementations against a float64 truth (chunked and the
+reference at ragged shapes; the Triton kernels under TRITON_INTERPRET=1 at small ones), input
+checks, and memory shape of what is saved for backward."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_kernels_helpers import check_against_truth, make_inputs
+from transrec.kernels import KernelInputError, inbatch_softmax
+
+SHAPES = [(47, 123, 31), (252, 507, 123)]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_torch_impls_match_truth(impl, dtype, shape):
+    n, m, d = shape
+    for bias, mask, reduction, tau in itertools.product([False, True], [False, True], ["mean", "sum", "none"],
+                                                        [1.0, 0.07]):
+        check_against_truth(impl, n, m, d, dtype, bias=bias, mask=mask, reduction=reduction, tau=tau,
+                            **({"chunk_size": 19 if n < 100 else 100} if impl == "chunked" else {}))
+
+
+def test_chunked_peaky_errors_are_small():
+    """The rule alone would pass if torch were wildly wrong too: pin fp32 errors absolutely."""
+    errs = check_against_truth("chunked", 252, 507, 123, torch.float32, bias=True, mask=True,
+                               reduction="mean", tau=0.05, chunk_size=64)
+    assert max(e for e, _ in errs) < 1e-5
+
+
+# Triton under the interpreter: (n, m, d, block_dc) with 32x32 tiles. 47x123x31: ragged rows, columns
+# and D in one chunk; 40x70x40 / 16: three D chunks, the last partial; 33x65x64 / 16: four chunks.
+TRITON_CASES = [(47, 123, 31, None), (40, 70, 40, 16), (33, 65, 64, 16)]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-dc{c[3]}")
+def test_triton_interpreted_matches_truth(case):
+    n, m, d, bdc = case
+    grid = [(True, True, "mean", 0.07), (False, False, "sum", 1.0), (True, False, "none", 0.3)]
+    for bias, mask, reduction, tau in grid:
+        check_against_truth("triton", n, m, d, torch.float32, bias=bias, mask=mask, reduction=reduction,
+                            tau=tau, block_dc=bdc)
+
+
+def test_triton_interpreted_bf16_and_tiles():
+    check_against_truth("triton", 47, 123, 31, torch.bfloat16, bias=True, mask=True, reduction="none",
+                        tau=0.1)
+    check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=False, reduction="mean",
+                        tau=0.2, block_m=16, block_n=64)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_partial_gradients_and_no_grad(impl):
+    """Only some inputs need grad (each constexpr switch), and a forward under no_grad."""
+    q, k, t, b, _ = make_inputs(40, 50, 24, seed=3)
+    ref = inbatch_softmax(q, k, t, bias=b, temperature=0.2, impl="torch", reduction="none")
+    with torch.no_grad():
+        out = inbatch_softmax(q, k, t, bias=b, temperature=0.2, impl=impl, reduction="none")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for need in ([False, True, False], [False, False, True], [True, False, False]):
+        leaves = [x.clone().requires_grad_(r) for x, r in zip((q, k, b), need)]
+        ref_leaves = [x.clone().requires_grad_(r) for x, r in zip((q, k, b), need)]
+        loss = inbatch_softmax(*leaves[:2], t, bias=leaves[2], temperature=0.2, impl=impl)
+        ref = inbatch_softmax(*ref_leaves[:2], t, bias=ref_leaves[2], temperature=0.2, impl="torch")
+        g = torch.autograd.grad(loss, [x for x in leaves if x.requires_grad])[0]
+        g_ref = torch.autograd.grad(ref, [x for x in ref_leaves if x.requires_grad])[0]
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "torch"])
+def test_minus_inf_bias_equals_dropping_the_column(impl):
+    """Duplicates across ranks are masked by bias -inf: such a column must vanish exactly."""
+    q, k, t, b, _ = make_inputs(30, 40, 16, seed=5)
+    t = t % 30  # targets avoid the dropped columns 30..39
+    b_inf = b.clone()
+    b_inf[30:] = float("-inf")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, b_inf)]
+    loss = inbatch_softmax(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.1, impl=impl)
+    gq, gk, gb = torch.autograd.grad(loss, leaves)
+    ref_leaves = [x.clone().requires_grad_(True) for x in (q, k[:30], b[:30])]
+    ref = inbatch_softmax(ref_leaves[0], ref_leaves[1], t, bias=ref_leaves[2], temperature=0.1, impl="torch")
+    rq, rk, rb = torch.autograd.grad(ref, ref_leaves)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gq, rq, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gk[:30], rk, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb[:30], rb, rtol=1e-4, atol=1e-6)
+    assert gk[30:].abs().max() == 0 and gb[30:].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_saved_memory_is_linear_not_n_by_m(impl):
+    """Nothing of size N x M is kept for backward (chunked: O(chunk x M) transient only)."""
+    n, m, d = 64, 96, 8
+    q, k, t, b, _ = make_inputs(n, m, d, seed=2)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, b)]
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = inbatch_softmax(*leaves[:2], t, bias=leaves[2], impl=impl, chunk_size=8
+                               if impl == "chunked" else None)
+    loss.backward()
+    assert max(saved) < n * m, f"{impl} saved a tensor of {max(saved)} elements (N x M = {n * m})"
+    assert sum(saved) <= 2 * (n * d + m * d) + 4 * (n + m)
+
+
+def _bad(**over):
+    q, k, t, b, mask = make_inputs(6, 9, 4, mask=True, seed=1)
+    args = dict(q=q, k=k, target=t, bias=b, temperature=0.5, row_mask=mask, reduction="mean", impl="chunked")
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, words", [
+    (dict(k=torch.randn(9, 5)), "embedding size"),
+    (dict(q=torch.randn(6, 4, 1)), "2-D"),
+    (dict(q=torch.randn(0, 4), target=torch.zeros(0, dtype=torch.long), row_mask=None), "empty batch"),
+    (dict(k=torch.randn(0, 4), bias=None), "empty candidate"),
+    (dict(target=torch.full((6,), 9)), "target out of range"),
+    (dict(target=torch.zeros(5, dtype=torch.long)), "target must have shape"),
+    (dict(target=torch.zeros(6)), "integer"),
+    (dict(bias=torch.zeros(8)), "bias must be"),
+    (dict(row_mask=torch.ones(6)), "row_mask"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(reduction="avg"), "reduction"),
+    (dict(impl="cuda"), "impl"),
+    (dict(k=torch.randn(9, 4, dtype=torch.float64)), "dtype"),
+])
+def test_bad_input_raises_one_clear_error(over, words):
+    args = _bad(**over)
+    with pytest.raises(ValueError, match=words) as info:
+        inbatch_softmax(args.pop("q"), args.pop("k"), args.pop("target"), **args)
+    assert isinstance(info.value, KernelInputError) and "\n" not in str(info.value)
+
+
+def test_masked_rows_may_carry_any_target():
+    q, k, t, b, mask = make_inputs(6, 9, 4, mask=True, seed=1)
+    t = torch.where(mask, t, torch.full_like(t, 1000))
+    for impl in ("chunked", "torch", "triton"):
+        out = inbatch_softmax(q, k, t, bias=b, row_mask=mask, impl=impl, reduction="none")
+        assert torch.isfinite(out).all() and (out[~mask] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(4096, 4096, 256), (2047, 3001, 123), (1024, 2048, 768)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_triton_gpu_bf16_large(shape):
+    """bf16 at sizes that exercise the autotuned tiles and the D chunks on the card."""
+    n, m, d = shape
+    torch.manual_seed(0)
+    q, k, t, b, mask = make_inputs(n, m, d, torch.bfloat16, bias=True, mask=True)
+    dev = torch.device("cuda")
+    args = [x.to(dev) if x is not None else None for x in (q, k, t, b, mask)]
+    from test_kernels_helpers import impl_fn, loss_and_grads, plain_torch, rel_err
+
+    w = torch.randn(n, device=dev)
+    truth = loss_and_grads(impl_fn("torch"), *args[:4], 0.05, args[4], "none", upcast=torch.float64,
+                           weights=w)
+    base = loss_and_grads(plain_torch, *args[:4], 0.05, args[4], "none", weights=w)
+    got = loss_and_grads(impl_fn("triton"), *args[:4], 0.05, args[4], "none", weights=w)
+    for name, g, bs, tr in zip(["loss", "dq", "dk", "dbias"], got, base, truth):
+        e, e0 = rel_err(g, tr), rel_err(bs, tr)
+        assert e <= e0 + 2e-3, f"{name}: {e:.3g} > torch bf16 {e0:.3g}"
