@@ -94,7 +94,8 @@ class DatasetWriter:
     """
 
     def __init__(self, out_dir: str | Path, *, shard_size: int = 1000, seq_shard_size: int | None = None,
-                 name: str = "", domain: str = "", extra: dict | None = None, overwrite: bool = True):
+                 name: str = "", domain: str = "", extra: dict | None = None, overwrite: bool = True,
+                 mtime: float = 1_700_000_000.0):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if not overwrite and (self.out / MANIFEST).exists():
@@ -117,8 +118,9 @@ class DatasetWriter:
         self.n_interactions = 0
         self.n_users = 0
         self.skipped: dict[str, int] = {}
+        self.mtime = mtime  # fixed tar member times: the same input gives byte-identical shards
         self._item_writer = wds.ShardWriter(str(self.out / ITEM_PATTERN), maxcount=self.shard_size,
-                                            verbose=0)
+                                            verbose=0, mtime=mtime)
         self._seq_writer = None
         self._seq_counts: list[list[int]] = []  # per shard: [samples, n_train, n_eval]
 
@@ -162,7 +164,7 @@ class DatasetWriter:
         if self._seq_writer is None:
             self._item_writer.close()
             self._seq_writer = wds.ShardWriter(str(self.out / SEQ_PATTERN), maxcount=self.seq_shard_size,
-                                               verbose=0)
+                                               verbose=0, mtime=self.mtime)
             self.train_count = np.zeros(len(self.item_ids), dtype=np.int64)
         key = sanitize_key(user_id)
         if key in self._users:

@@ -150,7 +150,7 @@ def _png(img: Image.Image) -> bytes:
 
 
 def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_len: int, max_len: int,
-                   popularity: float = 1.0, taste_concentration: float = 0.35, recency: float = 1.4,
+                   popularity: float = 0.7, taste_concentration: float = 0.35, recency: float = 2.0,
                    drift: float = 0.08, temperature: float = 1.0):
     """The latent world: item attributes [n_items, 4], item popularity, and user sequences (lists
     of item indices). Deterministic for (seed, domain)."""
@@ -194,8 +194,8 @@ def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_le
 
 def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | None = None,
                n_items: int | None = None, image_frac: float = 0.5, seed: int = 0, image_size: int = 32,
-               min_len: int | None = None, max_len: int | None = None, popularity: float = 1.0,
-               taste_concentration: float = 0.35, recency: float = 1.4, drift: float = 0.08,
+               min_len: int | None = None, max_len: int | None = None, popularity: float = 0.7,
+               taste_concentration: float = 0.35, recency: float = 2.0, drift: float = 0.08,
                temperature: float = 1.0, shard_size: int | None = None,
                seq_shard_size: int | None = None, progress: bool = False) -> Path:
     """Write a synthetic dataset folder for ``domain`` ("source" or "target") and return its path.
