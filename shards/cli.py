@@ -1,0 +1,130 @@
+"""``transrec shards synth|build|convert``: make dataset folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from transrec.errors import UserError
+
+
+def _synth(args) -> int:
+    from transrec.shards.dataset import Dataset
+    from transrec.shards.synth import synthesize
+
+    t = time.perf_counter()
+    try:
+        path = synthesize(args.out, domain=args.domain, n_users=args.users, n_items=args.items,
+                          image_frac=args.image_frac, seed=args.seed, image_size=args.image_size,
+                          min_len=args.min_len, max_len=args.max_len, shard_size=args.shard_size,
+                          progress=not args.quiet)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{Dataset.open(path)} written in {time.perf_counter() - t:.1f}s")
+    return 0
+
+
+def _build(args) -> int:
+    from transrec.shards.build import build_from_tables
+    from transrec.shards.convert import report_line
+
+    report = build_from_tables(args.out, interactions=args.interactions, items=args.items,
+                               images=args.images, shard_size=args.shard_size, image_frac=args.image_frac,
+                               progress=not args.quiet)
+    print(report_line(report))
+    return 0
+
+
+def _convert(args) -> int:
+    from transrec.shards.convert import convert, report_line
+
+    kw = {"shard_size": args.shard_size}
+    if args.image_frac is not None:
+        kw["image_frac"] = args.image_frac
+    report = convert(args.format, args.input, args.out, progress=not args.quiet, **kw)
+    print(report_line(report))
+    return 0
+
+
+def _info(args) -> int:
+    from transrec.shards.dataset import Dataset
+
+    ds = Dataset.open(args.data)
+    if args.verify:
+        ds.verify()
+    m = {k: v for k, v in ds.manifest.items() if k not in ("item_shards", "seq_shards", "item_index")}
+    print(ds)
+    print(json.dumps(m, indent=1))
+    print(f"{len(ds.item_shards)} item shards, {len(ds.seq_shards)} sequence shards"
+          + (", checksums verified" if args.verify else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    from transrec.shards.convert import FORMATS
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("shards", help="make and inspect dataset folders (WebDataset shards)",
+                              description="Make and inspect dataset folders: a manifest, an item index, "
+                                          "item shards and sequence shards.")
+    sub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    s = sub.add_parser("synth", formatter_class=fmt, help="write the synthetic mixture-of-modality world",
+                       description="Write a synthetic dataset: items with latent attributes shown as "
+                                   "titles (text items) or pictures (image items), users whose sequences "
+                                   "follow their tastes. Source and target domains share the semantics, "
+                                   "not the ids.",
+                       epilog="Example:\n  transrec shards synth --domain source --out data/source\n"
+                              "  transrec shards synth --domain target --out data/target --users 400")
+    s.add_argument("--domain", choices=("source", "target"), default="source")
+    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--users", type=int, default=None, help="number of users (domain default)")
+    s.add_argument("--items", type=int, default=None, help="number of items (domain default)")
+    s.add_argument("--image-frac", type=float, default=0.5, help="share of image items (default 0.5)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=32, help="picture side in pixels (>= 32)")
+    s.add_argument("--min-len", type=int, default=None, help="shortest sequence (domain default)")
+    s.add_argument("--max-len", type=int, default=None, help="longest sequence (domain default)")
+    s.add_argument("--shard-size", type=int, default=None, help="items per item shard")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_synth)
+
+    b = sub.add_parser("build", formatter_class=fmt, help="build a dataset from interaction and item tables",
+                       description="Build a dataset from an interactions table (CSV/TSV/JSONL: user, item, "
+                                   "timestamp) and an items table (item, title and/or image path), plus an "
+                                   "optional image folder (<item>.jpg). Bad rows are skipped and counted.",
+                       epilog="Example:\n  transrec shards build --interactions inter.csv --items items.csv "
+                              "--images covers/ --out data/mine")
+    b.add_argument("--interactions", required=True, help="CSV/TSV/JSONL with user, item, timestamp")
+    b.add_argument("--items", default=None, help="CSV/TSV/JSONL with item and title and/or image")
+    b.add_argument("--images", default=None, help="image folder (paths in the items table are relative "
+                                                   "to it; else <item>.jpg/.png)")
+    b.add_argument("--out", required=True, help="output dataset folder")
+    b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    b.add_argument("--image-frac", type=float, default=None,
+                   help="for items with both a title and an image: share made image items (default: all)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("convert", formatter_class=fmt, help="convert RecBole / MIND / Amazon / CSV+images",
+                       description="Convert a dataset in a known layout (see transrec.shards.convert).",
+                       epilog="Examples:\n  transrec shards convert --format recbole --input ml-100k/ --out "
+                              "data/ml\n  transrec shards convert --format mind --input MINDsmall_train/ "
+                              "--out data/mind\n  transrec shards convert --format csv-images --input "
+                              "pixelrec/ --out data/pixel")
+    c.add_argument("--format", required=True, choices=FORMATS)
+    c.add_argument("--input", required=True, help="input folder (or file inside it)")
+    c.add_argument("--out", required=True, help="output dataset folder")
+    c.add_argument("--shard-size", type=int, default=1000)
+    c.add_argument("--image-frac", type=float, default=None,
+                   help="for items with both a title and an image: share made image items")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_convert)
+
+    i = sub.add_parser("info", formatter_class=fmt, help="print a dataset's manifest summary",
+                       epilog="Example:\n  transrec shards info data/source --verify")
+    i.add_argument("data", help="dataset folder")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.set_defaults(func=_info)
