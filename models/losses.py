@@ -21,8 +21,8 @@ multiplies the loss by ``world_size * count / global_count`` (``metrics["loss_su
   sampled uniformly from the unique items other than the row's positive (the paper's loss).
 
 Global negatives: ``keys`` are gathered from every rank with gradient (a ``gather_fn``); an item
-present on several ranks keeps its first copy only (the others get bias -inf and are never
-sampled), and each row's target is remapped to that first copy.
+present on several ranks keeps its first copy only (the duplicate columns are dropped), and each
+row's target is remapped to that copy.
 """
 
 from __future__ import annotations
@@ -127,25 +127,20 @@ class Criterion(torch.nn.Module):
         if cfg.l2_normalize:
             user, keys = F.normalize(user, dim=-1), F.normalize(keys, dim=-1)
         target = target.long()
-        col_bias = None
-        keep = None
         gather = self._global()
         if gather is not None:
             keys, items_all, log_q, offset = gather(keys, items, log_q)
             keep, first = first_copy(items_all)
-            target = first[target + offset]
-            col_bias = torch.where(keep, 0.0, float("-inf")).to(torch.float32)
+            new_index = torch.cumsum(keep.long(), 0) - 1  # column of each first copy once deduplicated
+            target = new_index[first[target + offset]]
+            keys, log_q = keys[keep], log_q[keep]
         count = row_mask.sum().to(torch.float32)
         if cfg.kind == "inbatch":
-            bias = -log_q.float() if cfg.logq else None
-            if col_bias is not None:
-                bias = col_bias if bias is None else bias + col_bias
+            bias = -log_q if cfg.logq else None
             total = inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
                                     row_mask=row_mask, reduction="sum", impl=cfg.impl)
         else:
             cand = torch.arange(keys.shape[0], device=keys.device)
-            if keep is not None:
-                cand = cand[keep]
             neg = sample_negatives(target, cand, cfg.num_negatives)
             total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
         loss = total / count.clamp_min(1.0)
