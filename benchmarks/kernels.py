@@ -1,0 +1,323 @@
+"""Benchmark of the in-batch softmax (linear cross-entropy of q [N, D] against k [M, D], N = M = B).
+
+GPU (default): providers transrec (this project's Triton kernels) / torch eager / torch.compile /
+Liger-Kernel fused linear cross-entropy / Cut Cross-Entropy (the last two from the optional
+`bench` extra; a missing one is skipped with the reason printed), modes forward / backward / full,
+bf16, shapes (B, D) in (8192, 256), (32768, 256), (65536, 256), (32768, 768). Median ms by
+triton.testing.do_bench, extra peak memory over the inputs, TFLOP/s and the share of a bf16 matmul
+measured in the same run. Rows are appended to benchmarks/results/kernels.csv with card, date and git
+sha; a PNG per card goes beside it.
+
+    .venv/bin/python benchmarks/kernels.py                      # GPU, everything
+    .venv/bin/python benchmarks/kernels.py --shapes 8192x256 --providers transrec,torch
+    .venv/bin/python benchmarks/kernels.py --cpu                # chunked vs eager on the CPU, seconds
+
+FLOPs (useful work, whatever an implementation recomputes): forward 2*N*M*D (the logits), backward
+4*N*M*D (dQ = dS K and dK = dS^T Q), full 6*N*M*D.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+GPU_SHAPES = [(8192, 256), (32768, 256), (65536, 256), (32768, 768)]
+CPU_SHAPES = [(1024, 64), (4096, 64), (4096, 256)]
+PROVIDERS = ["transrec", "torch", "compile", "liger", "cce"]
+MODES = ["forward", "backward", "full"]
+TAU = 0.05
+FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
+          "ms_p80", "extra_gib", "tflops", "flop_formula", "matmul_peak_tflops", "peak_share", "note"]
+
+
+def flops(mode, n, m, d):
+    return {"forward": 2, "backward": 4, "full": 6}[mode] * n * m * d
+
+
+FLOP_FORMULA = {"forward": "2*N*M*D", "backward": "4*N*M*D", "full": "6*N*M*D"}
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_inputs(n, m, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    k = F.normalize(torch.randn(m, d, generator=g), dim=1)
+    t = torch.randint(0, m, (n,), generator=g)
+    q = F.normalize(k[t] + 0.5 * torch.randn(n, d, generator=g), dim=1)
+    pop = 1.0 / torch.arange(1, m + 1, dtype=torch.float64) ** 0.9
+    b = (-torch.log(pop / pop.sum()))[torch.randperm(m, generator=g)].float()
+    return (q.to(device, dtype).requires_grad_(True), k.to(device, dtype).requires_grad_(True),
+            t.to(device), b.to(device))
+
+
+# ----- providers: each returns fn(q, k, t, b) -> scalar loss (mean over rows), or raises Skip -----
+class Skip(Exception):
+    pass
+
+
+def eager_loss(q, k, t, b):
+    logits = (q @ k.T) / TAU + b.to(q.dtype)
+    return F.cross_entropy(logits, t)
+
+
+def provider(name):
+    if name == "transrec":
+        from transrec.kernels import inbatch_softmax
+
+        return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="auto")
+    if name == "chunked":
+        from transrec.kernels import inbatch_softmax
+
+        return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="chunked")
+    if name == "torch":
+        return eager_loss
+    if name == "compile":
+        return torch.compile(eager_loss, dynamic=False)
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as e:
+            raise Skip(f"liger-kernel not installed ({e}); pip install '.[bench]'") from None
+        lce = LigerFusedLinearCrossEntropyLoss()
+        # Temperature folded into q; the per-class bias is Liger's `bias` argument.
+        return lambda q, k, t, b: lce(k, q * (1.0 / TAU), t, b.to(q.dtype))
+    if name == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+        except ImportError as e:
+            raise Skip(f"cut-cross-entropy not installed ({e}); pip install '.[bench]'") from None
+
+        def cce(q, k, t, b):
+            try:
+                return linear_cross_entropy(q * (1.0 / TAU), k, t, bias=b.to(q.dtype))
+            except TypeError:  # versions without a bias argument: add it as an extra column of k
+                raise Skip("this cut-cross-entropy has no bias argument") from None
+        return cce
+    raise ValueError(f"unknown provider {name!r}")
+
+
+# ----- GPU -----
+def matmul_peak_tflops():
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def bench_gpu(fn, mode, n, m, d):
+    import triton.testing
+
+    q, k, t, b = make_inputs(n, m, d, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = fn(q, k, t, b)  # warm-up / compile / autotune
+    loss.backward()
+    q.grad = k.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if mode == "forward":  # with inputs that need grad, as in training (Liger computes grads here)
+        run = lambda: fn(q, k, t, b)
+    elif mode == "backward":
+        held = fn(q, k, t, b)
+        run = lambda: held.backward(retain_graph=True)
+    else:
+        run = lambda: fn(q, k, t, b).backward()
+    run()
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=[q, k])
+    return ms, extra
+
+
+def run_gpu(args):
+    card = torch.cuda.get_device_name()
+    peak = matmul_peak_tflops()
+    print(f"card: {card}; torch {torch.__version__}; bf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s")
+    print(f"temperature {TAU}, bias = -log(Zipf popularity), targets = planted near-duplicates")
+    rows = []
+    for n, d in args.shapes:
+        m = n
+        print(f"\n== B = N = M = {n}, D = {d}, bf16 ==")
+        print(f"{'provider':10} {'mode':9} {'ms (median)':>12} {'p20-p80':>15} {'extra GiB':>10} "
+              f"{'TFLOP/s':>8} {'of peak':>8}")
+        for name in args.providers:
+            try:
+                fn = provider(name)
+            except Skip as e:
+                print(f"{name:10} skipped: {e}")
+                continue
+            for mode in args.modes:
+                note = ""
+                try:
+                    (med, p20, p80), extra = bench_gpu(fn, mode, n, m, d)
+                except Skip as e:
+                    print(f"{name:10} skipped: {e}")
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    med = p20 = p80 = extra = float("nan")
+                    note = "out of memory"
+                    torch.cuda.empty_cache()
+                tf = flops(mode, n, m, d) / (med * 1e-3) / 1e12
+                print(f"{name:10} {mode:9} {med:12.3f} {p20:7.2f}-{p80:<7.2f} {extra:10.3f} {tf:8.0f} "
+                      f"{tf / peak:8.1%} {note}")
+                rows.append(dict(provider=name, mode=mode, n=n, m=m, d=d, dtype="bf16",
+                                 ms_median=f"{med:.4f}",
+                                 ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", extra_gib=f"{extra:.4f}",
+                                 tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[mode],
+                                 matmul_peak_tflops=f"{peak:.0f}", peak_share=f"{tf / peak:.3f}", note=note))
+                torch.cuda.empty_cache()
+    return card, rows
+
+
+# ----- CPU -----
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_extra_gib(run):
+    """Peak resident memory over the resident memory before ``run`` (Linux: clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS")
+    run()
+    return (_rss_kib("VmHWM") - before) / 2**20
+
+
+def run_cpu(args):
+    torch.manual_seed(0)
+    machine = f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    print(f"machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} threads; fp32; "
+          f"full = forward+backward")
+    print(f"{'provider':10} {'N=M':>6} {'D':>5} {'ms (median of 3)':>17} {'extra GiB':>10} {'GFLOP/s':>8}")
+    rows = []
+    for n, d in args.shapes:
+        for name in ("chunked", "torch"):
+            fn = provider(name)
+            q, k, t, b = make_inputs(n, n, d, torch.float32, "cpu")
+
+            def run(fn=fn, q=q, k=k, t=t, b=b):
+                fn(q, k, t, b).backward()
+                q.grad = k.grad = None
+
+            run()
+            extra = cpu_extra_gib(run)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t0) * 1e3)
+            med = statistics.median(times)
+            gf = flops("full", n, n, d) / (med * 1e-3) / 1e9
+            print(f"{name:10} {n:6d} {d:5d} {med:17.1f} {extra:10.4f} {gf:8.1f}")
+            rows.append(dict(provider=name, mode="full", n=n, m=n, d=d, dtype="fp32", ms_median=f"{med:.3f}",
+                             ms_p20=f"{min(times):.3f}", ms_p80=f"{max(times):.3f}", extra_gib=f"{extra:.4f}",
+                             tflops=f"{gf / 1e3:.4f}", flop_formula=FLOP_FORMULA["full"],
+                             matmul_peak_tflops="", peak_share="", note=""))
+    return machine, rows
+
+
+def write(machine, rows, out: Path, gpu: bool):
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kernels.csv"
+    new = not path.exists()
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    sha = git_sha()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"date": date, "git_sha": sha, "machine": machine, **r})
+    print(f"\n{len(rows)} rows appended to {path}")
+    if gpu and rows:
+        plot(machine, rows, out)
+
+
+def plot(machine, rows, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["mode"] == "full" and r["note"] == ""]
+    shapes = sorted({(r["n"], r["d"]) for r in full})
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in full)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(provs))
+    for i, p in enumerate(provs):
+        for ax, key in zip(axes, ("ms_median", "extra_gib")):
+            vals = [next((float(r[key]) for r in full if r["provider"] == p and (r["n"], r["d"]) == s),
+                         float("nan")) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
+    for ax, title in zip(axes, ("forward+backward, median ms", "extra peak memory, GiB")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        ax.set_xticklabels([f"{n}²×{d}" for n, d in shapes])
+        ax.set_title(title)
+        ax.set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"in-batch softmax, bf16, {machine}")
+    fig.tight_layout()
+    name = "kernels_" + "".join(c if c.isalnum() else "_" for c in machine).strip("_") + ".png"
+    fig.savefig(out / name, dpi=120)
+    print(f"plot: {out / name}")
+
+
+def parse_shape(s):
+    n, d = s.lower().split("x")
+    return int(n), int(d)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="chunked vs eager torch on the CPU (small shapes)")
+    ap.add_argument("--shapes", type=lambda s: [parse_shape(x) for x in s.split(",")], default=None,
+                    help="comma-separated BxD, e.g. 8192x256,32768x768")
+    ap.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS)
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=MODES)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and the PNG")
+    args = ap.parse_args(argv)
+    if args.cpu:
+        args.shapes = args.shapes or CPU_SHAPES
+        machine, rows = run_cpu(args)
+        write(machine, rows, args.out, gpu=False)
+        return 0
+    if not torch.cuda.is_available():
+        print("no CUDA device: use --cpu for the CPU comparison", file=sys.stderr)
+        return 2
+    args.shapes = args.shapes or GPU_SHAPES
+    card, rows = run_gpu(args)
+    write(card, rows, args.out, gpu=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
