@@ -38,27 +38,18 @@ GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
 
 
 def default_global_gather(keys: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor):
-    """All-gather (with gradient for ``keys``) over the default process group; ranks may hold
-    different numbers of unique items, so rows are padded to the largest and stripped after."""
+    """All-gather over the default process group (ranks may hold different numbers of unique
+    items) with :func:`transrec.kernels.distributed.all_gather_with_grad`: the gradient of the
+    gathered keys flows back to each rank's own rows."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dnf
+    from transrec.kernels.distributed import all_gather_with_grad
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     n = torch.tensor([keys.shape[0]], device=keys.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
-    m = max(sizes)
-    pad = m - keys.shape[0]
-    k_all = dnf.all_gather(F.pad(keys, (0, 0, 0, pad)))
-    i_all = [torch.empty(m, dtype=items.dtype, device=items.device) for _ in range(world)]
-    q_all = [torch.empty(m, dtype=log_q.dtype, device=log_q.device) for _ in range(world)]
-    dist.all_gather(i_all, F.pad(items, (0, pad), value=-1))
-    dist.all_gather(q_all, F.pad(log_q, (0, pad)))
-    keys_all = torch.cat([k[:s] for k, s in zip(k_all, sizes)])
-    items_all = torch.cat([t[:s] for t, s in zip(i_all, sizes)])
-    logq_all = torch.cat([t[:s] for t, s in zip(q_all, sizes)])
-    return keys_all, items_all, logq_all, sum(sizes[:rank])
+    sizes = all_gather_with_grad(n)
+    offset = int(sizes[:rank].sum())
+    return (all_gather_with_grad(keys), all_gather_with_grad(items), all_gather_with_grad(log_q.detach()),
+            offset)
 
 
 def first_copy(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
