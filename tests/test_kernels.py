@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from test_kernels_helpers import check_against_truth, make_inputs
+from test_kernels_helpers import TRITON_DEVICE, check_against_truth, make_inputs, on
 from transrec.kernels import KernelInputError, inbatch_softmax
 
 SHAPES = [(47, 123, 31), (252, 507, 123)]
@@ -57,6 +57,7 @@ def test_triton_interpreted_bf16_and_tiles():
 def test_partial_gradients_and_no_grad(impl):
     """Only some inputs need grad (each constexpr switch), and a forward under no_grad."""
     q, k, t, b, _ = make_inputs(40, 50, 24, seed=3)
+    q, k, t, b = on(TRITON_DEVICE if impl == "triton" else "cpu", q, k, t, b)
     ref = inbatch_softmax(q, k, t, bias=b, temperature=0.2, impl="torch", reduction="none")
     with torch.no_grad():
         out = inbatch_softmax(q, k, t, bias=b, temperature=0.2, impl=impl, reduction="none")
@@ -76,6 +77,7 @@ def test_minus_inf_bias_equals_dropping_the_column(impl):
     """Duplicates across ranks are masked by bias -inf: such a column must vanish exactly."""
     q, k, t, b, _ = make_inputs(30, 40, 16, seed=5)
     t = t % 30  # targets avoid the dropped columns 30..39
+    q, k, t, b = on(TRITON_DEVICE if impl == "triton" else "cpu", q, k, t, b)
     b_inf = b.clone()
     b_inf[30:] = float("-inf")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, b_inf)]
@@ -96,6 +98,7 @@ def test_saved_memory_is_linear_not_n_by_m(impl):
     """Nothing of size N x M is kept for backward (chunked: O(chunk x M) transient only)."""
     n, m, d = 64, 96, 8
     q, k, t, b, _ = make_inputs(n, m, d, seed=2)
+    q, k, t, b = on(TRITON_DEVICE if impl == "triton" else "cpu", q, k, t, b)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, b)]
     saved = []
 
@@ -146,7 +149,9 @@ def test_masked_rows_may_carry_any_target():
     q, k, t, b, mask = make_inputs(6, 9, 4, mask=True, seed=1)
     t = torch.where(mask, t, torch.full_like(t, 1000))
     for impl in ("chunked", "torch", "triton"):
-        out = inbatch_softmax(q, k, t, bias=b, row_mask=mask, impl=impl, reduction="none")
+        dev = TRITON_DEVICE if impl == "triton" else "cpu"
+        out = inbatch_softmax(*on(dev, q, k, t), bias=b.to(dev), row_mask=mask.to(dev), impl=impl,
+                              reduction="none").cpu()
         assert torch.isfinite(out).all() and (out[~mask] == 0).all()
 
 
@@ -160,7 +165,7 @@ def test_triton_gpu_bf16_large(shape):
     torch.manual_seed(0)
     q, k, t, b, mask = make_inputs(n, m, d, torch.bfloat16, bias=True, mask=True)
     dev = torch.device("cuda")
-    args = [x.to(dev) if x is not None else None for x in (q, k, t, b, mask)]
+    args = on(dev, q, k, t, b, mask)
     from test_kernels_helpers import impl_fn, loss_and_grads, plain_torch, rel_err
 
     w = torch.randn(n, device=dev)

@@ -6,6 +6,13 @@ import torch
 import torch.nn.functional as F
 from transrec.kernels import inbatch_softmax
 
+# Triton runs on CUDA where there is a GPU, else on the CPU under TRITON_INTERPRET=1 (conftest).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(device, *xs):
+    return [x.to(device) if x is not None else None for x in xs]
+
 
 def make_inputs(n, m, d, dtype=torch.float32, *, bias=True, mask=False, seed=0):
     """Peaky in-batch softmax inputs: each row of q is a noisy copy of its target item (a planted
@@ -75,6 +82,8 @@ def check_against_truth(impl, n, m, d, dtype, *, bias, mask, reduction, tau, see
     same dtype plus a small tolerance. Returns the per-output errors (impl, torch)."""
     q, k, t, b, row_mask = make_inputs(n, m, d, dtype, bias=bias, mask=mask, seed=seed)
     weights = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    if impl == "triton":
+        q, k, t, b, row_mask, weights = on(TRITON_DEVICE, q, k, t, b, row_mask, weights)
     truth = loss_and_grads(impl_fn("torch"), q, k, t, b, tau, row_mask, reduction, upcast=torch.float64,
                            weights=weights)
     base = loss_and_grads(plain_torch, q, k, t, b, tau, row_mask, reduction, weights=weights)
