@@ -1,0 +1,141 @@
+"""Full-ranking evaluation: every item encoded once, every user scored against the whole catalogue.
+
+1. The catalogue is encoded once per evaluation, in eval mode, in chunks of ``eval.item_chunk``
+   items (one encoder pass per modality per chunk). With several ranks the chunks are dealt out
+   round-robin, padded so that every rank runs the same number of passes (ZeRO-3 gathers
+   parameters collectively), and the embeddings are all-gathered: ``[n_items, d]`` on every rank.
+2. Each evaluation batch holds a user's history and the held-out target in the last column; the
+   user encoder reads the history, scores ``[B, n_items]`` stay on the device, the history is masked
+   and ``rank = 1 + #strictly higher`` (:mod:`transrec.engine.metrics`).
+3. Ranks are gathered with their user ids and each user is counted once (a loader that repeats
+   samples to give every rank the same number of batches would otherwise count some twice).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transrec.engine.metrics import DEFAULT_KS, finalize, metric_sums, target_ranks
+from transrec.engine.tracking import progress
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -> torch.Tensor:
+    """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks)."""
+    net = _unwrap(model)
+    rank, world = _world()
+    n = int(content.n_items)
+    starts = list(range(0, n, chunk))
+    per_rank = -(-len(starts) // world)
+    mine = [starts[i] if i < len(starts) else starts[-1] for i in range(rank, per_rank * world, world)]
+    outs = []
+    for s in progress(mine, enabled=show and rank == 0, desc="encode items", unit="chunk"):
+        items = np.arange(s, min(s + chunk, n), dtype=np.int64)
+        text, image = content.gather(items)
+        emb = net.encode_items(torch.from_numpy(items).to(device),
+                               text.to(device) if text is not None else None,
+                               image.to(device) if image is not None else None)
+        outs.append(emb.float())
+    if world == 1:
+        return torch.cat(outs)[:n]
+    # Gather every rank's chunks, then put them back in catalogue order.
+    d = outs[0].shape[1]
+    local = torch.zeros(per_rank, chunk, d, device=device)
+    for i, e in enumerate(outs):
+        local[i, : e.shape[0]] = e
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    full = torch.empty(n, d, device=device)
+    for r in range(world):
+        for i in range(per_rank):
+            j = r + i * world
+            if j < len(starts):
+                s = starts[j]
+                e = min(s + chunk, n)
+                full[s:e] = gathered[r][i, : e - s]
+    return full
+
+
+@torch.no_grad()
+def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
+    """``[B, n_items]`` scores from the history columns ``seq[:, :-1]`` of an evaluation batch."""
+    net = _unwrap(model)
+    hist = batch.seq[:, :-1]
+    mask = batch.mask[:, :-1]
+    emb = item_emb[hist.clamp(min=0)]
+    param = next(net.parameters())
+    user = net.encode_users(emb.to(param.dtype), mask).float()
+    loss_cfg = getattr(getattr(net, "cfg", None), "loss", None)
+    if loss_cfg is not None and loss_cfg.l2_normalize:  # score as the loss does (cosine)
+        user = torch.nn.functional.normalize(user, dim=-1)
+        item_emb = torch.nn.functional.normalize(item_emb, dim=-1)
+    return user @ item_emb.T
+
+
+@torch.no_grad()
+def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
+             max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None) -> dict:
+    """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader)."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        if item_emb is None:
+            item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show)
+        rank, world = _world()
+        users, ranks = [], []
+        seen = 0
+        for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
+            valid = getattr(batch, "row_valid", None)  # filler rows that pad the last batches
+            batch = batch.to(device)
+            scores = score_users(model, batch, item_emb)
+            r = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
+            if valid is not None:
+                valid = valid.to(device)
+                r, u = r[valid], batch.users[valid]
+            else:
+                u = batch.users
+            users.append(u)
+            ranks.append(r)
+            seen += batch.batch_size
+            if max_users and seen * world >= max_users:
+                break
+        users_t = torch.cat(users) if users else torch.zeros(0, dtype=torch.long, device=device)
+        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
+        if world > 1:
+            users_t, ranks_t = _gather_ragged(users_t, device), _gather_ragged(ranks_t, device)
+        # Each user once (the first occurrence), whatever padding the loader used.
+        order = torch.argsort(users_t, stable=True)
+        users_s, ranks_s = users_t[order], ranks_t[order]
+        first = torch.ones_like(users_s, dtype=torch.bool)
+        first[1:] = users_s[1:] != users_s[:-1]
+        ranks_u = ranks_s[first]
+        if max_users:
+            ranks_u = ranks_u[:max_users]
+        return finalize(metric_sums(ranks_u, ks))
+    finally:
+        net.train(was_training)
+
+
+def _gather_ragged(t: torch.Tensor, device) -> torch.Tensor:
+    world = dist.get_world_size()
+    n = torch.tensor([t.numel()], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    pad = torch.zeros(m, dtype=t.dtype, device=device)
+    pad[: t.numel()] = t
+    out = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(out, pad)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

@@ -1,0 +1,82 @@
+"""PNG curves of runs (``transrec plot RUN ...``) and bar charts of transfer comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transrec.engine.tracking import read_metrics
+
+from transrec.errors import UserError
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "ndcg@10") -> Path:
+    """Training loss (left) and validation ``metric`` (right) against steps, one line per run."""
+    plt = _plt()
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    any_data = False
+    for run in runs:
+        recs = read_metrics(run)
+        if not recs:
+            raise UserError(f"{run}: no metrics.jsonl (not a run folder, or nothing logged yet)")
+        name = Path(run).name
+        tr = [r for r in recs if r["kind"] == "train" and "loss" in r]
+        if tr:
+            ax_l.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name)
+            any_data = True
+        ev = [r for r in recs if r["kind"] == "eval" and r.get("split") == "valid" and metric in r]
+        if ev:
+            ax_m.plot([r["step"] for r in ev], [r[metric] for r in ev], marker="o", label=name)
+    if not any_data:
+        raise UserError("no training records to plot")
+    ax_l.set(xlabel="step", ylabel="training loss", title="loss")
+    ax_m.set(xlabel="step", ylabel=f"valid {metric}", title=f"validation {metric}")
+    for ax in (ax_l, ax_m):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_comparison(rows: list[dict], out: str | Path, title: str = "") -> Path:
+    """Grouped bars of test HR@10 / NDCG@10 / MRR per mode, plus each run's loss curve."""
+    plt = _plt()
+    fig, (ax_b, ax_l) = plt.subplots(1, 2, figsize=(12, 4.2))
+    metrics = [("test_hr@10", "HR@10"), ("test_ndcg@10", "NDCG@10"), ("test_mrr", "MRR")]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(metrics))]
+        vals = [r.get(k, 0.0) for k, _ in metrics]
+        bars = ax_b.bar(xs, vals, width=width, label=r["mode"])
+        for b, v in zip(bars, vals):
+            ax_b.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+        run = r.get("run")
+        if run:
+            tr = [x for x in read_metrics(run) if x["kind"] == "train"]
+            if tr:
+                ax_l.plot([x["step"] for x in tr], [x["loss"] for x in tr], label=r["mode"])
+    ax_b.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(metrics))], [n for _, n in metrics])
+    ax_b.set(ylabel="test (full ranking)", title=title[:80] or "transfer comparison")
+    ax_b.legend(fontsize=8)
+    ax_l.set(xlabel="step", ylabel="training loss", title="target training loss")
+    ax_l.grid(alpha=0.3)
+    if ax_l.get_legend_handles_labels()[0]:
+        ax_l.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

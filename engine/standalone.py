@@ -1,0 +1,55 @@
+"""Evaluation without DeepSpeed or a process group: a run's consolidated weights in plain torch.
+
+``transrec eval --run RUN`` uses this, so evaluating never needs the training set-up (the run's
+config rebuilds the model; any ZeRO stage's checkpoint is consolidated on the CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from transrec.errors import UserError
+
+
+def load_run_model(run: str | Path):
+    """(config, model in eval mode with the latest checkpoint's weights, checkpoint manifest)."""
+    from transrec.engine.export import consolidated_state_dict
+    from transrec.models import build_model
+
+    from transrec.config import from_dict, load_yaml
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    cfg = from_dict(load_yaml(run / "config.yaml"))
+    sd, man = consolidated_state_dict(run)
+    model = build_model(cfg.model, n_items=man.get("n_items"))
+    own = model.state_dict()
+    model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=True)
+    return cfg, model.eval(), man
+
+
+def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "valid,test",
+                 item_chunk: int | None = None, show: bool = True) -> dict:
+    from transrec.engine.evaluate import encode_catalogue, evaluate
+    from transrec.engine.trainer import make_loader, open_data
+
+    cfg, model, man = load_run_model(run)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    ds, content = open_data(cfg, data, show=show)
+    if cfg.model.kind == "id" and ds.n_items != man.get("n_items"):
+        raise UserError(f"{data}: the ID model of {run} knows {man.get('n_items')} items, this dataset "
+                        f"has {ds.n_items}; ID models evaluate on their own catalogue only")
+    chunk = item_chunk or cfg.eval.item_chunk
+    emb = encode_catalogue(model, content, chunk=chunk, device=device, show=show)
+    out = {"run": str(run), "step": man["client"]["step"], "data": str(data or cfg.data.path)}
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        if split not in ("valid", "test"):
+            raise UserError(f"--split: {split!r} is not valid or test")
+        loader = make_loader(cfg, ds, content, split, batch_size=cfg.eval.batch_size, rank=0, world=1, seed=0)
+        out[split] = evaluate(model, loader, content, ks=tuple(cfg.eval.ks), item_chunk=chunk, device=device,
+                              max_users=cfg.eval.max_users, show=show, item_emb=emb)
+    return out

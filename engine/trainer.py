@@ -1,0 +1,335 @@
+"""The training loop on DeepSpeed: config -> data, model, optimizer -> engine -> steps, evaluations,
+checkpoints.
+
+One optimizer step consumes ``data.batch_size`` sequences: ``micro x accumulation x world``. Each
+micro-batch goes forward through the model (one encoder pass per modality over its unique items,
+in-batch softmax over them), ``engine.backward`` scales by the accumulation and reduces across
+ranks (ZeRO 0-3), ``engine.step`` clips (``optim.grad_clip``), steps AdamW and the warmup+cosine
+schedule at the accumulation boundary.
+
+What a resumed run needs to continue exactly lives in the checkpoint: DeepSpeed's states (weights,
+optimizer moments, schedule) plus ours (:class:`~transrec.engine.checkpoint.ClientState`: step,
+epoch, the global sample cursor of the loader, the seed) and every rank's RNG. The loader's order is
+a pure function of (seed, epoch, cursor), so the resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transrec.engine import distributed as D
+from transrec.engine.checkpoint import CheckpointManager, ClientState
+from transrec.engine.evaluate import evaluate
+from transrec.engine.optim import make_optimizer, make_scheduler
+from transrec.engine.tracking import Tracker, progress
+
+from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
+from transrec.errors import ConfigError, UserError
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_data(cfg: Config, path: str | None = None, *, show: bool = False):
+    """(Dataset, ItemCache or None) for ``path`` (default ``data.path``) as the model config needs."""
+    from transrec.shards.dataset import Dataset
+
+    path = path or cfg.data.path
+    if not path:
+        raise ConfigError("no dataset: pass --data DIR (or data.path=DIR)")
+    ds = Dataset.open(path)
+    if cfg.model.kind == "id":
+        return ds, NoContent(ds)
+    from transrec.shards.cache import build_or_load_item_cache
+
+    content = build_or_load_item_cache(ds, cache_dir=cfg.data.cache_dir or None, **content_spec(cfg.model),
+                                       progress=show)
+    return ds, content
+
+
+class NoContent:
+    """The content source of the ID baseline: item indices only, no titles or pictures."""
+
+    def __init__(self, ds):
+        self.n_items = int(ds.n_items)
+        self.modality = np.asarray(ds.modality, dtype=np.int8)
+
+    def gather(self, items):
+        return None, None
+
+
+def content_spec(model_cfg) -> dict:
+    """What the item cache must hold for this model: tokenizer folder, title length, image size."""
+    from transrec.models.text import tokenizer_path
+
+    return {"tokenizer": tokenizer_path(model_cfg.text.name), "max_text_len": int(model_cfg.text.max_len),
+            "image_size": int(model_cfg.image.image_size)}
+
+
+def make_loader(cfg: Config, ds, content, split: str, *, batch_size: int, rank: int, world: int,
+                start_cursor: int = 0, seed: int | None = None, max_len: int | None = None):
+    from transrec.shards.loader import SequenceLoader
+
+    return SequenceLoader(ds, content, split=split, batch_size=batch_size,
+                          max_len=max_len or cfg.data.max_len, seed=cfg.run.seed if seed is None else seed,
+                          rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                          policy=cfg.data.policy, start_cursor=start_cursor)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step (rank-local mean)
+    metrics: dict = field(default_factory=dict)  # final evaluation per split
+    seconds: float = 0.0
+    sequences: int = 0
+
+
+class Trainer:
+    """Owns one DeepSpeed engine. ``Trainer(cfg).fit()`` is ``transrec train``.
+
+    Hooks for tests and tools: ``after_backward(trainer, step)`` callbacks run after every
+    backward of a micro-batch (gradients are reduced at the accumulation boundary).
+    """
+
+    def __init__(self, cfg: Config, *, data=None, show: bool | None = None):
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world = D.init(cfg.deepspeed.backend)
+        validate(cfg, self.world)
+        self.micro, self.accum = batch_layout(cfg, self.world)
+        self.show = (cfg.run.progress if show is None else show) and self.rank == 0
+        self.device = D.device()
+        if not cfg.run.out:
+            raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
+        self.run_dir = Path(cfg.run.out)
+        seed_everything(cfg.run.seed)
+        self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
+        self.model = self._build_model()
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim)
+        import deepspeed
+
+        self.ds_config = to_deepspeed(cfg, self.world)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                    lr_scheduler=self.scheduler, config=self.ds_config)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
+        self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
+        self.after_backward: list = []
+        self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _build_model(self):
+        from transrec.models import build_model
+
+        model = build_model(self.cfg.model, n_items=self.ds.n_items)
+        if self.cfg.run.init_from:
+            from transrec.engine.export import load_export_into
+
+            load_export_into(model, self.cfg.run.init_from, strict=False)
+        return model
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def resume(self) -> bool:
+        """Continue from the run folder's latest complete checkpoint, if any (and ``run.resume``)."""
+        if not self.cfg.run.resume:
+            return False
+        tag = self.ckpt.latest()
+        if tag is None:
+            return False
+        self.state = self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
+                                    run_dir=self.run_dir)
+        if self.rank == 0 and self.show:
+            print(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})", flush=True)
+        return True
+
+    def save(self) -> str:
+        return self.ckpt.save(self.engine, self.state, world_size=self.world, zero_stage=self.zero_stage,
+                              precision=self.cfg.deepspeed.precision,
+                              extra={"model_kind": self.cfg.model.kind, "n_items": self.ds.n_items})
+
+    # -- steps ----------------------------------------------------------------------------
+    def forward_backward(self, batch) -> tuple[torch.Tensor, dict]:
+        """One micro-batch: forward, backward; returns the (detached) loss and the model's metrics."""
+        batch = batch.to(self.device, non_blocking=True)
+        loss, metrics = self.engine(batch)
+        self.engine.backward(loss)
+        return loss.detach(), metrics
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+        Each rank updates running statistics from its own micro-batches; DeepSpeed saves rank 0's
+        and leaves the others to drift, so evaluation (items dealt out to ranks) and export would
+        disagree. Done at every optimizer step, in one flat all-reduce, so a resumed run and an
+        uninterrupted one stay identical.
+        """
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        bufs = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = _flatten_dense_tensors([b.data.float() for b in bufs])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+            b.data.copy_(v.to(b.dtype))
+
+    def _lrs(self) -> tuple[float, float]:
+        lr = enc = float("nan")
+        for g in self.optimizer.param_groups:
+            if g.get("name", "").startswith("encoder"):
+                enc = g["lr"]
+            else:
+                lr = g["lr"]
+        return lr, enc
+
+    def fit(self, *, steps: int | None = None, save_at_end: bool = True, final_eval: bool = True,
+            stop_after: int | None = None) -> TrainResult:
+        """Train to ``optim.steps`` (or ``steps``); ``stop_after`` ends early without an end save
+        (a stand-in for a killed run in tests)."""
+        cfg = self.cfg
+        total = steps or cfg.optim.steps
+        resumed = self.resume()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))
+        result = TrainResult(self.run_dir, self.state.step)
+        start_time = time.time()
+        if self.state.step >= total:
+            result.metrics = self.final_evaluation() if final_eval else {}
+            return result
+        bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
+        loss_sum = torch.zeros((), device=self.device)
+        micro_i = 0
+        win_seq = win_items = 0
+        win_t = time.time()
+        done = False
+        while not done:
+            loader = make_loader(cfg, self.ds, self.content, "train", batch_size=self.micro, rank=self.rank,
+                                 world=self.world, start_cursor=self.state.cursor)
+            loader.set_epoch(self.state.epoch)
+            if len(loader) == 0:
+                raise UserError(f"{cfg.data.path}: the training split gives no batch of {self.micro} "
+                                f"sequences per rank; lower data.batch_size")
+            for batch in loader:
+                loss, _ = self.forward_backward(batch)
+                for hook in self.after_backward:
+                    hook(self, self.state.step)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                loss_sum += loss
+                micro_i += 1
+                win_seq += batch.batch_size
+                win_items += batch.num_unique
+                self.state.cursor = int(batch.cursor)
+                if not boundary:
+                    continue
+                self.sync_buffers()
+                self.state.step += 1
+                self.state.samples += cfg.data.batch_size
+                step_loss = float(loss_sum) / micro_i
+                result.losses.append(step_loss)
+                loss_sum.zero_()
+                micro_i = 0
+                bar.update(1)
+                step = self.state.step
+                if step % cfg.run.log_every == 0 or step == total:
+                    dt = max(time.time() - win_t, 1e-9)
+                    lr, enc = self._lrs()
+                    rec = dict(epoch=self.state.epoch, loss=step_loss, lr=lr,
+                               seq_per_s=win_seq * self.world / dt,
+                               items_per_s=win_items * self.world / dt)
+                    if not math.isnan(enc):
+                        rec["lr_encoder"] = enc
+                    self.tracker.log("train", step, **rec)
+                    bar.set_postfix(loss=f"{step_loss:.3f}")
+                    win_seq = win_items = 0
+                    win_t = time.time()
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+                    m = self.evaluate("valid")
+                    self.tracker.log("eval", step, split="valid", **m)
+                if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0 and step < total:
+                    self.save()
+                if stop_after is not None and step >= stop_after:
+                    bar.close()
+                    result.step = step
+                    return result
+                if step >= total:
+                    done = True
+                    break
+            else:
+                self.state.epoch += 1
+                self.state.cursor = 0
+        bar.close()
+        result.step = self.state.step
+        result.seconds = time.time() - start_time
+        result.sequences = (self.state.step - (0 if not resumed else 0)) * cfg.data.batch_size
+        if save_at_end:
+            self.save()
+        if final_eval:
+            result.metrics = self.final_evaluation()
+        return result
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, split: str = "valid", item_emb=None) -> dict:
+        cfg = self.cfg
+        loader = make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size,
+                             rank=self.rank, world=self.world, seed=0)
+        loader.set_epoch(0)
+        return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
+                        item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
+                        show=self.show, item_emb=item_emb)
+
+    def final_evaluation(self) -> dict:
+        from transrec.engine.evaluate import encode_catalogue
+
+        net = self.engine.module
+        was = net.training
+        net.eval()
+        try:
+            emb = encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
+                                   device=self.device, show=self.show)
+        finally:
+            net.train(was)
+        out = {}
+        for split in ("valid", "test"):
+            m = self.evaluate(split, item_emb=emb)
+            self.tracker.log("eval", self.state.step, split=split, **m)
+            out[split] = m
+        if self.rank == 0:
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, **out}, indent=1))
+        return out
+
+    def close(self) -> None:
+        self.tracker.close()
+        D.barrier()
+
+
+def train(cfg: Config, **kw) -> TrainResult:
+    """``transrec train``: build, resume if possible, train, save, evaluate."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit(**kw)
+    finally:
+        trainer.close()

@@ -1,0 +1,277 @@
+"""Engine on DeepSpeed, in real processes: ZeRO 2/3 on 2 gloo ranks, ZeRO-0 vs ZeRO-2 gradients,
+exact resume, a killed save, export from ZeRO-3, refusal messages.
+
+Every multi-process case runs this file as a script (``python tests/test_engine_dist.py SPEC``) in
+one process per rank with the launcher variables set, under a timeout, so a hang fails the test
+instead of stalling the suite. The dataset and its item cache are built once per session, in the
+pytest process, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240
+
+BASE = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "data.batch_size=16",
+        "model.text.max_len=12", "optim.warmup_steps=2", "optim.lr=0.003", "optim.encoder_lr=0.003",
+        "run.progress=false", "run.tensorboard=false", "eval.max_users=0"]
+
+
+# ----------------------------------------------------------------------------- driver (in a rank)
+
+def _driver(spec: dict) -> None:
+    from transrec.engine.trainer import Trainer
+
+    from transrec.config import build_config
+
+    cfg = build_config("tiny", overrides=BASE + spec.get("overrides", []))
+    out = Path(spec["result"])
+    trainer = Trainer(cfg, show=False)
+    rank = trainer.rank
+    what = spec["what"]
+    res: dict = {"rank": rank, "world": trainer.world}
+    if what == "train":
+        r = trainer.fit(steps=spec.get("steps"), final_eval=spec.get("eval", False),
+                        stop_after=spec.get("stop_after"), save_at_end=spec.get("save_at_end", True))
+        res.update(losses=r.losses, step=r.step, metrics=r.metrics)
+        if spec.get("catalogue"):  # the trained model's item embeddings (all ranks take part)
+            from transrec.engine.evaluate import encode_catalogue
+
+            trainer.engine.module.eval()
+            emb = encode_catalogue(trainer.engine, trainer.content, chunk=16, device="cpu", show=False)
+            if rank == 0:
+                torch.save(emb, out.with_suffix(".emb.pt"))
+    elif what == "grads":
+        res.update(_first_step_grads(trainer, spec["global_rows"], out))
+    elif what == "kill_in_save":
+        trainer.fit(steps=spec["steps"], final_eval=False, save_at_end=False)
+        engine = trainer.engine
+        orig = engine.save_checkpoint
+
+        def dying_save(*a, **kw):  # DeepSpeed's files are written, then the process is killed
+            orig(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        engine.save_checkpoint = dying_save
+        trainer.state.step += 1
+        trainer.save()
+    trainer.close()
+    if rank == 0:
+        out.write_text(json.dumps(res))
+
+
+def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
+    """Loss and full gradients of one step on a fixed global batch split evenly over the ranks.
+
+    The model is in eval mode (no dropout, BatchNorm on running statistics) so that a row's
+    computation does not depend on which other rows share its rank; what differs between the runs is
+    only how DeepSpeed shards, reduces and averages, and how negatives are gathered across ranks.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transrec.engine.trainer import make_loader
+    from transrec.shards.batch import collate_windows
+
+    loader = make_loader(trainer.cfg, trainer.ds, trainer.content, "train", batch_size=global_rows,
+                         rank=0, world=1)
+    loader.set_epoch(0)
+    full = next(iter(loader))
+    per = global_rows // trainer.world
+    rows = range(trainer.rank * per, (trainer.rank + 1) * per)
+    windows = [full.seq[i][full.mask[i]].numpy() for i in rows]
+    batch = collate_windows(windows, full.users[list(rows)].numpy(), full.seq.shape[1], trainer.content,
+                            trainer.ds.log_q)
+    trainer.engine.module.eval()
+    loss, _ = trainer.forward_backward(batch)
+    loss_t = loss.detach().clone()
+    if trainer.world > 1:
+        dist.all_reduce(loss_t)
+        loss_t /= trainer.world
+    grads = {}
+    for name, p in trainer.engine.module.named_parameters():
+        if p.requires_grad:
+            g = deepspeed.utils.safe_get_full_grad(p)
+            if g is not None:
+                grads[name] = g.detach().float().cpu().clone()
+    if trainer.rank == 0:
+        torch.save(grads, out.with_suffix(".grads.pt"))
+    return {"loss": float(loss_t)}
+
+
+# ----------------------------------------------------------------------------- spawning (in pytest)
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, spec: dict, tmp: Path, timeout: int = TIMEOUT, expect_kill: bool = False) -> dict:
+    spec_path = tmp / f"spec-{os.urandom(4).hex()}.json"
+    spec_path.write_text(json.dumps(spec))
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
+                   WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        log = open(tmp / f"rank{r}-{spec_path.stem}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=ROOT), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p, _ in procs:
+            p.kill()
+        pytest.fail(f"ranks did not finish within {timeout}s: {_tail(tmp, spec_path)}")
+    finally:
+        for _, log in procs:
+            log.close()
+    codes = [p.returncode for p, _ in procs]
+    if expect_kill:
+        assert any(c == -signal.SIGKILL for c in codes), codes
+        return {}
+    if any(codes):
+        pytest.fail(f"ranks exited with {codes}: {_tail(tmp, spec_path)}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def _tail(tmp: Path, spec_path: Path) -> str:
+    logs = sorted(tmp.glob(f"rank*-{spec_path.stem}.log"))
+    return " || ".join(f"{p.name}: {p.read_text()[-1500:]}" for p in logs)
+
+
+@pytest.fixture(scope="session")
+def world_data(tmp_path_factory):
+    """A small source world with 8 sequence shards and its item cache, built once."""
+    from transrec.engine.trainer import open_data
+    from transrec.shards.synth import synthesize
+
+    from transrec.config import build_config
+
+    root = tmp_path_factory.mktemp("engine_world")
+    path = synthesize(root / "source", domain="source", n_users=160, n_items=64, seed=3, max_len=12)
+    cfg = build_config("tiny", overrides=BASE + [f"data.path={path}"])
+    open_data(cfg)  # builds the item cache now, in one process
+    return str(path)
+
+
+def _spec(tmp: Path, data: str, name: str, what: str, overrides: list[str], **kw) -> dict:
+    return {"what": what, "result": str(tmp / f"{name}.json"),
+            "overrides": [f"data.path={data}", f"run.out={tmp / name}"] + overrides, **kw}
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
+    res = spawn(2, _spec(tmp_path, world_data, f"z{stage}", "train",
+                         [f"deepspeed.zero_stage={stage}", "optim.steps=24", "run.log_every=4",
+                          "model.loss.negatives=global"], catalogue=stage == 3, eval=stage == 3), tmp_path)
+    losses = res["losses"]
+    assert res["world"] == 2 and len(losses) == 24
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.2, losses
+    if stage != 3:
+        return
+    # Each evaluated user counted once over the two ranks.
+    from transrec.shards.dataset import Dataset
+
+    n_eval = sum(s.n_eval for s in Dataset.open(world_data).seq_shards)
+    assert res["metrics"]["test"]["users"] == n_eval
+    # Export from ZeRO-3: a fresh model loaded from it reproduces the trained model's embeddings.
+    from transrec.engine.checkpoint import CheckpointError, CheckpointManager
+    from transrec.engine.evaluate import encode_catalogue
+    from transrec.engine.export import export_config, export_run, load_export_into
+    from transrec.engine.trainer import open_data
+    from transrec.models import build_model
+
+    run = tmp_path / "z3"
+    exp = export_run(run, tmp_path / "z3-export")
+    cfg = export_config(exp)
+    fresh = build_model(cfg.model)
+    load_export_into(fresh, exp)
+    fresh.eval()
+    _, content = open_data(cfg, world_data)
+    got = encode_catalogue(fresh, content, chunk=16, device="cpu", show=False)
+    want = torch.load(tmp_path / "z3.emb.pt", weights_only=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Resuming this checkpoint on another world size or stage is refused with the supported path.
+    ck = CheckpointManager(run)
+    tag = ck.latest()
+    for world, stage_ in ((1, 3), (2, 2)):
+        with pytest.raises(CheckpointError) as e:
+            ck.check_compatible(tag, world_size=world, zero_stage=stage_, run_dir=run)
+        msg = str(e.value)
+        assert "was written with world size 2 and ZeRO stage 3" in msg
+        assert f"transrec export --run {run}" in msg and "run.init_from=EXPORT" in msg
+
+
+@pytest.mark.slow
+def test_zero0_one_rank_equals_zero2_two_ranks_first_step(world_data, tmp_path):
+    common = ["model.loss.negatives=global", "optim.steps=1", "data.batch_size=8"]
+    one = spawn(1, _spec(tmp_path, world_data, "z0", "grads", common + ["deepspeed.zero_stage=0"],
+                         global_rows=8), tmp_path)
+    two = spawn(2, _spec(tmp_path, world_data, "z2", "grads", common + ["deepspeed.zero_stage=2"],
+                         global_rows=8), tmp_path)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    g1 = torch.load(tmp_path / "z0.grads.pt", weights_only=True)
+    g2 = torch.load(tmp_path / "z2.grads.pt", weights_only=True)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    nonzero = 0
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+        nonzero += bool(g1[k].abs().sum() > 0)
+    assert nonzero > len(g1) // 2  # the comparison is not between zeros
+
+
+@pytest.mark.slow
+def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(world_data, tmp_path):
+    from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager
+    from transrec.engine.export import consolidated_state_dict
+
+    k = 5
+    # dropout on, so the RNG state must be restored too; ZeRO-1 so optimizer partitions are saved
+    common = ["deepspeed.zero_stage=1", f"optim.steps={2 * k}", "model.user.dropout=0.2", "run.log_every=1"]
+    full = spawn(1, _spec(tmp_path, world_data, "full", "train", common), tmp_path)
+    first = spawn(1, _spec(tmp_path, world_data, "part", "train", common + [f"run.ckpt_every={k}"],
+                           stop_after=k, save_at_end=False), tmp_path)
+    ck = CheckpointManager(tmp_path / "part")
+    assert ck.latest() == "step-00000005"
+    # A save killed after DeepSpeed wrote its files, before the commit: the previous one stays latest.
+    spawn(1, _spec(tmp_path, world_data, "part", "kill_in_save", common + ["run.resume=true"], steps=k),
+          tmp_path, expect_kill=True)
+    assert ck.latest() == "step-00000005"
+    assert (ck.dir / f"{TMP_PREFIX}step-00000006").is_dir()
+    second = spawn(1, _spec(tmp_path, world_data, "part", "train", common + ["run.resume=true"]), tmp_path)
+    assert len(full["losses"]) == 2 * k and len(first["losses"]) == k and len(second["losses"]) == k
+    assert first["losses"] + second["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-7)
+    a, _ = consolidated_state_dict(tmp_path / "full")
+    b, _ = consolidated_state_dict(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert not any(p.name.startswith(TMP_PREFIX) for p in ck.dir.iterdir())  # pruned on the next save
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _driver(json.loads(Path(sys.argv[1]).read_text()))
