@@ -95,7 +95,7 @@ class DatasetWriter:
 
     def __init__(self, out_dir: str | Path, *, shard_size: int = 1000, seq_shard_size: int | None = None,
                  name: str = "", domain: str = "", extra: dict | None = None, overwrite: bool = True,
-                 mtime: float = 1_700_000_000.0):
+                 mtime: int = 1_700_000_000):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if not overwrite and (self.out / MANIFEST).exists():
@@ -118,7 +118,9 @@ class DatasetWriter:
         self.n_interactions = 0
         self.n_users = 0
         self.skipped: dict[str, int] = {}
-        self.mtime = mtime  # fixed tar member times: the same input gives byte-identical shards
+        # fixed integer member times: the same input gives byte-identical shards, and an integer
+        # mtime keeps tarfile from adding a PAX header to every member (half the read cost)
+        self.mtime = int(mtime)
         self._item_writer = wds.ShardWriter(str(self.out / ITEM_PATTERN), maxcount=self.shard_size,
                                             verbose=0, mtime=mtime)
         self._seq_writer = None

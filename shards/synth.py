@@ -150,52 +150,78 @@ def _png(img: Image.Image) -> bytes:
 
 
 def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_len: int, max_len: int,
-                   popularity: float = 0.7, taste_concentration: float = 0.35, recency: float = 2.0,
-                   drift: float = 0.08, temperature: float = 1.0):
-    """The latent world: item attributes [n_items, 4], item popularity, and user sequences (lists
-    of item indices). Deterministic for (seed, domain)."""
+                   popularity: float = 0.5, taste_concentration: float = 0.35, recency: float = 2.5,
+                   drift: float = 0.08, temperature: float = 1.0, chunk_cells: int = 1 << 22):
+    """The latent world: item attributes [n_items, 4], item log popularity, and user sequences (lists
+    of item indices). Deterministic for (seed, domain).
+
+    Every user steps through time together with a block of others (vectorised): at each step the
+    next item is drawn (Gumbel-max, no repeats) from a softmax over
+    ``sum_a w_a log taste_a[attr_a(item)] + log popularity + recency * shared(item, recent items)``,
+    where ``shared`` counts attributes in common with the last three items (weights 1, .6, .36);
+    with probability ``drift`` per step a user's taste for one attribute moves.
+    """
     rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 0])
     attrs = np.stack([rng.integers(k, size=n_items) for k in SIZES], axis=1)
     pop_rank = rng.permutation(n_items) + 1
     log_pop = -popularity * np.log(pop_rank)
     weights = np.array([1.6, 1.3, 0.6, 0.5])  # how much each attribute matters to taste
-    onehots = [np.eye(k)[attrs[:, a]] for a, k in enumerate(SIZES)]  # [n_items, k] per attribute
-    sequences = []
-    lengths = rng.integers(min_len, max_len + 1, size=n_users)
-    for u in range(n_users):
-        tastes = [rng.dirichlet(np.full(k, taste_concentration)) for k in SIZES]
+    offsets = np.concatenate([[0], np.cumsum(SIZES)[:-1]])
+    onehot = np.zeros((n_items, sum(SIZES)), dtype=np.float32)  # all attributes one-hot, side by side
+    onehot[np.arange(n_items)[:, None], attrs + offsets] = 1.0
+    onehot_t = np.ascontiguousarray(onehot.T)
+    lengths = np.minimum(rng.integers(min_len, max_len + 1, size=n_users), n_items)
+    lag_w = (np.array([1.0, 0.6, 0.36]) * recency / 2 / temperature).astype(np.float32)
+    taste_w = np.repeat(weights, SIZES)
+    sequences: list[list[int]] = []
+    block = max(1, chunk_cells // n_items)
+    for lo in range(0, n_users, block):
+        u = min(block, n_users - lo)
+        tastes = np.concatenate([rng.dirichlet(np.full(k, taste_concentration), size=u) for k in SIZES], 1)
 
-        def base_logits(tastes=tastes):
-            return sum(w * (oh @ np.log(t + 1e-3)) for w, oh, t in zip(weights, onehots, tastes)) + log_pop
+        def base(t):
+            return (((np.log(t + 1e-3) * taste_w) @ onehot_t + log_pop) / temperature).astype(np.float32)
 
-        logits = base_logits()
-        used = np.zeros(n_items, dtype=bool)
-        seq: list[int] = []
-        n = min(int(lengths[u]), n_items)
-        for _ in range(n):
-            z = logits.copy()
-            if seq:
-                # next item shares attributes with recent ones (the last counts most)
-                for lag, j in enumerate(reversed(seq[-3:])):
-                    z += recency * (0.6 ** lag) * (attrs == attrs[j]).sum(axis=1) / 2
-            z = z / temperature
-            z[used] = -np.inf
-            g = z + rng.gumbel(size=n_items)
-            j = int(np.argmax(g))
-            seq.append(j)
-            used[j] = True
-            if rng.random() < drift:  # taste drift: move part of one attribute's taste
-                a = int(rng.integers(len(SIZES)))
-                tastes[a] = 0.6 * tastes[a] + 0.4 * rng.dirichlet(np.full(SIZES[a], taste_concentration))
-                logits = base_logits()
-        sequences.append(seq)
+        logits = base(tastes)
+        used = np.zeros((u, n_items), dtype=bool)
+        steps = int(lengths[lo:lo + u].max())
+        picks = np.zeros((u, steps), dtype=np.int64)
+        rows = np.arange(u)
+        z = np.empty((u, n_items), dtype=np.float32)
+        g = np.empty((u, n_items), dtype=np.float32)
+        for s in range(steps):
+            recent = np.zeros((u, onehot.shape[1]), dtype=np.float32)
+            for lag in range(min(3, s)):
+                recent += lag_w[lag] * onehot[picks[:, s - 1 - lag]]
+            np.matmul(recent, onehot_t, out=z)
+            z += logits
+            np.copyto(z, -np.inf, where=used)
+            # Gumbel-max: z + Gumbel noise, with Gumbel = -log(-log U)
+            rng.random(out=g, dtype=np.float32)
+            np.maximum(g, np.float32(1e-12), out=g)
+            np.log(g, out=g)
+            np.negative(g, out=g)
+            np.log(g, out=g)
+            z -= g
+            j = z.argmax(axis=1)
+            picks[:, s] = j
+            used[rows, j] = True
+            moved = np.flatnonzero(rng.random(u) < drift)
+            if moved.size:  # taste drift: part of one attribute's taste moves
+                a = rng.integers(len(SIZES), size=moved.size)
+                for m, att in zip(moved, a):
+                    sl = slice(offsets[att], offsets[att] + SIZES[att])
+                    tastes[m, sl] = 0.6 * tastes[m, sl] + 0.4 * rng.dirichlet(np.full(SIZES[att],
+                                                                                       taste_concentration))
+                logits[moved] = base(tastes[moved])
+        sequences.extend(picks[i, :lengths[lo + i]].tolist() for i in range(u))
     return attrs, log_pop, sequences
 
 
 def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | None = None,
                n_items: int | None = None, image_frac: float = 0.5, seed: int = 0, image_size: int = 32,
-               min_len: int | None = None, max_len: int | None = None, popularity: float = 0.7,
-               taste_concentration: float = 0.35, recency: float = 2.0, drift: float = 0.08,
+               min_len: int | None = None, max_len: int | None = None, popularity: float = 0.5,
+               taste_concentration: float = 0.35, recency: float = 2.5, drift: float = 0.08,
                temperature: float = 1.0, shard_size: int | None = None,
                seq_shard_size: int | None = None, progress: bool = False) -> Path:
     """Write a synthetic dataset folder for ``domain`` ("source" or "target") and return its path.

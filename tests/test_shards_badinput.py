@@ -94,9 +94,11 @@ def bad(tmp_path):
             out.append((name, data))
         return out + [("u1.json", ms[1][1])]
     edit(p / "seqs-000000.tar", seqs0)
-    # seqs-000001: truncated mid-way
+    # seqs-000001: truncated inside the data of its second member
     raw = (p / "seqs-000001.tar").read_bytes()
-    (p / "seqs-000001.tar").write_bytes(raw[:len(raw) // 2 + 100])
+    with tarfile.open(p / "seqs-000001.tar") as tf:
+        cut = tf.getmembers()[1].offset_data + 5
+    (p / "seqs-000001.tar").write_bytes(raw[:cut])
     refresh_manifest(p)
     return p
 
