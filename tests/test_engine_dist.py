@@ -45,6 +45,9 @@ def _driver(spec: dict) -> None:
         r = trainer.fit(steps=spec.get("steps"), final_eval=spec.get("eval", False),
                         stop_after=spec.get("stop_after"), save_at_end=spec.get("save_at_end", True))
         res.update(losses=r.losses, step=r.step, metrics=r.metrics)
+        if spec.get("then_die_in_save"):
+            out.write_text(json.dumps(res))
+            _die_in_save(trainer)
         if spec.get("catalogue"):  # the trained model's item embeddings (all ranks take part)
             from transrec.engine.evaluate import encode_catalogue
 
@@ -54,21 +57,23 @@ def _driver(spec: dict) -> None:
                 torch.save(emb, out.with_suffix(".emb.pt"))
     elif what == "grads":
         res.update(_first_step_grads(trainer, spec["global_rows"], out))
-    elif what == "kill_in_save":
-        trainer.fit(steps=spec["steps"], final_eval=False, save_at_end=False)
-        engine = trainer.engine
-        orig = engine.save_checkpoint
-
-        def dying_save(*a, **kw):  # DeepSpeed's files are written, then the process is killed
-            orig(*a, **kw)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        engine.save_checkpoint = dying_save
-        trainer.state.step += 1
-        trainer.save()
     trainer.close()
     if rank == 0:
         out.write_text(json.dumps(res))
+
+
+def _die_in_save(trainer) -> None:
+    """Save once more, killing the process after DeepSpeed wrote its files and before the commit."""
+    engine = trainer.engine
+    orig = engine.save_checkpoint
+
+    def dying_save(*a, **kw):
+        orig(*a, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.save_checkpoint = dying_save
+    trainer.state.step += 1
+    trainer.save()
 
 
 def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
@@ -120,33 +125,48 @@ def _free_port() -> int:
 
 
 def spawn(world: int, spec: dict, tmp: Path, timeout: int = TIMEOUT, expect_kill: bool = False) -> dict:
-    spec_path = tmp / f"spec-{os.urandom(4).hex()}.json"
-    spec_path.write_text(json.dumps(spec))
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                   WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        log = open(tmp / f"rank{r}-{spec_path.stem}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=ROOT), log))
+    """Run ``spec`` on ``world`` ranks; its result (rank 0's JSON)."""
+    return spawn_many([(world, spec, expect_kill)], tmp, timeout)[0]
+
+
+def spawn_many(jobs: list[tuple[int, dict, bool]], tmp: Path, timeout: int = TIMEOUT) -> list[dict]:
+    """Run independent jobs ``(world, spec, expect_kill)`` at the same time; their results."""
+    running = []
+    for world, spec, expect_kill in jobs:
+        spec_path = tmp / f"spec-{os.urandom(4).hex()}.json"
+        spec_path.write_text(json.dumps(spec))
+        port = _free_port()
+        procs = []
+        for r in range(world):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                       LOCAL_RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            log = open(tmp / f"rank{r}-{spec_path.stem}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env, stdout=log,
+                                           stderr=subprocess.STDOUT, cwd=ROOT), log))
+        running.append((spec, spec_path, procs, expect_kill))
+    waiting = running[0][1]
     try:
-        for p, _ in procs:
-            p.wait(timeout=timeout)
+        for _, waiting, procs, _ in running:  # noqa: B007 - `waiting` names the job in the failure
+            for p, _ in procs:
+                p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for p, _ in procs:
-            p.kill()
-        pytest.fail(f"ranks did not finish within {timeout}s: {_tail(tmp, spec_path)}")
+        for _, _, procs, _ in running:
+            for p, _ in procs:
+                p.kill()
+        pytest.fail(f"ranks did not finish within {timeout}s: {_tail(tmp, waiting)}")
     finally:
-        for _, log in procs:
-            log.close()
-    codes = [p.returncode for p, _ in procs]
-    if expect_kill:
-        assert any(c == -signal.SIGKILL for c in codes), codes
-        return {}
-    if any(codes):
-        pytest.fail(f"ranks exited with {codes}: {_tail(tmp, spec_path)}")
-    return json.loads(Path(spec["result"]).read_text())
+        for _, _, procs, _ in running:
+            for _, log in procs:
+                log.close()
+    results = []
+    for spec, spec_path, procs, expect_kill in running:
+        codes = [p.returncode for p, _ in procs]
+        if expect_kill:
+            assert any(c == -signal.SIGKILL for c in codes), f"{codes}: {_tail(tmp, spec_path)}"
+        elif any(codes):
+            pytest.fail(f"ranks exited with {codes}: {_tail(tmp, spec_path)}")
+        results.append(json.loads(Path(spec["result"]).read_text()))
+    return results
 
 
 def _tail(tmp: Path, spec_path: Path) -> str:
@@ -180,11 +200,11 @@ def _spec(tmp: Path, data: str, name: str, what: str, overrides: list[str], **kw
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     res = spawn(2, _spec(tmp_path, world_data, f"z{stage}", "train",
-                         [f"deepspeed.zero_stage={stage}", "optim.steps=24", "run.log_every=4",
+                         [f"deepspeed.zero_stage={stage}", "optim.steps=16", "run.log_every=4",
                           "model.loss.negatives=global"], catalogue=stage == 3, eval=stage == 3), tmp_path)
     losses = res["losses"]
-    assert res["world"] == 2 and len(losses) == 24
-    assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.2, losses
+    assert res["world"] == 2 and len(losses) == 16
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
     if stage != 3:
         return
     # Each evaluated user counted once over the two ranks.
@@ -240,22 +260,21 @@ def test_zero0_one_rank_equals_zero2_two_ranks_first_step(world_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(world_data, tmp_path):
-    from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager
+    from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
     from transrec.engine.export import consolidated_state_dict
 
-    k = 5
+    k = 4
     # dropout on, so the RNG state must be restored too; ZeRO-1 so optimizer partitions are saved
     common = ["deepspeed.zero_stage=1", f"optim.steps={2 * k}", "model.user.dropout=0.2", "run.log_every=1"]
-    full = spawn(1, _spec(tmp_path, world_data, "full", "train", common), tmp_path)
-    first = spawn(1, _spec(tmp_path, world_data, "part", "train", common + [f"run.ckpt_every={k}"],
-                           stop_after=k, save_at_end=False), tmp_path)
+    # 2k steps uninterrupted, and at the same time: k steps, a checkpoint, then a save killed after
+    # DeepSpeed wrote its files and before the commit.
+    full, first = spawn_many([
+        (1, _spec(tmp_path, world_data, "full", "train", common), False),
+        (1, _spec(tmp_path, world_data, "part", "train", common + [f"run.ckpt_every={k}"], stop_after=k,
+                  save_at_end=False, then_die_in_save=True), True)], tmp_path)
     ck = CheckpointManager(tmp_path / "part")
-    assert ck.latest() == "step-00000005"
-    # A save killed after DeepSpeed wrote its files, before the commit: the previous one stays latest.
-    spawn(1, _spec(tmp_path, world_data, "part", "kill_in_save", common + ["run.resume=true"], steps=k),
-          tmp_path, expect_kill=True)
-    assert ck.latest() == "step-00000005"
-    assert (ck.dir / f"{TMP_PREFIX}step-00000006").is_dir()
+    assert ck.latest() == tag_for(k)  # the killed save left the previous checkpoint as the latest
+    assert (ck.dir / f"{TMP_PREFIX}{tag_for(k + 1)}").is_dir()
     second = spawn(1, _spec(tmp_path, world_data, "part", "train", common + ["run.resume=true"]), tmp_path)
     assert len(full["losses"]) == 2 * k and len(first["losses"]) == k and len(second["losses"]) == k
     assert first["losses"] + second["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-7)
