@@ -48,7 +48,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from transrec.shards.batch import Batch, ContentSource, collate_windows
+from transrec.shards.batch import Batch, ContentSource, ImageContent, TextContent, collate_windows
 from transrec.shards.dataset import Dataset
 from transrec.shards.stats import GLOBAL, SkipStats
 
@@ -97,6 +97,56 @@ def _bound(counts: list[int], k: int, largest: bool) -> int:
     return int(sum(s[:k]))
 
 
+_PACKED = (("seq",), ("mask",), ("inverse",), ("unique_items",), ("unique_log_q",), ("users",),
+           ("text", "input_ids"), ("text", "attention_mask"), ("text", "index"), ("image", "pixels"),
+           ("image", "index"), ("hist_rows",), ("hist_items",), ("row_valid",))
+
+
+def pack_batch(batch: Batch) -> tuple[torch.Tensor, list, int]:
+    """One uint8 tensor holding every array of ``batch`` (8-byte aligned) plus its layout.
+
+    A DataLoader worker hands each tensor to the main process through its own shared-memory
+    segment; packing makes that one segment per batch instead of a dozen."""
+    parts, layout, off = [], [], 0
+    for path in _PACKED:
+        obj = batch
+        for name in path:
+            obj = getattr(obj, name) if obj is not None else None
+        if obj is None:
+            layout.append(None)
+            continue
+        a = obj.numpy()
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        layout.append((off, a.dtype.str, a.shape))
+        parts.append((off, raw))
+        off += (raw.size + 7) // 8 * 8
+    buf = np.zeros(off, dtype=np.uint8)
+    for o, raw in parts:
+        buf[o:o + raw.size] = raw
+    return torch.from_numpy(buf), layout, batch.cursor
+
+
+def unpack_batch(buf: torch.Tensor, layout: list, cursor: int) -> Batch:
+    """Inverse of :func:`pack_batch`: tensors are views of ``buf`` (no copy)."""
+    arr = buf.numpy()
+    vals = []
+    for entry in layout:
+        if entry is None:
+            vals.append(None)
+            continue
+        off, dtype, shape = entry
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        vals.append(torch.from_numpy(arr[off:off + n].view(dt).reshape(shape)))
+    (seq, mask, inverse, unique, log_q, users, ids, attn, tindex, pixels, iindex, hist_rows, hist_items,
+     row_valid) = vals
+    text = TextContent(ids, attn, tindex) if ids is not None else None
+    image = ImageContent(pixels, iindex) if pixels is not None else None
+    return Batch(seq=seq, mask=mask, inverse=inverse, unique_items=unique, unique_log_q=log_q, users=users,
+                 text=text, image=image, hist_rows=hist_rows, hist_items=hist_items, cursor=cursor,
+                 row_valid=row_valid)
+
+
 class _SlotStream(torch.utils.data.IterableDataset):
     """One epoch of batches for every slot of one rank; in a DataLoader worker, that worker's slot."""
 
@@ -106,6 +156,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self.start_batches = start_batches
         self.rotation = start_batches % loader.effective_workers
+        self.packed = loader.num_workers > 0  # batches cross a process boundary
 
     # ---- rows -------------------------------------------------------------------------------
     def _urls(self) -> list[str]:
@@ -269,7 +320,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                                                                count=bsz))
             delta = {k: v - reported.get(k, 0) for k, v in stats.counts.items() if v != reported.get(k, 0)}
             reported = dict(stats.counts)
-            yield batch, delta
+            yield (pack_batch(batch) if self.packed else batch), delta
 
 
 class SequenceLoader:
@@ -366,4 +417,4 @@ class SequenceLoader:
                 prefetch_factor=self.prefetch_factor, persistent_workers=False))
         for batch, delta in it:
             self.stats.add(delta)
-            yield batch
+            yield unpack_batch(*batch) if isinstance(batch, tuple | list) else batch
