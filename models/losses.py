@@ -71,7 +71,7 @@ def sample_negatives(target: torch.Tensor, candidates: torch.Tensor, k: int,
     n = target.shape[0]
     if c <= 1 or k <= 0:
         return torch.zeros(n, 0, dtype=torch.long, device=target.device)
-    tpos = torch.searchsorted(candidates, target)  # position of the target among the candidates
+    tpos = torch.searchsorted(candidates, target.contiguous())  # position of the target among the candidates
     r = torch.randint(0, c - 1, (n, k), device=target.device, generator=generator)
     r = r + (r >= tpos[:, None]).long()  # skip the positive
     return candidates[r]

@@ -246,6 +246,32 @@ def test_single_modality_batch_runs_every_encoder(content):
     torch.testing.assert_close(a, b)
 
 
+def test_absent_modality_with_cached_prefix_runs_the_tail_only(content):
+    """When the batch's content comes as frozen-prefix activations, the dummy of an absent modality
+    runs only that encoder's tail too (every rank then runs the same modules, cache or not)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(text_trainable=1, image_trainable=1)).train()
+    text_items = np.flatnonzero(content.modality == TEXT)
+    batch = collate_windows([text_items[:4], text_items[2:7]], np.arange(2), 5, content,
+                            np.zeros(content.n_items))
+    calls = {"text_stem": 0, "image_stem": 0, "image_tail": 0}
+    te, ie = model.text_encoder, model.image_encoder
+    hooks = [te.backbone.embeddings.register_forward_hook(lambda *a: calls.__setitem__(
+                 "text_stem", calls["text_stem"] + 1)),
+             ie.backbone.embedder.register_forward_hook(lambda *a: calls.__setitem__(
+                 "image_stem", calls["image_stem"] + 1)),
+             ie.tail_blocks()[0].register_forward_hook(lambda *a: calls.__setitem__(
+                 "image_tail", calls["image_tail"] + 1))]
+    batch.text.prefix = te.forward_prefix(batch.text.input_ids, batch.text.attention_mask)
+    calls.update(text_stem=0, image_stem=0, image_tail=0)
+    loss, _ = model(batch)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    assert calls == {"text_stem": 0, "image_stem": 0, "image_tail": 1}
+    assert all(p.grad is not None for p in ie.parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # losses against float64 references
 
