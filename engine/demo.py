@@ -93,7 +93,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     cfg.optim.steps = sz.pretrain_steps
     cfg.optim.warmup_steps = max(sz.pretrain_steps // 10, 1)
     cfg.run.log_every = max(sz.pretrain_steps // 12, 1)
-    cfg.eval.every = max(sz.pretrain_steps // 3, 1)
+    cfg.eval.every = max(sz.pretrain_steps // 3, 1) if size == "full" else 0
     cfg.run.progress = show
     say(f"pretraining TransRec on the source: {sz.pretrain_steps} steps of {sz.batch_size} sequences")
     trainer = Trainer(cfg, show=show)

@@ -128,6 +128,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
         self.after_backward: list = []
+        self.items_encoded = 0  # unique items through the encoders (throughput accounting)
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -241,6 +242,7 @@ class Trainer:
                 micro_i += 1
                 win_seq += batch.batch_size
                 win_items += batch.num_unique
+                self.items_encoded += batch.num_unique
                 self.state.cursor = int(batch.cursor)
                 if not boundary:
                     continue

@@ -2,8 +2,9 @@
 
 Modes (``transrec transfer --mode``):
 
-- ``scratch``: the pretrained export's architecture, random initialisation (the no-transfer control);
-- ``full``:    start from the export, fine-tune every weight;
+- ``scratch``: the export's architecture and trainable set, random initialisation (the control);
+- ``full``:    start from the export, fine-tune every weight the pretraining trained (its
+               ``trainable`` setting; add ``model.text.trainable=all`` to unfreeze a frozen stem);
 - ``topk``:    start from the export, fine-tune the top-k blocks of each item encoder (``--topk``,
                the paper trains the top 2) and everything above them;
 - ``lora``:    start from the export, freeze the encoder backbones, train LoRA adapters in every
@@ -48,9 +49,7 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
     cfg.run.resume = True
     m = cfg.model
     m.text.lora = m.image.lora = None
-    if mode in ("scratch", "full", "id"):
-        m.text.trainable = m.image.trainable = "all"
-    elif mode == "topk":
+    if mode == "topk":
         if topk < 0:
             raise ConfigError(f"--topk must be >= 0, got {topk}")
         m.text.trainable = m.image.trainable = int(topk)

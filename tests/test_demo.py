@@ -1,0 +1,42 @@
+"""The one-command demo, in its reduced size, as a user runs it (a subprocess with a timeout)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "transrec.cli", "demo", "--out", str(out), "--size", "reduced"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "| mode | trainable |" in text and "elapsed:" in text
+    for mode in ("scratch", "full", "lora", "id-sasrec"):
+        assert f"| {mode} |" in text
+    summary = json.loads((out / "demo.json").read_text())
+    rows = {r["mode"]: r for r in summary["rows"]}
+    assert set(rows) == {"scratch", "full", "lora", "id-sasrec"}
+    for r in rows.values():
+        assert 0.0 <= r["test_ndcg@10"] <= r["test_hr@10"] <= 1.0
+        assert r["steps"] == summary["size"]["target_steps"]
+    # LoRA trains a small fraction of what full fine-tuning trains.
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] / 2
+    for png in (out / "target" / "compare.png", out / "pretrain.png"):
+        assert png.stat().st_size > 10_000
+    # The LoRA run's export is adapter-only and names the pretrained export as its base.
+    from transrec.engine.export import export_run, read_export
+
+    exp = export_run(out / "target" / "lora", tmp_path / "lora-export")
+    meta = read_export(exp)
+    assert meta["kind"] == "adapter" and Path(meta["base"]) == (out / "pretrained").resolve()
+    full_size = (out / "pretrained" / "model.safetensors").stat().st_size
+    assert (exp / "model.safetensors").stat().st_size < full_size / 2
