@@ -5,7 +5,7 @@ One program owns BLOCK_M rows of q and streams every BLOCK_N-row tile of k past 
 online max m_i and sum l_i in the log2 domain (s2 = log2(e) * (q_i.k_j / tau + b_j)):
 
     LSE_i  = ln 2 * (m_i + log2 l_i)
-    loss_i = LSE_i - (q_i.k_{t_i} / tau + b_{t_i})
+    loss_i = LSE_i - (q_i.k_{t_i} / tau + b_{t_i})   (the target logit picked from the same tiles)
 
 With COMPUTE_DQ the same tiles also accumulate (flash-attention style, V = K)
 
@@ -45,6 +45,8 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
     if NUM_DC == 1:
         q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
 
+    t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)  # masked rows may carry any target
+    pos2 = tl.zeros([BLOCK_M], tl.float32)  # the target's logit, picked from the same tiles as the LSE
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite floor: a tile of -inf gives no inf - inf
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if COMPUTE_DQ:
@@ -81,6 +83,7 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
         if HAS_BIAS:
             b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
             s = s + b[None, :] * LOG2E
+        pos2 += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), 1)
         if not EVEN_M:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -99,43 +102,27 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
         m_i = m_new
 
     lse2 = m_i + tl.log2(l_i)
-    # Positive logit from the target rows of k (a gather of BLOCK_M rows, once per program).
-    t = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64)
-    t_ok = row_ok & (t >= 0) & (t < M)  # masked rows may carry any target
-    inv_l = 1.0 / l_i
-    q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D).to(tl.float32)
-    kt0 = load_rows(K, t, t_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
-    pos = tl.sum(q0 * kt0, 1)
     if COMPUTE_DQ:
-        store_rows(A, acc0 * inv_l[:, None] - kt0, rows, row_ok, 0, D, stride_an, stride_ad, BLOCK_DC, EVEN_D)
-    if NUM_DC > 1:
-        q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D).to(tl.float32)
-        kt1 = load_rows(K, t, t_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
-        pos += tl.sum(q1 * kt1, 1)
-        if COMPUTE_DQ:
-            store_rows(A, acc1 * inv_l[:, None] - kt1, rows, row_ok, BLOCK_DC, D, stride_an, stride_ad,
-                       BLOCK_DC, EVEN_D)
-    if NUM_DC > 2:
-        q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC,
-                       EVEN_D).to(tl.float32)
-        kt2 = load_rows(K, t, t_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
-        pos += tl.sum(q2 * kt2, 1)
-        if COMPUTE_DQ:
-            store_rows(A, acc2 * inv_l[:, None] - kt2, rows, row_ok, 2 * BLOCK_DC, D, stride_an,
+        # A_i = acc_i / l_i - k_{t_i}: the target rows of k gathered once per program.
+        t_ok = row_ok & (t >= 0) & (t < M)
+        inv_l = 1.0 / l_i
+        kt = load_rows(K, t, t_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+        store_rows(A, acc0 * inv_l[:, None] - kt.to(tl.float32), rows, row_ok, 0, D, stride_an, stride_ad,
+                   BLOCK_DC, EVEN_D)
+        if NUM_DC > 1:
+            kt = load_rows(K, t, t_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            store_rows(A, acc1 * inv_l[:, None] - kt.to(tl.float32), rows, row_ok, BLOCK_DC, D, stride_an,
                        stride_ad, BLOCK_DC, EVEN_D)
-    if NUM_DC > 3:
-        q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC,
-                       EVEN_D).to(tl.float32)
-        kt3 = load_rows(K, t, t_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D).to(tl.float32)
-        pos += tl.sum(q3 * kt3, 1)
-        if COMPUTE_DQ:
-            store_rows(A, acc3 * inv_l[:, None] - kt3, rows, row_ok, 3 * BLOCK_DC, D, stride_an,
-                       stride_ad, BLOCK_DC, EVEN_D)
-    pos = pos * inv_tau
-    if HAS_BIAS:
-        pos += tl.load(BIAS + t, mask=t_ok, other=0.0).to(tl.float32)
+        if NUM_DC > 2:
+            kt = load_rows(K, t, t_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            store_rows(A, acc2 * inv_l[:, None] - kt.to(tl.float32), rows, row_ok, 2 * BLOCK_DC, D,
+                       stride_an, stride_ad, BLOCK_DC, EVEN_D)
+        if NUM_DC > 3:
+            kt = load_rows(K, t, t_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            store_rows(A, acc3 * inv_l[:, None] - kt.to(tl.float32), rows, row_ok, 3 * BLOCK_DC, D,
+                       stride_an, stride_ad, BLOCK_DC, EVEN_D)
     tl.store(LSE2 + rows, lse2, mask=row_ok)
-    tl.store(LOSS + rows, lse2 * LN2 - pos, mask=row_ok)
+    tl.store(LOSS + rows, (lse2 - pos2) * LN2, mask=row_ok)
 
 
 _fwd = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_fwd_kernel)

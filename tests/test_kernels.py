@@ -19,8 +19,9 @@ SHAPES = [(47, 123, 31), (252, 507, 123)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_torch_impls_match_truth(impl, dtype, shape):
     n, m, d = shape
+    taus = [1.0, 0.07] if n < 100 else [0.07]  # the large shape: the peaky temperature only (time)
     for bias, mask, reduction, tau in itertools.product([False, True], [False, True], ["mean", "sum", "none"],
-                                                        [1.0, 0.07]):
+                                                        taus):
         check_against_truth(impl, n, m, d, dtype, bias=bias, mask=mask, reduction=reduction, tau=tau,
                             **({"chunk_size": 19 if n < 100 else 100} if impl == "chunked" else {}))
 
