@@ -144,9 +144,11 @@ class ItemEncoderBase(nn.Module):
                  .encode())
         for i, mod in enumerate(self.prefix_modules()):
             for name, t in sorted(mod.state_dict().items()):
+                if name.endswith("num_batches_tracked"):  # a counter, not a weight
+                    continue
                 t = t.detach().cpu().contiguous()
                 h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
     def describe(self) -> str:

@@ -212,8 +212,11 @@ class ImageItemEncoder(ItemEncoderBase):
                               align_corners=False)
         return (x - self.pix_mean.to(dt)) / self.pix_std.to(dt)
 
-    def forward_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Feature map after the last frozen stage ([U, C, h, w]; [U, N, H] tokens for a ViT)."""
+    def forward_prefix(self, pixels: torch.Tensor | ImageContent) -> torch.Tensor:
+        """Feature map after the last frozen stage ([U, C, h, w]; [U, N, H] tokens for a ViT) of an
+        ImageContent or of uint8 pixels [U, 3, H, W]."""
+        if isinstance(pixels, ImageContent):
+            pixels = pixels.pixels
         with self._prefix_context():
             h = self._stem(self.preprocess(pixels))
             for i in range(self.n_frozen_blocks):

@@ -111,8 +111,14 @@ class TextItemEncoder(ItemEncoderBase):
         return out[0] if isinstance(out, tuple) else out
 
     # -- forward --------------------------------------------------------------------------------
-    def forward_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [U, T, H] after the last frozen block."""
+    def forward_prefix(self, input_ids: torch.Tensor | TextContent,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [U, T, H] after the last frozen block (of a TextContent, or of token ids
+        and their attention mask)."""
+        if isinstance(input_ids, TextContent):
+            input_ids, attention_mask = input_ids.input_ids, input_ids.attention_mask
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         with self._prefix_context():
             if not self.walkable:
                 return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -399,6 +399,8 @@ def test_prefix_tail_split(content):
     te.eval()
     ie.eval()
     torch.testing.assert_close(te(batch.text), te.forward_tail(tp, batch.text.attention_mask))
+    torch.testing.assert_close(te.forward_prefix(batch.text), tp)  # content objects work too
+    torch.testing.assert_close(ie.forward_prefix(batch.image), ip)
     torch.testing.assert_close(ie(batch.image), ie.forward_tail(ip))
     # a batch carrying the prefix runs only the tail: same loss and gradients
     model.eval()
@@ -418,6 +420,14 @@ def test_prefix_tail_split(content):
     with torch.no_grad():
         te.backbone.encoder.layer[0].output.dense.weight.add_(1.0)  # frozen block
     assert te.frozen_hash() != h
+    hi = ie.frozen_hash()
+    model.train()
+    batch.text.prefix = batch.image.prefix = None
+    model(batch)[0].backward()  # a training step leaves the frozen prefix (and its BatchNorm stats) alone
+    assert ie.frozen_hash() == hi
+    with torch.no_grad():
+        ie.backbone.embedder.embedder.normalization.running_var.mul_(2.0)  # frozen stem statistics
+    assert ie.frozen_hash() != hi
 
 
 def test_prefix_not_cacheable_cases():
