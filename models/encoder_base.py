@@ -42,6 +42,11 @@ class ItemEncoderBase(nn.Module):
     ``_blocks``, ``_stem``, ``_block``; then call :meth:`_setup_split`."""
 
     arch: str = ""
+    # Set by whoever serves this encoder's content from the frozen-prefix cache (True) or not
+    # (False). It decides how the dummy of an absent modality runs (tail only, or whole), so that
+    # every rank runs the same modules under ZeRO-3. None: follow the batch (tail only when the
+    # other modality's content came with a prefix).
+    serves_cached_prefix: bool | None = None
 
     # -- to implement -----------------------------------------------------------------------
     def _stem_modules(self) -> list[nn.Module]:

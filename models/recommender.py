@@ -15,8 +15,10 @@ Mixed modality under ZeRO-3: every rank must run every encoder the same number o
 that skipped an encoder would leave the others waiting). A batch with no item of a modality
 therefore runs that encoder on a tiny dummy input (two items) and adds ``0 * output.sum()`` to the
 table: values unchanged, every encoder parameter gets a (zero) gradient, the collectives line up.
-The dummy's BatchNorm statistics are not recorded. If the batch's other modality came as
-frozen-prefix activations (the prefix cache), the dummy runs the tail only, like the real content.
+The dummy's BatchNorm statistics are not recorded. The dummy runs the encoder's tail only when
+that encoder's content is served from the frozen-prefix cache (``encoder.serves_cached_prefix``,
+set by the cache wiring; when unset, when the batch's other modality came with a prefix), so that
+it runs exactly the modules real content of that modality would.
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ class TransRec(SequentialRecommender):
                     emb = emb + self.modality.weight[mid].to(emb.dtype)
                 parts.append((content.index.to(emb.device), emb))
             elif self.run_absent_encoders:
+                tail_only = cached if enc.serves_cached_prefix is None else bool(enc.serves_cached_prefix)
                 with _bn_stats_frozen(enc):
-                    zero_terms.append(enc(enc.dummy_content(self._device(), like_prefix=cached)).sum())
+                    zero_terms.append(enc(enc.dummy_content(self._device(), like_prefix=tail_only)).sum())
         if not parts:
             raise ConfigError("encode_items got no text and no image content")
         emb0 = parts[0][1]

@@ -270,6 +270,15 @@ def test_absent_modality_with_cached_prefix_runs_the_tail_only(content):
         h.remove()
     assert calls == {"text_stem": 0, "image_stem": 0, "image_tail": 1}
     assert all(p.grad is not None for p in ie.parameters() if p.requires_grad)
+    # text from the cache, images not (say image fine-tuning cannot be cached): the image dummy runs
+    # whole, as real images would
+    ie.serves_cached_prefix = False
+    hooks = [ie.backbone.embedder.register_forward_hook(lambda *a: calls.__setitem__(
+                 "image_stem", calls["image_stem"] + 1))]
+    calls.update(image_stem=0)
+    model(batch)
+    hooks[0].remove()
+    assert calls["image_stem"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
