@@ -23,8 +23,8 @@ class LoRAConfig:
 
     The adapters go into the blocks that ``trainable`` names (top-k blocks, or every block for
     "all"); every base weight of the backbone is frozen. ``target_modules`` None picks the
-    architecture's default (BERT/ViT: query, key, value, dense; ResNet: convolution;
-    EfficientNet: the 1x1 expand/project convolutions).
+    architecture's default (BERT/ViT: the attention and MLP projections; ResNet: convolution;
+    ConvNeXt: pwconv1/pwconv2; EfficientNet: the 1x1 expand/project convolutions).
     """
 
     r: int = 8

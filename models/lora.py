@@ -23,16 +23,38 @@ from transrec.errors import ConfigError
 # Default LoRA targets per architecture (module-name suffixes inside a block).
 DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
-    "vit": ["query", "key", "value", "dense"],
+    "vit": ["query", "key", "value", "dense", "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
     "resnet": ["convolution"],
     "convnext": ["pwconv1", "pwconv2"],
     "efficientnet": ["_expand_conv", "_project_conv"],
 }
 
 
+def _plain_pointwise_convs(block: nn.Module, targets: list[str]) -> None:
+    """Swap targeted 1x1 / stride-1 convolutions of an ``nn.Conv2d`` subclass (EfficientNet's
+    TF-style "same"-padding convs, whose padding is then zero) for a plain ``nn.Conv2d`` holding the
+    same parameters: peft builds the adapter's convolutions with the base layer's class and
+    positional arguments, which such subclasses do not accept."""
+    for name, mod in list(block.named_modules()):
+        if (type(mod) is not nn.Conv2d and isinstance(mod, nn.Conv2d) and name
+                and name.rsplit(".", 1)[-1] in targets and tuple(mod.kernel_size) == (1, 1)
+                and tuple(mod.stride) in ((1, 1), (1,)) and mod.groups == 1):
+            plain = nn.Conv2d(mod.in_channels, mod.out_channels, 1, bias=mod.bias is not None,
+                              device=mod.weight.device, dtype=mod.weight.dtype)
+            plain.weight = mod.weight
+            if mod.bias is not None:
+                plain.bias = mod.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, plain)
+
+
 def inject_lora(blocks: list[nn.Module], arch: str, cfg) -> int:
     """Add LoRA adapters to ``blocks`` (in place); returns the number of wrapped layers."""
-    targets = list(cfg.target_modules) if cfg.target_modules else DEFAULT_TARGETS.get(arch)
+    if cfg.target_modules:
+        targets = list(cfg.target_modules)
+    else:  # the architecture's defaults that exist here (module names differ across versions)
+        present = {n.rsplit(".", 1)[-1] for blk in blocks for n, _ in blk.named_modules() if n}
+        targets = [t for t in DEFAULT_TARGETS.get(arch, []) if t in present]
     if not targets:
         raise ConfigError(f"no default LoRA target modules for architecture {arch!r}; "
                           "set lora.target_modules")
@@ -40,6 +62,7 @@ def inject_lora(blocks: list[nn.Module], arch: str, cfg) -> int:
                           target_modules=targets, bias="none")
     wrapped = 0
     for block in blocks:
+        _plain_pointwise_convs(block, targets)
         before = sum(isinstance(m, BaseTunerLayer) for m in block.modules())
         try:
             inject_adapter_in_model(pcfg, block)

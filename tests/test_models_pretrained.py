@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transrec.models import ImageEncoderConfig, TextEncoderConfig
+from transrec.models import ImageEncoderConfig, LoRAConfig, TextEncoderConfig, merge_lora
 from transrec.models.image import ImageItemEncoder, efficientnet_lite0
 from transrec.models.text import TextItemEncoder, minilm_path
 from transrec.shards.batch import ImageContent, TextContent
@@ -59,6 +59,18 @@ def test_efficientnet_lite0_loads_every_key_and_is_pretrained():
         out = enc(ImageContent(torch.cat([smooth, noise]), torch.arange(2)))
     assert out.shape == (2, 16) and torch.isfinite(out).all()
     assert enc.prefix_is_cacheable()
+    # LoRA on its top stages (the TF-style 1x1 convolutions are adapted too), merged for export
+    lenc = ImageItemEncoder(ImageEncoderConfig(name="efficientnet-lite0", image_size=64, trainable=2,
+                                               lora=LoRAConfig(r=4)), 16).eval()
+    assert lenc.lora_layers == 10  # expand + project convs of the 5 blocks of the top 2 stages
+    with torch.no_grad():
+        for n, p in lenc.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.02)
+        pix = torch.cat([smooth, noise])
+        before = lenc(ImageContent(pix, torch.arange(2)))
+        assert merge_lora(lenc) == 10
+        torch.testing.assert_close(lenc(ImageContent(pix, torch.arange(2))), before, atol=1e-4, rtol=1e-4)
 
 
 def test_image_encoders_from_a_local_folder(tmp_path):
@@ -82,6 +94,11 @@ def test_image_encoders_from_a_local_folder(tmp_path):
         assert out.shape == (3, 8)
         prefix = enc.forward_prefix(pix)
         torch.testing.assert_close(enc.forward_tail(prefix), out)
+        # LoRA finds the architecture's projections (their names differ across transformers versions)
+        lenc = ImageItemEncoder(ImageEncoderConfig(name=str(tmp_path / name), image_size=32, pooling=pooling,
+                                                   trainable=1, lora=LoRAConfig(r=2)), 8)
+        assert lenc.lora_layers >= 2
+        assert all(".lora_" in n for n, p in lenc.backbone.named_parameters() if p.requires_grad)
     # a folder text model (BERT layout) with top-1 training
     from transformers import BertConfig, BertModel
 
