@@ -136,7 +136,8 @@ def register(sub) -> None:
                     "Resumes from RUN's latest checkpoint when there is one (run.resume=true).",
         epilog="examples:\n"
                "  transrec train --data data/source --out runs/a --preset tiny optim.steps=200\n"
-               "  deepspeed --num_gpus 2 -m transrec.cli train --data D --out R deepspeed.zero_stage=2\n"
+               "  deepspeed --num_gpus 2 --no_local_rank --module transrec.cli train --data D --out R \\\n"
+               "      deepspeed.zero_stage=2\n"
                "  torchrun --nproc_per_node 2 -m transrec.cli train --data D --out R \\\n"
                "      model.loss.negatives=global")
     p.add_argument("--data", help="dataset folder (data.path)")

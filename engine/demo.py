@@ -38,7 +38,7 @@ class DemoSize:
 SIZES = {
     # Tuned on a 2-core CPU: about 3 minutes in all, pretrained > scratch on target NDCG@10.
     "full": DemoSize(source_users=2000, source_items=600, target_users=300, target_items=300,
-                     pretrain_steps=240, target_steps=60, batch_size=64, target_batch_size=32),
+                     pretrain_steps=150, target_steps=40, batch_size=64, target_batch_size=32),
     # The test suite's reduced demo: same code path, seconds.
     "reduced": DemoSize(source_users=160, source_items=80, target_users=80, target_items=60,
                         pretrain_steps=12, target_steps=6, batch_size=16, target_batch_size=16),

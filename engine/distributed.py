@@ -3,9 +3,10 @@
 - ``transrec train`` alone: no launcher variables are set, so this fills ``MASTER_ADDR``,
   ``MASTER_PORT`` (a free port), ``RANK=0``, ``LOCAL_RANK=0``, ``WORLD_SIZE=1`` (otherwise DeepSpeed
   goes looking for MPI).
-- ``deepspeed --num_gpus N -m transrec.cli train ...`` / ``torchrun --nproc_per_node N -m
-  transrec.cli train ...``: the launcher sets them (``deepspeed`` passes ``--local_rank``; the CLI
-  accepts and ignores it, ``LOCAL_RANK`` is read from the environment).
+- ``deepspeed --num_gpus N --no_local_rank --module transrec.cli train ...`` and ``torchrun
+  --nproc_per_node N -m transrec.cli train ...``: the launcher sets them; ``LOCAL_RANK`` is read from
+  the environment (``--no_local_rank`` keeps DeepSpeed's launcher from putting ``--local_rank`` in
+  front of the subcommand, which the top-level parser would refuse).
 - Backend: NCCL with CUDA, gloo on the CPU (``deepspeed.backend`` overrides).
 
 On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, 30-60 s

@@ -169,6 +169,15 @@ class Trainer:
         """One micro-batch: forward, backward; returns the (detached) loss and the model's metrics."""
         batch = batch.to(self.device, non_blocking=True)
         loss, metrics = self.engine(batch)
+        if self.world > 1 and "count" in metrics:
+            # DeepSpeed averages gradients over ranks, i.e. the mean of per-rank means; rescale so the
+            # gradient is that of the global mean over every valid row (ranks may hold different
+            # numbers of rows, e.g. the causal user encoder trained at every position).
+            import torch.distributed as dist
+
+            total = metrics["count"].detach().clone()
+            dist.all_reduce(total)
+            loss = loss * (self.world * metrics["count"].detach() / total.clamp_min(1.0))
         self.engine.backward(loss)
         return loss.detach(), metrics
 
