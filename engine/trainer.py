@@ -118,6 +118,11 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
         self.model = self._build_model()
+        if cfg.deepspeed.precision == "bf16":
+            # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
+            # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
+            # The optimizer still keeps fp32 master weights (DeepSpeed's bf16 optimizer).
+            self.model.to(torch.bfloat16)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim)
         import deepspeed
