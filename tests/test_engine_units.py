@@ -1,0 +1,155 @@
+"""Engine pieces in one process, no DeepSpeed: schedule, parameter groups, checkpoint discovery,
+full-ranking evaluation against a brute-force numpy reference, metrics log and plots."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, ClientState
+from transrec.engine.optim import WarmupCosine, make_optimizer
+
+from transrec.config import build_config
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = WarmupCosine(warmup=4, total=20, min_ratio=0.1)
+    assert [round(f(s), 6) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert f(4) == pytest.approx(1.0)
+    after = [f(s) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert f(12) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+
+
+def test_item_encoders_get_their_own_learning_rate_and_no_decay_on_norms():
+    from transrec.models import build_model
+
+    cfg = build_config("tiny", overrides=["optim.lr=0.01", "optim.encoder_lr=0.001"])
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg.optim)
+    enc = {id(p) for p in model.param_groups()["encoders"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen.add(id(p))
+            assert g["lr"] == (0.001 if id(p) in enc else 0.01), names[id(p)]
+            if "norm" in names[id(p)].lower() or names[id(p)].endswith("bias"):
+                assert g["weight_decay"] == 0.0, names[id(p)]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert seen == trainable and enc & trainable and trainable - enc
+
+
+class _FilesOnlyEngine:
+    """Writes one file per save the way DeepSpeed lays out a tag folder (files under dir/tag)."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False
+        Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.arange(4)}, Path(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+def test_checkpoints_keep_last_k_and_never_take_a_damaged_or_partial_one(tmp_path):
+    ck = CheckpointManager(tmp_path, keep_last=2)
+    eng = _FilesOnlyEngine()
+    for step in (1, 2, 3):
+        ck.save(eng, ClientState(step=step, epoch=0, cursor=step * 8, seed=0), world_size=1, zero_stage=0,
+                precision="fp32")
+    assert ck.complete() == ["step-00000002", "step-00000003"] and ck.latest() == "step-00000003"
+    assert json.loads((ck.dir / "step-00000003" / "manifest.json").read_text())["client"]["cursor"] == 24
+    (ck.dir / f"{TMP_PREFIX}step-00000004").mkdir()  # a save in progress or killed
+    assert ck.latest() == "step-00000003"
+    with open(ck.dir / "step-00000003" / "mp_rank_00_model_states.pt", "ab") as f:
+        f.write(b"torn")  # damaged after the fact: the size no longer matches the manifest
+    assert ck.latest() == "step-00000002"
+    (ck.dir / "latest").write_text("step-00000009")  # a pointer to nothing: the scan decides
+    assert ck.latest() == "step-00000002"
+
+
+def _eval_world(tmp_path):
+    from transrec.shards.synth import synthesize
+
+    return synthesize(tmp_path / "w", domain="target", n_users=70, n_items=40, seed=5, min_len=4, max_len=9)
+
+
+def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path):
+    from transrec.engine.evaluate import evaluate
+    from transrec.engine.trainer import NoContent, make_loader
+    from transrec.models import build_model
+    from transrec.shards.dataset import Dataset
+
+    ds = Dataset.open(_eval_world(tmp_path))
+    cfg = build_config("tiny", overrides=["model.kind=id", "model.dim=4", "model.user.heads=1",
+                                          "eval.batch_size=16", "data.max_len=6", "model.user.max_len=6",
+                                          "model.loss.l2_normalize=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, n_items=ds.n_items).eval()
+    with torch.no_grad():  # few distinct embeddings: many tied scores
+        model.item_emb.weight.copy_(torch.randint(-1, 2, model.item_emb.weight.shape).float())
+    # User states rounded to multiples of 1/8: every score is then exact in float32 whatever order a
+    # matrix product sums in, so a tie is a true tie on both sides of the comparison.
+    encode_users = model.encode_users
+    model.encode_users = lambda emb, mask: torch.round(encode_users(emb, mask) * 8) / 8
+    content = NoContent(ds)
+    loader = make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0)
+    got = evaluate(model, loader, content, ks=(1, 5, 10), item_chunk=7, show=False)
+
+    table = model.item_emb.weight.detach().numpy().astype(np.float64)
+    ranks, seen_users, ties = [], set(), 0
+    for batch in make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0):
+        with torch.no_grad():
+            emb = model.item_emb.weight[batch.seq[:, :-1].clamp(min=0)]
+            user = model.encode_users(emb, batch.mask[:, :-1])
+        for b in range(batch.batch_size):
+            if not bool(batch.row_valid[b]) or int(batch.users[b]) in seen_users:
+                continue
+            seen_users.add(int(batch.users[b]))
+            target = int(batch.seq[b, -1])
+            hist = set(batch.hist_items[batch.hist_rows == b].tolist()) - {target}
+            s = table @ user[b].double().numpy()
+            above = [j for j in range(ds.n_items) if j not in hist and j != target and s[j] > s[target]]
+            ties += sum(1 for j in range(ds.n_items) if j != target and s[j] == s[target])
+            ranks.append(1 + len(above))
+    assert ties > 0 and got["users"] == len(ranks) > 20
+    for k in (1, 5, 10):
+        assert got[f"hr@{k}"] == pytest.approx(np.mean([r <= k for r in ranks]), abs=1e-9)
+        ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks])
+        assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-9)
+    assert got["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-9)
+
+
+def test_a_constant_score_model_ranks_every_target_first(tmp_path):
+    from transrec.engine.evaluate import evaluate
+    from transrec.engine.trainer import NoContent, make_loader
+    from transrec.models import build_model
+    from transrec.shards.dataset import Dataset
+
+    ds = Dataset.open(_eval_world(tmp_path))
+    cfg = build_config("tiny", overrides=["model.kind=id", "model.loss.l2_normalize=false"])
+    model = build_model(cfg.model, n_items=ds.n_items).eval()
+    with torch.no_grad():
+        model.item_emb.weight.zero_()  # every item scores 0 for every user
+    content = NoContent(ds)
+    loader = make_loader(cfg, ds, content, "valid", batch_size=32, rank=0, world=1, seed=0)
+    got = evaluate(model, loader, content, ks=(5, 10), item_chunk=16, show=False)
+    assert got["users"] == sum(s.n_eval for s in ds.seq_shards)
+    assert got["hr@5"] == got["ndcg@10"] == got["mrr"] == 1.0
+
+
+def test_metrics_log_and_plot(tmp_path):
+    from transrec.engine.plot import plot_runs
+    from transrec.engine.tracking import Tracker, read_metrics
+
+    tr = Tracker(tmp_path / "run", tensorboard=True)
+    for step in range(1, 6):
+        tr.log("train", step, loss=5.0 - step * 0.3, lr=0.001)
+    tr.log("eval", 5, split="valid", **{"ndcg@10": 0.1})
+    tr.close()
+    recs = read_metrics(tmp_path / "run")
+    assert [r["kind"] for r in recs].count("train") == 5 and recs[-1]["ndcg@10"] == 0.1
+    assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard event file
+    png = plot_runs([tmp_path / "run"], tmp_path / "curves.png")
+    assert png.stat().st_size > 5000
