@@ -56,7 +56,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 CSV_PATH = RESULTS / "prefix_cache.csv"
 FIELDS = ["date", "git_sha", "machine", "preset", "text_encoder", "image_encoder", "image_size", "positions",
           "batch", "mode", "precision", "cache_dtype", "seq_per_s", "speedup", "step_ms", "assembly_ms",
-          "unique_items", "dedup_ratio", "peak_mem_gib", "mem_kind", "cache_build_s",
+          "unique_items", "dedup_ratio", "eval_items_per_s", "eval_speedup", "peak_mem_gib", "mem_kind",
+          "cache_build_s",
           "text_bytes_per_item", "image_bytes_per_item", "cache_disk_gib", "n_items", "steps", "note"]
 
 
@@ -190,7 +191,8 @@ def peak_memory(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
 
 
-def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss_impl: str) -> dict:
+def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss_impl: str,
+            producers: int = 1, eval_items: int = 1024) -> dict:
     import numpy as np
     import torch
     from transrec.models import build_model
@@ -231,12 +233,12 @@ def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if p.precision == "bf16" and device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
 
-    # a producer thread assembles (dedup + gather) batches ahead of the steps, as loader workers do
-    q: queue.Queue = queue.Queue(maxsize=3)
+    # producer threads assemble (dedup + gather + pin) batches ahead of the steps, as loader workers do
+    q: queue.Queue = queue.Queue(maxsize=2 + producers)
     assembly = []
 
-    def produce():
-        for i in range(n_batches):
+    def produce(k: int):
+        for i in range(k, n_batches, producers):
             t0 = time.perf_counter()
             b = collate_windows(windows[i], np.arange(batch), p.positions + 1, content, log_q)
             if device.type == "cuda":
@@ -244,8 +246,9 @@ def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss
             assembly.append(time.perf_counter() - t0)
             q.put(b)
 
-    th = threading.Thread(target=produce, daemon=True)
-    th.start()
+    threads = [threading.Thread(target=produce, args=(k,), daemon=True) for k in range(producers)]
+    for th in threads:
+        th.start()
     uniques = []
     t_start = None
     for i in range(n_batches):
@@ -263,11 +266,27 @@ def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t_start
-    th.join()
+    for th in threads:
+        th.join()
+    # evaluation encodes the catalogue through the same content source (eval mode, chunked)
+    model.eval()
+    n_eval = min(eval_items, p.n_items)
+    with torch.no_grad(), amp:
+        t0 = time.perf_counter()
+        for s in range(0, n_eval, 512):
+            items = np.arange(s, min(s + 512, n_eval))
+            text, image = content.gather(items)
+            model.encode_items(torch.from_numpy(items).to(device),
+                               text.to(device, non_blocking=True) if text is not None else None,
+                               image.to(device, non_blocking=True) if image is not None else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        eval_s = time.perf_counter() - t0
     mem, mem_kind = peak_memory(device)
     valid = batch * (p.positions + 1)
     return {
-        "seq_per_s": batch * p.steps / wall, "step_ms": 1000 * wall / p.steps,
+        "seq_per_s": batch * p.steps / wall, "eval_items_per_s": n_eval / eval_s,
+        "step_ms": 1000 * wall / p.steps,
         "assembly_ms": 1000 * float(np.mean(assembly[p.warmup:])), "unique_items": float(np.mean(uniques)),
         "dedup_ratio": valid / float(np.mean(uniques)), "peak_mem_gib": mem, "mem_kind": mem_kind,
         "cache_build_s": build_s, "text_bytes_per_item": bytes_per["text"],
@@ -282,13 +301,17 @@ def child(args) -> None:
     _import_transrec()
     spec = json.loads(args.one)
     p = Preset(**{**spec["preset"], "batches": tuple(spec["preset"]["batches"])})
-    out = run_one(p, spec["batch"], spec["mode"], Path(spec["work"]), spec["cache_dtype"], spec["loss_impl"])
+    out = run_one(p, spec["batch"], spec["mode"], Path(spec["work"]), spec["cache_dtype"], spec["loss_impl"],
+                  spec["producers"], spec["eval_items"])
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def measure(p: Preset, batch: int, mode: str, work: Path, args) -> dict:
     spec = {"preset": asdict(p), "batch": batch, "mode": mode, "work": str(work),
-            "cache_dtype": args.cache_dtype, "loss_impl": args.loss_impl}
+            "cache_dtype": args.cache_dtype, "loss_impl": args.loss_impl,
+            "producers": args.producers or (min(8, max(1, (os.cpu_count() or 2) // 2))
+                                            if p.device == "cuda" else 1),
+            "eval_items": args.eval_items or (8192 if p.device == "cuda" else 1024)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stderr.splitlines() if mode == "build" else []:
@@ -342,6 +365,10 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script runs")
     ap.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--loss-impl", default="auto", choices=["auto", "torch", "chunked", "triton"])
+    ap.add_argument("--producers", type=int, default=0,
+                    help="batch-assembly threads (default: 1 on the CPU, up to 8 with CUDA)")
+    ap.add_argument("--eval-items", type=int, default=0,
+                    help="items encoded for the evaluation figure (default: 1024 CPU, 8192 CUDA)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per (batch, mode); the best is kept")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     ap.add_argument("--no-write", action="store_true", help="print only (no CSV/PNG)")
@@ -386,11 +413,13 @@ def main(argv=None) -> None:
                 for mode in ("dedup", "dedup+prefix"):
                     r = best[mode]
                     speed = r["seq_per_s"] / best["dedup"]["seq_per_s"]
+                    r["eval_speedup"] = r["eval_items_per_s"] / best["dedup"]["eval_items_per_s"]
                     r["note"] = f"best of {args.repeats}"
                     print(f"  batch {b:4d} {mode:13s} {r['seq_per_s']:9.1f} seq/s  {speed:5.2f}x  "
                           f"step {r['step_ms']:8.1f} ms (assembly {r['assembly_ms']:.1f} ms)  "
                           f"unique {r['unique_items']:.0f} (dedup {r['dedup_ratio']:.2f}x)  "
-                          f"peak {r['peak_mem_gib']:.2f} GiB", flush=True)
+                          f"peak {r['peak_mem_gib']:.2f} GiB  eval {r['eval_items_per_s']:.0f} items/s "
+                          f"({r['eval_speedup']:.2f}x)", flush=True)
                     rows.append({
                         "date": date, "git_sha": sha, "machine": machine, "preset": p.name + (
                             "-smoke" if args.smoke else ""),

@@ -524,7 +524,7 @@ def not_cacheable_reason(encoder, cfg=None) -> str | None:
     reason = encoder.prefix_not_cacheable_reason()
     if reason is not None:
         return reason
-    if encoder.n_frozen_blocks == 0:
+    if encoder.n_frozen_blocks == 0 and encoder.n_blocks > 0:  # (a model run whole has no blocks)
         if getattr(encoder, "lora_layers", 0):
             return f"{name} encoder has LoRA adapters in every block (trainable='all'): no frozen block"
         return f"{name} encoder has no frozen block (trainable='all'): full fine-tuning"
