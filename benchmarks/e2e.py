@@ -148,7 +148,7 @@ def run_naive(args) -> dict:
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         try:
             batch = next(it)
         except StopIteration:
@@ -166,9 +166,9 @@ def run_naive(args) -> dict:
             items += int(batch.mask.sum())
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"seq_per_s": seqs / dt, "items_per_s": items / dt, "seconds": dt, "loss_first": losses[0],
-            "loss_last": losses[-1]}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seq_per_s": seqs / dt, "items_per_s": items / dt, "seq_per_cpu_s": seqs / cpu, "seconds": dt,
+            "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def run_engine(args) -> dict:
@@ -181,13 +181,14 @@ def run_engine(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     items0 = trainer.items_encoded
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = trainer.fit(steps=args.warmup + args.steps, save_at_end=False, final_eval=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     trainer.close()
-    return {"seq_per_s": args.steps * cfg.data.batch_size / dt,
+    seqs = args.steps * cfg.data.batch_size
+    return {"seq_per_s": seqs / dt, "seq_per_cpu_s": seqs / cpu,
             "items_per_s": (trainer.items_encoded - items0) / dt, "seconds": dt,
             "loss_first": res.losses[0], "loss_last": res.losses[-1],
             "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
@@ -203,14 +204,26 @@ def one(args) -> int:
     return 0
 
 
+def run_side(args, side: str, batch: int, tmp: str) -> dict:
+    cmd = [sys.executable, __file__, "--one", side, "--preset", args.preset, "--batch", str(batch),
+           "--max-len", str(args.max_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--data", args.data, "--run", str(Path(tmp) / f"run-{side}-{batch}"), *args.override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
+    return json.loads(line[-1][7:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="config preset (tiny on the CPU, small-gpu on a GPU)")
-    ap.add_argument("--batch", type=int, default=64, help="global batch (sequences per step)")
+    ap.add_argument("--batch", default="64,256", help="global batch sizes to measure (comma-separated)")
     ap.add_argument("--max-len", type=int, default=20, help="history positions per sequence")
-    ap.add_argument("--steps", type=int, default=15, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--users", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--data", default="", help="dataset folder (default: a synthetic source world)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e.csv"))
@@ -219,12 +232,16 @@ def main() -> int:
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
+        args.batch = int(args.batch)
         return one(args)
 
+    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
     date, sha = time.strftime("%Y-%m-%d %H:%M"), git_sha()
     mach = machine()
     print(f"# e2e training benchmark  {date}  {mach}  git {sha}  python {sys.version.split()[0]}")
-    print(f"# load average before start: {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    print(f"# load average before start: {os.getloadavg()[0]:.2f} (other processes share these cores; "
+          "seq/cpu-s divides by the process's own CPU time and is the steadier figure then)")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.data:
             from transrec.shards.synth import synthesize
@@ -234,42 +251,40 @@ def main() -> int:
                                        max_len=args.max_len + 10, seed=0))
             print(f"synthetic world: {args.users} users, {args.items} items (half image 32x32), "
                   f"sequences of {args.max_len + 3}-{args.max_len + 10} items")
-        # Build the item cache once, outside the timed processes.
         from transrec.engine.trainer import open_data
 
         args.run = str(Path(tmp) / "run")
-        open_data(make_config(args))
-        results = {}
-        for side in ("naive", "engine"):
-            cmd = [sys.executable, __file__, "--one", side, "--preset", args.preset,
-                   "--batch", str(args.batch), "--max-len", str(args.max_len), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--data", args.data, "--run", str(Path(tmp) / f"run-{side}"),
-                   *args.override]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} run failed (exit {proc.returncode})")
-            results[side] = json.loads(line[-1][7:])
-    cfg = make_config(args)
-    m = cfg.model
-    cond = (f"preset {args.preset}: text {m.text.name} (trainable {m.text.trainable}), image {m.image.name} "
-            f"{m.image.image_size}px, user {m.user.layers}x{m.dim}, batch {args.batch} x {args.max_len + 1} "
-            f"positions, {args.steps} timed steps after {args.warmup}; engine ZeRO-"
-            f"{results['engine']['zero_stage']} {results['engine']['precision']}, naive fp32")
-    print(f"# {cond}")
-    print(f"{'side':>7} {'seq/s':>9} {'items enc/s':>12} {'peak MB':>9} {'loss first->last':>18}")
-    for side, r in results.items():
-        print(f"{side:>7} {r['seq_per_s']:9.1f} {r['items_per_s']:12.0f} {r['peak_mb']:9.0f} "
-              f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}")
-    speed = results["engine"]["seq_per_s"] / results["naive"]["seq_per_s"]
-    print(f"engine / naive: {speed:.2f}x sequences/s (target >= 2x on the CPU with the tiny preset)")
-
-    rows = [{"date": date, "machine": mach, "git_sha": sha, "preset": args.preset, "batch": args.batch,
-             "positions": args.max_len + 1, "side": side, "seq_per_s": round(r["seq_per_s"], 2),
-             "items_encoded_per_s": round(r["items_per_s"], 1), "peak_mb": round(r["peak_mb"], 1),
-             "speedup": round(r["seq_per_s"] / results["naive"]["seq_per_s"], 3)}
-            for side, r in results.items()]
+        first = argparse.Namespace(**{**vars(args), "batch": batches[0]})
+        open_data(make_config(first))  # the item cache, built once outside the timed processes
+        cfg = make_config(first)
+        m = cfg.model
+        cond = (f"preset {args.preset}: text {m.text.name} (trainable {m.text.trainable}), "
+                f"image {m.image.name} {m.image.image_size}px, user {m.user.layers}x{m.dim}, "
+                f"{args.max_len + 1} positions, "
+                f"{args.steps} timed steps after {args.warmup}; engine ZeRO-{cfg.deepspeed.zero_stage} "
+                f"{cfg.deepspeed.precision}, naive fp32")
+        print(f"# {cond}")
+        print(f"{'batch':>5} {'side':>7} {'seq/s':>8} {'seq/cpu-s':>10} {'items enc/s':>12} {'peak MB':>8} "
+              f"{'loss first->last':>17}")
+        for batch in batches:
+            res = {side: run_side(args, side, batch, tmp) for side in ("naive", "engine")}
+            for side, r in res.items():
+                print(f"{batch:5d} {side:>7} {r['seq_per_s']:8.1f} {r['seq_per_cpu_s']:10.1f} "
+                      f"{r['items_per_s']:12.0f} {r['peak_mb']:8.0f} "
+                      f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}")
+            wall = res["engine"]["seq_per_s"] / res["naive"]["seq_per_s"]
+            cpu = res["engine"]["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"]
+            print(f"{batch:5d} engine / naive: {wall:.2f}x wall, {cpu:.2f}x per CPU-second")
+            for side, r in res.items():
+                rows.append({"date": date, "machine": mach, "git_sha": sha, "preset": args.preset,
+                             "batch": batch, "positions": args.max_len + 1, "side": side,
+                             "seq_per_s": round(r["seq_per_s"], 2),
+                             "seq_per_cpu_s": round(r["seq_per_cpu_s"], 2),
+                             "items_encoded_per_s": round(r["items_per_s"], 1),
+                             "peak_mb": round(r["peak_mb"], 1),
+                             "speedup_wall": round(r["seq_per_s"] / res["naive"]["seq_per_s"], 3),
+                             "speedup_cpu": round(r["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"], 3),
+                             "load_avg": round(os.getloadavg()[0], 2)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
@@ -290,15 +305,21 @@ def plot(rows, png, cond) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-    panels = (("seq_per_s", "sequences / s"), ("items_encoded_per_s", "items encoded / s"),
-              ("peak_mb", "peak memory (MB)"))
+    batches = sorted({r["batch"] for r in rows})
+    panels = (("seq_per_s", "sequences / s (wall)"), ("seq_per_cpu_s", "sequences / CPU-s"),
+              ("items_encoded_per_s", "items encoded / s"), ("peak_mb", "peak memory (MB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))
+    width = 0.38
     for ax, (key, label) in zip(axes, panels):
-        vals = [r[key] for r in rows]
-        bars = ax.bar([r["side"] for r in rows], vals, color=["#999999", "#2a6fdb"])
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(label)
+        for k, (side, colour) in enumerate((("naive", "#999999"), ("engine", "#2a6fdb"))):
+            vals = [next(r[key] for r in rows if r["batch"] == b and r["side"] == side) for b in batches]
+            xs = [i + (k - 0.5) * width for i in range(len(batches))]
+            bars = ax.bar(xs, vals, width=width, color=colour, label=side)
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_title(label, fontsize=9)
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"{rows[0]['machine']} - {cond}", fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
