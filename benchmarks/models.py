@@ -248,7 +248,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xticks([i + centre for i in range(len(variants))], variants, rotation=20)
         ax.set_ylabel(lab)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
