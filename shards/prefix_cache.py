@@ -139,24 +139,6 @@ def content_identity(content) -> str:
     return "arr-" + h.hexdigest()[:24]
 
 
-def frozen_hash(encoder) -> str:
-    """The encoder's :meth:`frozen_hash`; where that fails on a 0-dim buffer (a BatchNorm's
-    ``num_batches_tracked`` cannot be viewed as bytes), the same hash over flattened tensors."""
-    try:
-        return encoder.frozen_hash()
-    except RuntimeError:
-        pass
-    h = hashlib.sha256()
-    h.update(f"{type(encoder).__name__}|{encoder.arch}|{encoder.describe()}|frozen={encoder.n_frozen_blocks}"
-             .encode())
-    for i, mod in enumerate(encoder.prefix_modules()):
-        for name, t in sorted(mod.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{i}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def prefix_key(content_id: str, modality: int, frozen: str, n_frozen: int, dtype: str) -> str:
     """Hash of (item content, modality, frozen-weights hash, frozen depth, dtype, format)."""
     h = hashlib.sha256()
@@ -397,7 +379,7 @@ def build_or_load_prefix_store(content, encoder, modality: int, *, cache_dir: st
     items = np.flatnonzero(np.asarray(content.modality) == modality).astype(np.int64)
     if not len(items):
         raise ConfigError(f"no {MODALITY_NAMES[modality]} item to cache")
-    content_id, fhash = content_identity(content), frozen_hash(encoder)
+    content_id, fhash = content_identity(content), encoder.frozen_hash()
     key = prefix_key(content_id, modality, fhash, encoder.n_frozen_blocks, dtype)
     name = MODALITY_NAMES[modality]
     final = Path(cache_dir) / f"prefix-{name}-{key}"
@@ -561,20 +543,24 @@ def _default_dir(content, cfg) -> Path:
 def maybe_wrap(content, model, cfg=None, cache_dir: str | Path | None = None, log: LogFn | None = None, *,
                enabled: bool | None = None, dtype: str | None = None,
                device: str | torch.device | None = None,
-               batch_size: int | None = None, progress: bool = True, zero_stage: int | None = None):
+               batch_size: int | None = None, progress: bool = True):
     """``content`` wrapped in a :class:`PrefixCachedContent` for ``model``, or ``content`` itself.
 
     Call it once the model's weights are final (after loading pretrained / transferred weights) and
     before DeepSpeed wraps it. ``cfg`` is the run config: ``data.prefix_cache`` (on/off) and
-    ``data.prefix_cache_dtype`` are read from it when present (``enabled`` / ``dtype`` override);
-    ``deepspeed.zero_stage`` too. Logs one line through ``log`` (or the ``transrec.prefix_cache``
-    logger): what is cached, or why it falls back. Stores go to ``cache_dir`` (default: beside the
-    item cache).
+    ``data.prefix_cache_dtype`` are read from it when present (``enabled`` / ``dtype`` override).
+    It sets each item encoder's ``serves_cached_prefix`` (whether its content comes from the cache),
+    which decides how an absent modality's dummy runs under ZeRO-3. Logs one line through ``log``
+    (or the ``transrec.prefix_cache`` logger): what is cached, or why it falls back. Stores go to
+    ``cache_dir`` (default: beside the item cache).
     """
     net = getattr(model, "module", model)
     enabled, dtype = _switch(cfg, enabled, dtype)
     encoders = net.item_encoders() if hasattr(net, "item_encoders") else {}
     if not enabled:
+        for enc in encoders.values():
+            if hasattr(enc, "serves_cached_prefix"):
+                enc.serves_cached_prefix = False
         _emit("frozen-prefix cache off (data.prefix_cache=false): item encoders run whole every step", log)
         return content
     if not encoders:
@@ -591,17 +577,11 @@ def maybe_wrap(content, model, cfg=None, cache_dir: str | Path | None = None, lo
             use[name] = enc
         else:
             reasons[name] = r
-    if zero_stage is None:
-        zero_stage = int(getattr(getattr(cfg, "deepspeed", None), "zero_stage", 0) or 0)
-    if use and reasons and zero_stage == 3:
-        # ZeRO-3 gathers weights collectively in forward hooks, so every rank must run the same
-        # modules each step. With one modality cached and the other not, a rank whose batch lacks
-        # the uncached modality runs its dummy through the tail only (encode_items' rule) while
-        # another rank runs it whole: the collectives would not line up. Cache neither.
-        _emit("frozen-prefix cache off under ZeRO-3 (" + ", ".join(use) + " could be cached, but not "
-              "every modality can): " + "; ".join(f"{k}: {v}" for k, v in reasons.items()),
-              log, logging.WARNING)
-        return content
+    for name, enc in encoders.items():
+        # how an absent modality's dummy runs (tail only or whole): like that modality's real
+        # content, so that every rank runs the same modules under ZeRO-3 (see models.recommender)
+        if hasattr(enc, "serves_cached_prefix"):
+            enc.serves_cached_prefix = name in use
     if not use:
         _emit("frozen-prefix cache off, full encoders run every step: " +
               "; ".join(f"{k}: {v}" for k, v in reasons.items()), log, logging.WARNING)

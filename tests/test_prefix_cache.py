@@ -270,7 +270,7 @@ def test_fallback_cases_each_log_one_line(content, tmp_path, caplog):
         assert "\n" not in lines[0]
 
 
-def test_partial_cache_and_zero3(content, tmp_path, caplog):
+def test_partial_cache_runs_absent_dummies_like_real_content(content, tmp_path, caplog):
     model = build_model(tiny_cfg(1, "all"))  # text top-1 trainable (cacheable), image fully tuned
     out, lines = _wrap_lines(caplog, content, model, tmp_path)
     assert isinstance(out, PrefixCachedContent) and out.image_store is None and out.text_store is not None
@@ -278,8 +278,20 @@ def test_partial_cache_and_zero3(content, tmp_path, caplog):
     assert len(on) == 1 and "not cached: image" in on[0] and "fully fine-tuned" in on[0]
     text, image = out.gather(np.arange(10))
     assert text.prefix is not None and image.prefix is None and image.pixels.shape[1:] == (3, 32, 32)
-    out, lines = _wrap_lines(caplog, content, model, tmp_path, zero_stage=3)
-    assert out is content and len(lines) == 1 and "ZeRO-3" in lines[0]
+    # each encoder is told whether its content comes cached, so that a batch without images runs the
+    # image encoder's dummy whole, as real images would run (what keeps ZeRO-3 ranks in step)
+    assert model.text_encoder.serves_cached_prefix is True
+    assert model.image_encoder.serves_cached_prefix is False
+    text_only = np.flatnonzero(content.modality == TEXT)
+    batch = collate_windows([text_only[:5], text_only[3:9]], np.arange(2), 7, out, np.zeros(content.n_items))
+    assert batch.image is None and batch.text.prefix is not None
+    loss, _ = model(batch)
+    loss.backward()
+    stem = model.image_encoder.prefix_modules()[0]
+    assert all(p.grad is not None for p in stem.parameters())  # the stem ran: the dummy ran whole
+    # and a full fallback marks both encoders as running whole
+    _wrap_lines(caplog, content, model, tmp_path, enabled=False)
+    assert model.text_encoder.serves_cached_prefix is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +333,11 @@ def test_training_and_evaluation_same_with_and_without_cache(content, tmp_path, 
     torch.manual_seed(0)
     base = build_model(tiny_cfg(1, 1))  # BERT top 1 of 2, ResNet top 1 of 3 stages; dropout in the tail
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    wrapped = maybe_wrap(content, base, cache_dir=tmp_path, dtype=dtype, progress=False)
-    assert isinstance(wrapped, PrefixCachedContent)
     torch.manual_seed(0)
     other = build_model(tiny_cfg(1, 1))
     other.load_state_dict(state)
+    wrapped = maybe_wrap(content, other, cache_dir=tmp_path, dtype=dtype, progress=False)
+    assert isinstance(wrapped, PrefixCachedContent)
     plain_losses = _train(base, content, batches, content.n_items, steps=5)
     cached_losses = _train(other, wrapped, batches, content.n_items, steps=5)
     tol = 1e-5 if dtype == "fp32" else 2e-2
