@@ -36,9 +36,9 @@ class DemoSize:
 
 
 SIZES = {
-    # Tuned on a 2-core CPU: about 3 minutes in all, pretrained > scratch on target NDCG@10.
+    # Sized for a 2-core CPU: a few minutes in all, pretrained > scratch on target NDCG@10.
     "full": DemoSize(source_users=2000, source_items=600, target_users=300, target_items=300,
-                     pretrain_steps=150, target_steps=40, batch_size=64, target_batch_size=32),
+                     pretrain_steps=120, target_steps=30, batch_size=64, target_batch_size=32),
     # The test suite's reduced demo: same code path, seconds.
     "reduced": DemoSize(source_users=160, source_items=80, target_users=80, target_items=60,
                         pretrain_steps=12, target_steps=6, batch_size=16, target_batch_size=16),
@@ -93,7 +93,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     cfg.optim.steps = sz.pretrain_steps
     cfg.optim.warmup_steps = max(sz.pretrain_steps // 10, 1)
     cfg.run.log_every = max(sz.pretrain_steps // 12, 1)
-    cfg.eval.every = max(sz.pretrain_steps // 3, 1) if size == "full" else 0
+    cfg.eval.every = max(sz.pretrain_steps // 2, 1) if size == "full" else 0
     cfg.run.progress = show
     say(f"pretraining TransRec on the source: {sz.pretrain_steps} steps of {sz.batch_size} sequences")
     trainer = Trainer(cfg, show=show)
