@@ -442,7 +442,12 @@ def main(argv=None) -> None:
         w.writerows(rows)
     kind = "gpu" if any(PRESETS[n].device == "cuda" for n in names) else "cpu"
     png = RESULTS / f"prefix_cache_{kind}.png"
-    plot(rows, png, f"{rows[0]['machine']}  |  {date}  |  git {sha}  |  prefix cache {args.cache_dtype}")
+    # the plot shows the latest row of every (preset, batch, mode) measured on this machine
+    with CSV_PATH.open() as f:
+        latest = {(r["preset"], r["batch"], r["mode"]): r for r in csv.DictReader(f)
+                  if r["machine"] == rows[0]["machine"]}
+    plot(list(latest.values()), png, f"{rows[0]['machine']}  |  latest {date}  |  git {sha}  |  "
+         f"prefix cache {args.cache_dtype}")
     print(f"wrote {CSV_PATH} and {png}")
 
 
