@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: transrec demo --out demo_out",
     )
     parser.add_argument("--version", action="version", version=f"transrec {__version__}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from
+    # the environment (LOCAL_RANK), so the flag is accepted and otherwise ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _ROOMS:
         try:
