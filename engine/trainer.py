@@ -29,6 +29,7 @@ from transrec.engine.checkpoint import CheckpointManager, ClientState
 from transrec.engine.evaluate import evaluate
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.tracking import Tracker, progress
+from transrec.shards.prefix_cache import maybe_wrap
 
 from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
 from transrec.errors import ConfigError, UserError
@@ -118,6 +119,10 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
         self.model = self._build_model()
+        # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
+        # partitioning; training and evaluation then gather items through the same wrapper.
+        self.content = maybe_wrap(self.content, self.model, cfg, progress=self.show,
+                                  log=print if self.rank == 0 else (lambda _msg: None))
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.

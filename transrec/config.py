@@ -49,6 +49,10 @@ class DataConfig:
     num_workers: int = 0  # loader worker processes per rank
     policy: Literal["repeat", "drop"] = "repeat"  # equal batches on every rank: repeat or drop
     cache_dir: str = ""  # item cache folder; "" = inside the dataset folder
+    # Frozen-prefix cache: run an item encoder's frozen bottom blocks once per item and train
+    # only the tail on the stored activations (falls back, with one log line, where it cannot apply).
+    prefix_cache: bool = True
+    prefix_cache_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
 
 
 @dataclass
