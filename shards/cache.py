@@ -18,13 +18,10 @@ folder that is renamed into place when complete; the other waits on the lock and
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
+from transrec.shards.locking import locked_build
 from transrec.shards.stats import GLOBAL, SkipStats
 
 from transrec.errors import DataError
@@ -154,30 +152,10 @@ def build_or_load_item_cache(dataset: Dataset | str | Path, *, tokenizer: str | 
     final = root / f"items-{key}"
     if (final / "meta.json").is_file():
         return ItemCache(final)
-    lock_path = root / f"items-{key}.lock"
-    with open(lock_path, "a+") as lock:
-        deadline = time.monotonic() + lock_timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise DataError(f"{lock_path}: waited {lock_timeout:.0f}s for another process "
-                                    "building this item cache") from None
-                time.sleep(0.2)
-        try:
-            if not (final / "meta.json").is_file():  # someone else may have finished meanwhile
-                tmp = Path(tempfile.mkdtemp(prefix=f"items-{key}.tmp", dir=root))
-                try:
-                    _build(dataset, tmp, key=key, tok_path=tok_path, tok_id=tok_id,
-                           max_text_len=max_text_len, image_size=image_size, progress=progress)
-                    os.replace(tmp, final)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked_build(final, lock_timeout, "item cache") as tmp:
+        if tmp is not None:  # None: another process finished it while this one waited
+            _build(dataset, tmp, key=key, tok_path=tok_path, tok_id=tok_id,
+                   max_text_len=max_text_len, image_size=image_size, progress=progress)
     return ItemCache(final)
 
 
