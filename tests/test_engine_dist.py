@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from spawn_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -116,13 +117,6 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- spawning (in pytest)
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def spawn(world: int, spec: dict, tmp: Path, timeout: int = TIMEOUT, expect_kill: bool = False) -> dict:
     """Run ``spec`` on ``world`` ranks; its result (rank 0's JSON)."""
@@ -135,7 +129,7 @@ def spawn_many(jobs: list[tuple[int, dict, bool]], tmp: Path, timeout: int = TIM
     for world, spec, expect_kill in jobs:
         spec_path = tmp / f"spec-{os.urandom(4).hex()}.json"
         spec_path.write_text(json.dumps(spec))
-        port = _free_port()
+        port = free_port()
         procs = []
         for r in range(world):
             env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from test_kernels_helpers import TRITON_DEVICE, check_against_truth, make_inputs, on
+from kernel_cases import TRITON_DEVICE, check_against_truth, make_inputs, on
 from transrec.kernels import KernelInputError, inbatch_softmax
 
 SHAPES = [(47, 123, 31), (252, 507, 123)]
@@ -167,7 +167,7 @@ def test_triton_gpu_bf16_large(shape):
     q, k, t, b, mask = make_inputs(n, m, d, torch.bfloat16, bias=True, mask=True)
     dev = torch.device("cuda")
     args = on(dev, q, k, t, b, mask)
-    from test_kernels_helpers import impl_fn, loss_and_grads, plain_torch, rel_err
+    from kernel_cases import impl_fn, loss_and_grads, plain_torch, rel_err
 
     w = torch.randn(n, device=dev)
     truth = loss_and_grads(impl_fn("torch"), *args[:4], 0.05, args[4], "none", upcast=torch.float64,

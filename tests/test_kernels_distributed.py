@@ -4,11 +4,10 @@ summed loss, same gradients for rows, items (summed over an item's copies) and b
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 N_ITEMS, D, ROWS, TAU = 30, 8, 11, 0.2
 
@@ -49,28 +48,10 @@ def _worker(rank, port, out_dir, impl):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["chunked"])
 def test_two_ranks_match_one_process(tmp_path, impl):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), impl)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=90)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
-    assert not hung, "a rank hung (killed after 90 s)"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_worker, str(tmp_path), impl, timeout=90)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # One process over the concatenated batch: candidates = union of the ranks' items, once each.

@@ -5,12 +5,11 @@ once in the softmax)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 B_PER_RANK, L = 4, 6
 
@@ -59,28 +58,10 @@ def _worker(rank, port, out_dir, tests_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_global_negatives_two_ranks_match_one_process(tmp_path):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), tests_dir)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join(5)
-    assert not hung, "a rank hung (killed after 120 s)"
-    assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
+    run_ranks(_worker, str(tmp_path), tests_dir, timeout=120)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     shared = np.intersect1d(res[0]["unique"].numpy(), res[1]["unique"].numpy())
     assert shared.size > 0  # the ranks do share items: the duplicate masking is exercised
