@@ -128,11 +128,15 @@ class Trainer:
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
             # The optimizer still keeps fp32 master weights (DeepSpeed's bf16 optimizer).
             self.model.to(torch.bfloat16)
-        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.ds_config = to_deepspeed(cfg, self.world)
+        # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers flatten the weights themselves; without them
+        # the AdamW gets one flat tensor per group from FlatAdamW (see engine.optim).
+        flat = self.zero_stage == 0 and not any(self.ds_config.get(k, {}).get("enabled")
+                                                for k in ("bf16", "fp16"))
+        self.optimizer = make_optimizer(self.model, cfg.optim, flat=flat)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim)
         import deepspeed
 
-        self.ds_config = to_deepspeed(cfg, self.world)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
