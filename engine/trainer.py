@@ -129,7 +129,9 @@ def _single_process_fast_path(engine) -> None:
 class Trainer:
     """Owns one DeepSpeed engine. ``Trainer(cfg).fit()`` is ``transrec train``.
 
-    Hooks for tests and tools: ``after_backward(trainer, step)`` callbacks run after every
+    Hooks for tests and tools: ``after_step(trainer, step)`` callbacks run after every optimizer
+    step (``step`` counts completed steps; benchmarks time steady-state steps with it);
+    ``after_backward(trainer, step)`` callbacks run after every
     backward of a micro-batch (gradients are reduced at the accumulation boundary).
     """
 
@@ -171,6 +173,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
         self.after_backward: list = []
+        self.after_step: list = []
         self.items_encoded = 0  # unique items through the encoders (throughput accounting)
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
 
@@ -273,6 +276,16 @@ class Trainer:
             return result
         bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
         loss_sum = torch.zeros((), device=self.device)
+        pending: list[tuple[torch.Tensor, int]] = []
+
+        def flush() -> float:
+            """Move the pending per-step losses to ``result.losses``; the last one."""
+            if pending:
+                values = torch.stack([v for v, _ in pending]).tolist()
+                result.losses.extend(v / m for v, (_, m) in zip(values, pending))
+                pending.clear()
+            return result.losses[-1]
+
         micro_i = 0
         win_seq = win_items = 0
         win_t = time.time()
@@ -301,13 +314,17 @@ class Trainer:
                 self.sync_buffers()
                 self.state.step += 1
                 self.state.samples += cfg.data.batch_size
-                step_loss = float(loss_sum) / micro_i
-                result.losses.append(step_loss)
+                # the step's loss stays on the device until a log step or the end (one host sync
+                # there instead of one per step)
+                pending.append((loss_sum.clone(), micro_i))
                 loss_sum.zero_()
                 micro_i = 0
                 bar.update(1)
                 step = self.state.step
+                for hook in self.after_step:
+                    hook(self, step)
                 if step % cfg.run.log_every == 0 or step == total:
+                    step_loss = flush()
                     dt = max(time.time() - win_t, 1e-9)
                     lr, enc = self._lrs()
                     rec = dict(epoch=self.state.epoch, loss=step_loss, lr=lr,
@@ -325,6 +342,7 @@ class Trainer:
                 if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0 and step < total:
                     self.save()
                 if stop_after is not None and step >= stop_after:
+                    flush()
                     bar.close()
                     result.step = step
                     return result
