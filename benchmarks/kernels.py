@@ -24,13 +24,13 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,14 +48,6 @@ def flops(mode, n, m, d):
 
 
 FLOP_FORMULA = {"forward": "2*N*M*D", "backward": "4*N*M*D", "full": "6*N*M*D"}
-
-
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_inputs(n, m, d, dtype, device, seed=0):

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,24 +35,8 @@ from transrec.shards.loader import SequenceLoader  # noqa: E402
 from transrec.shards.synth import synthesize  # noqa: E402
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()} cores (CPU)"
+    return f"{cpu_name()} cores (CPU)"
 
 
 def run_loader(ds, cache, *, batch_size, workers, epochs, max_len=20):

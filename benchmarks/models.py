@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ["naive", "dedup", "dedup+ckpt", "full", "full+ckpt", "lora"]
@@ -48,14 +50,6 @@ FIELDS = ["date", "git_sha", "machine", "device", "dtype", "variant", "batch", "
           "unique", "dedup_ratio", "step_ms", "step_ms_median", "encoder_ms", "peak_mib", "saved_mib",
           "trainable_params", "total_params", "paired_encoder_speedup", "note"]
 N_ITEMS, SEQ_LEN, TEXT_LEN, IMAGE_SIZE, DIM = 3000, 20, 32, 32, 64
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine(device: str) -> str:

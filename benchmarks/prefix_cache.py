@@ -40,7 +40,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import queue
 import resource
 import subprocess
@@ -50,6 +49,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common import cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -109,23 +110,7 @@ def machine_name(device: str) -> str:
 
     if device == "cuda" and torch.cuda.is_available():
         return "cuda:" + torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{cpu} x{os.cpu_count()}"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return f"cpu:{cpu_name()}"
 
 
 # ----------------------------------------------------------------------------- one measurement

@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cpu_benchmark_smoke(tmp_path, capsys):
+def test_cpu_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: benchmarks/common.py
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
