@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import subprocess
@@ -29,3 +30,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{cpu} x{os.cpu_count()}"
+
+
+def append_rows(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)

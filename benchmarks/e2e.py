@@ -24,7 +24,6 @@ to benchmarks/results/e2e.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -275,13 +274,7 @@ def main() -> int:
                              "speedup_cpu": round(r["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"], 3),
                              "load_avg": round(os.getloadavg()[0], 2)})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(out, rows)
     png = out.with_suffix(".png")
     plot(rows, png, cond)
     print(f"wrote {out} and {png}")

@@ -19,7 +19,6 @@ FLOPs (useful work, whatever an implementation recomputes): forward 2*N*M*D (the
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -246,15 +245,10 @@ def run_cpu(args):
 def write(machine, rows, out: Path, gpu: bool):
     out.mkdir(parents=True, exist_ok=True)
     path = out / "kernels.csv"
-    new = not path.exists()
     date = datetime.datetime.now().isoformat(timespec="seconds")
     sha = git_sha()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({"date": date, "git_sha": sha, "machine": machine, **r})
+    if rows:
+        append_rows(path, [{"date": date, "git_sha": sha, "machine": machine, **r} for r in rows], FIELDS)
     print(f"\n{len(rows)} rows appended to {path}")
     if gpu and rows:
         plot(machine, rows, out)

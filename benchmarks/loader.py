@@ -15,7 +15,6 @@ Rows are appended to benchmarks/results/loader.csv with date, machine and git sh
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,13 +124,7 @@ def main() -> int:
                     rows.append({**common, "measure": f"assembly_{key}_b{bs}_w{w}",
                                  "value": round(r[key], 2), "unit": unit})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            wr.writeheader()
-        wr.writerows(rows)
+    append_rows(out, rows)
     print(f"\nwrote {len(rows)} rows to {out}")
     return 0
 

@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -418,13 +418,7 @@ def main(argv=None) -> None:
                     })
     if args.no_write or args.smoke:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.is_file()
-    with CSV_PATH.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(CSV_PATH, rows, FIELDS)
     kind = "gpu" if any(PRESETS[n].device == "cuda" for n in names) else "cpu"
     png = RESULTS / f"prefix_cache_{kind}.png"
     # the plot shows the latest row of every (preset, batch, mode) measured on this machine
