@@ -191,21 +191,22 @@ class TransRec(SequentialRecommender):
         dev = rows.device
         text = image = None
         positions = torch.arange(p, device=dev)
+        def content_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Content row of every position whose item has this modality, and that selection."""
+            row_of = torch.full((u,), -1, dtype=torch.long, device=dev)
+            row_of[index] = torch.arange(index.shape[0], device=dev)
+            r = row_of[rows]
+            sel = r >= 0
+            return r[sel], sel
+
         if batch.text is not None:
-            t_row = torch.full((u,), -1, dtype=torch.long, device=dev)
-            t_row[batch.text.index] = torch.arange(batch.text.index.shape[0], device=dev)
-            r = t_row[rows]
-            sel = r >= 0
-            pre = batch.text.prefix[r[sel]] if batch.text.prefix is not None else None
-            text = TextContent(batch.text.input_ids[r[sel]], batch.text.attention_mask[r[sel]],
-                               positions[sel], pre)
+            r, sel = content_rows(batch.text.index)
+            pre = batch.text.prefix[r] if batch.text.prefix is not None else None
+            text = TextContent(batch.text.input_ids[r], batch.text.attention_mask[r], positions[sel], pre)
         if batch.image is not None:
-            i_row = torch.full((u,), -1, dtype=torch.long, device=dev)
-            i_row[batch.image.index] = torch.arange(batch.image.index.shape[0], device=dev)
-            r = i_row[rows]
-            sel = r >= 0
-            pre = batch.image.prefix[r[sel]] if batch.image.prefix is not None else None
-            image = ImageContent(batch.image.pixels[r[sel]], positions[sel], pre)
+            r, sel = content_rows(batch.image.index)
+            pre = batch.image.prefix[r] if batch.image.prefix is not None else None
+            image = ImageContent(batch.image.pixels[r], positions[sel], pre)
         per_pos = self.encode_items(positions, text, image)  # [P, d]
         full = torch.zeros(*mask.shape, per_pos.shape[1], dtype=per_pos.dtype, device=dev)
         full = full.index_put((mask.nonzero(as_tuple=True)), per_pos)
