@@ -156,6 +156,48 @@ def test_masked_rows_may_carry_any_target():
         assert torch.isfinite(out).all() and (out[~mask] == 0).all()
 
 
+class _MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2 a b c for every [a, b] x [b, c] product, in-place and out= variants included."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[:2] if name == "mm" else args[1:3]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction, products", [("mean", 3), ("sum", 3), ("none", 4)])
+def test_chunked_schedule_counts_each_product_once(reduction, products):
+    """A reduced loss forms its gradients in the forward: 6 N M D flops for forward+backward (logits,
+    dQ, dK once each); per-row losses recompute the logits in backward: 8 N M D."""
+    n, m, d = 60, 70, 12
+    q, k, t, b, mask = make_inputs(n, m, d, mask=True, seed=4)
+    q, k, b = (x.requires_grad_(True) for x in (q, k, b))
+    with _MatmulFlops() as counter:
+        out = inbatch_softmax(q, k, t, bias=b, row_mask=mask, reduction=reduction, impl="chunked",
+                              chunk_size=16)
+        out.sum().backward()
+    assert counter.flops == products * 2 * n * m * d
+
+
+def test_chunked_reduced_without_grad_forms_no_gradient():
+    """Under no_grad (evaluation) the reduced schedule computes the loss alone, and equals the
+    per-row schedule reduced."""
+    n, m, d = 50, 40, 8
+    q, k, t, b, mask = make_inputs(n, m, d, mask=True, seed=6)
+    q.requires_grad_(True)
+    with torch.no_grad(), _MatmulFlops() as counter:
+        loss = inbatch_softmax(q, k, t, bias=b, row_mask=mask, impl="chunked", chunk_size=7)
+    assert counter.flops == 2 * n * m * d
+    rows = inbatch_softmax(q.detach(), k, t, bias=b, row_mask=mask, impl="chunked", reduction="none")
+    torch.testing.assert_close(loss, rows.sum() / mask.sum(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", [(4096, 4096, 256), (2047, 3001, 123), (1024, 2048, 768)],
