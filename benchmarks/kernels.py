@@ -42,6 +42,10 @@ FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtyp
           "ms_p80", "extra_gib", "tflops", "flop_formula", "matmul_peak_tflops", "peak_share", "note"]
 
 
+NOTES = {"cce": "bias as an extra embedding column (D+8); CCE's default gradient filter",
+         "liger": "temperature folded into q"}
+
+
 def flops(mode, n, m, d):
     return {"forward": 2, "backward": 4, "full": 6}[mode] * n * m * d
 
@@ -98,10 +102,12 @@ def provider(name):
             raise Skip(f"cut-cross-entropy not installed ({e}); pip install '.[bench]'") from None
 
         def cce(q, k, t, b):
-            try:
-                return linear_cross_entropy(q * (1.0 / TAU), k, t, bias=b.to(q.dtype))
-            except TypeError:  # versions without a bias argument: add it as an extra column of k
-                raise Skip("this cut-cross-entropy has no bias argument") from None
+            # Its API has no bias: the bias rides as one more embedding column (1 on the q side, b on
+            # the k side), padded with zeros to D + 8 columns (+8/D flops, noted in the CSV rows).
+            n, m = q.shape[0], k.shape[0]
+            e = torch.cat([q * (1.0 / TAU), q.new_ones(n, 1), q.new_zeros(n, 7)], dim=1)
+            c = torch.cat([k, b.to(k.dtype)[:, None], k.new_zeros(m, 7)], dim=1)
+            return linear_cross_entropy(e, c, t)
         return cce
     raise ValueError(f"unknown provider {name!r}")
 
@@ -160,7 +166,7 @@ def run_gpu(args):
                 print(f"{name:10} skipped: {e}")
                 continue
             for mode in args.modes:
-                note = ""
+                note = NOTES.get(name, "")
                 try:
                     (med, p20, p80), extra = bench_gpu(fn, mode, n, m, d)
                 except Skip as e:
@@ -168,7 +174,7 @@ def run_gpu(args):
                     break
                 except torch.cuda.OutOfMemoryError:
                     med = p20 = p80 = extra = float("nan")
-                    note = "out of memory"
+                    note = "out of memory"  # replaces the provider's note: no figure to qualify
                     torch.cuda.empty_cache()
                 tf = flops(mode, n, m, d) / (med * 1e-3) / 1e12
                 print(f"{name:10} {mode:9} {med:12.3f} {p20:7.2f}-{p80:<7.2f} {extra:10.3f} {tf:8.0f} "
