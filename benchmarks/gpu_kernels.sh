@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's kernel checks, prepared to run once in under 10 minutes (device tool, repo root):
 #   bash benchmarks/gpu_kernels.sh
-# 1. installs carried wheels from .whl/ if any (liger-kernel, cut-cross-entropy: carry ".whl"),
+# 1. installs carried wheels from .whl/ if any (liger-kernel, cut-cross-entropy: fetch them here first
+#    with `bash benchmarks/fetch_bench_wheels.sh`, then carry ".whl"),
 # 2. runs the kernel tests on CUDA (the @gpu bf16 tests and the Triton cases on real kernels),
 # 3. runs benchmarks/kernels.py (all providers x modes x shapes, bf16; autotuning printed),
 # writing logs, the CSV rows and the PNG to $OUT (or benchmarks/results/gpu_run without $OUT).

@@ -112,6 +112,29 @@ def provider(name):
     raise ValueError(f"unknown provider {name!r}")
 
 
+# ----- agreement: a provider is timed only after it computed the same loss and gradients -----
+CHECK_N = 1024
+
+
+def agreement(fn, d, dtype, device):
+    """Largest relative error (max |x - ref| / max |ref|) of the loss, dq and dk of ``fn`` against the
+    float32 reference on the same inputs (N = M = CHECK_N; D as in the timed shape)."""
+    from transrec.kernels import inbatch_softmax_reference
+
+    q, k, t, b = make_inputs(CHECK_N, CHECK_N, d, dtype, device, seed=1)
+    loss = fn(q, k, t, b)
+    loss.backward()
+    got = [loss.detach().float(), q.grad.float(), k.grad.float()]
+    q32, k32 = (x.detach().float().requires_grad_(True) for x in (q, k))
+    ref = inbatch_softmax_reference(q32, k32, t, bias=b.float(), temperature=TAU)
+    ref.backward()
+    want = [ref.detach(), q32.grad, k32.grad]
+    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want))
+
+
+AGREE_TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+
+
 # ----- GPU -----
 def matmul_peak_tflops():
     import triton.testing
@@ -165,8 +188,13 @@ def run_gpu(args):
             except Skip as e:
                 print(f"{name:10} skipped: {e}")
                 continue
+            err = agreement(fn, d, torch.bfloat16, "cuda")
+            ok = err <= AGREE_TOL[torch.bfloat16]
+            print(f"{name:10} agreement with the fp32 reference at {CHECK_N}^2x{d}: max rel err {err:.2e}"
+                  f"{'' if ok else '  MISMATCH: its figures are marked in the CSV'}")
             for mode in args.modes:
-                note = NOTES.get(name, "")
+                note = "; ".join(x for x in (NOTES.get(name, ""), f"rel err {err:.1e}"
+                                             + ("" if ok else " MISMATCH")) if x)
                 try:
                     (med, p20, p80), extra = bench_gpu(fn, mode, n, m, d)
                 except Skip as e:
@@ -225,6 +253,10 @@ def run_cpu(args):
     for n, d in args.shapes:
         for name in ("chunked", "torch"):
             fn = provider(name)
+            err = agreement(fn, d, torch.float32, "cpu")
+            if err > AGREE_TOL[torch.float32]:
+                raise SystemExit(f"{name} disagrees with the reference at {CHECK_N}^2x{d}: "
+                                 f"max rel err {err:.2e}")
             q, k, t, b = make_inputs(n, n, d, torch.float32, "cpu")
 
             def run(fn=fn, q=q, k=k, t=t, b=b):
@@ -244,7 +276,7 @@ def run_cpu(args):
             rows.append(dict(provider=name, mode="full", n=n, m=n, d=d, dtype="fp32", ms_median=f"{med:.3f}",
                              ms_p20=f"{min(times):.3f}", ms_p80=f"{max(times):.3f}", extra_gib=f"{extra:.4f}",
                              tflops=f"{gf / 1e3:.4f}", flop_formula=FLOP_FORMULA["full"],
-                             matmul_peak_tflops="", peak_share="", note=""))
+                             matmul_peak_tflops="", peak_share="", note=f"rel err {err:.1e}"))
     return machine, rows
 
 
