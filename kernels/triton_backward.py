@@ -28,14 +28,14 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
                    N_KEY, M_KEY,
                    HAS_BIAS: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DB: tl.constexpr,
                    EVEN_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
                    DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
     cdt = Q.dtype.element_ty
 
-    if NUM_DC == 1:
+    if NUM_DC == 1 and RESIDENT:  # the k tile kept across the q loop (a tuning choice, as in the forward)
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
     if HAS_BIAS:
         b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) * LOG2E
@@ -54,7 +54,7 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
         rows = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
         st = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        if NUM_DC > 1:
+        if NUM_DC > 1 or not RESIDENT:
             k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
         q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
         st = mma(k0, tl.trans(q0), st, DOT_FP32, IEEE)
@@ -107,7 +107,8 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
 
 
 def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
-                       block_m: int | None = None, block_n: int | None = None, block_dc: int | None = None):
+                       block_m: int | None = None, block_n: int | None = None, block_dc: int | None = None,
+                       resident: bool = True):
     """Returns (dk [M, D] in k's dtype or None, db [M] in bias's dtype or None)."""
     n, d = q.shape
     m = k.shape[0]
@@ -125,7 +126,7 @@ def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool
     if interp or block_m is not None:
         bm = block_m or INTERPRET_BLOCK
         bn = block_n or INTERPRET_BLOCK
-        _bwd_dk_kernel[(triton.cdiv(m, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, **consts)
+        _bwd_dk_kernel[(triton.cdiv(m, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident, **consts)
     else:
         kern = tuned(_bwd_dk_kernel, "bwd", d_class(bdc, ndc))
         kern[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),)](*args, **consts)

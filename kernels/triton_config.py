@@ -40,9 +40,11 @@ def d_class(block_dc: int, num_dc: int) -> str:
     return "d256" if block_dc >= 256 else "small"
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): rows of q x rows of k per tile. Chosen for Hopper:
-# fp32 accumulators of BLOCK x BLOCK_DC per chunk must stay in registers, k/q tiles pipelined in
-# shared memory (<= ~200 KB), wgmma wants tiles of >= 64 rows per warpgroup.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, resident]): rows of q x rows of k per tile; resident
+# (default True) keeps the loop-invariant tile (q in the forward, k in the backward) in registers when
+# D is one chunk, else it is reloaded every step. Chosen for Hopper: fp32 accumulators of
+# BLOCK x BLOCK_DC per chunk must stay in registers, k/q tiles pipelined in shared memory
+# (<= ~227 KB), wgmma wants tiles of >= 64 rows per warpgroup.
 _FWD = {
     "small": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
               (128, 128, 4, 2)],
@@ -64,6 +66,10 @@ _BWD = {
 _TUNED: dict = {}
 
 
+def resident(config: tuple) -> bool:
+    return bool(config[4]) if len(config) > 4 else True
+
+
 def tuned(kernel, stage: str, dclass: str):
     """The autotuned launcher of ``kernel`` for one D class (built once, lazily)."""
     import triton
@@ -71,8 +77,8 @@ def tuned(kernel, stage: str, dclass: str):
     key = (stage, dclass)
     if key not in _TUNED:
         table = _FWD if stage == "fwd" else _BWD
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in table[dclass]]
+        configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "RESIDENT": resident(c)}, num_warps=c[2],
+                                 num_stages=c[3]) for c in table[dclass]]
         keys = ["N_KEY", "M_KEY", "D", "HAS_BIAS"]
         keys += ["COMPUTE_DQ"] if stage == "fwd" else ["COMPUTE_DK", "COMPUTE_DB"]
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)

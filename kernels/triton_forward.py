@@ -33,16 +33,16 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
                 N_KEY, M_KEY,
                 HAS_BIAS: tl.constexpr, COMPUTE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
                 EVEN_M: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     cdt = K.dtype.element_ty
 
-    # With one D chunk the q tile stays resident; with several it is reloaded per k tile (L2 hits)
-    # so the registers go to the fp32 accumulators.
-    if NUM_DC == 1:
+    # With one D chunk the q tile may stay resident (RESIDENT, a tuning choice); otherwise it is
+    # reloaded per k tile (L2 hits) so the registers go to the fp32 accumulators.
+    if NUM_DC == 1 and RESIDENT:
         q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
 
     t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)  # masked rows may carry any target
@@ -62,7 +62,7 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if NUM_DC > 1:
+        if NUM_DC > 1 or not RESIDENT:
             q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
         s = mma(q0, tl.trans(k0), s, DOT_FP32, IEEE)
@@ -130,8 +130,9 @@ _fwd = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_fwd_
 
 def triton_forward(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                    tau: float, compute_dq: bool, *, block_m: int | None = None, block_n: int | None = None,
-                   block_dc: int | None = None):
-    """Returns (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None)."""
+                   block_dc: int | None = None, resident: bool = True):
+    """Returns (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None). Tiles pinned by
+    ``block_m``/``block_n`` (and ``resident``) skip the autotuner."""
     n, d = q.shape
     m = k.shape[0]
     bdc, ndc, even_d = d_layout(d, block_dc)
@@ -148,7 +149,7 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
     if interp or block_m is not None:
         bm = block_m or INTERPRET_BLOCK
         bn = block_n or INTERPRET_BLOCK
-        _fwd[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, **consts)
+        _fwd[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident, **consts)
     else:
         kern = tuned(_fwd, "fwd", d_class(bdc, ndc))
         kern[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **consts)

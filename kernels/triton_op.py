@@ -37,10 +37,11 @@ class _TritonLinearCE(torch.autograd.Function):
 
 
 def inbatch_softmax_triton_rows(q, k, target, *, bias=None, temperature=1.0, block_m=None, block_n=None,
-                                block_dc=None):
+                                block_dc=None, resident=True):
     """Per-row loss [N] float32 by the fused Triton kernels (CUDA, or TRITON_INTERPRET=1).
 
-    ``block_m``/``block_n``/``block_dc`` pin the tiles (tests); by default they are autotuned on a
+    ``block_m``/``block_n``/``block_dc`` pin the tiles (tests), ``resident`` whether the
+    loop-invariant tile stays in registers on that pinned path; by default they are autotuned on a
     GPU and fixed small under the interpreter."""
     if not q.is_cuda:
         from transrec.kernels.triton_config import interpreting
@@ -51,5 +52,5 @@ def inbatch_softmax_triton_rows(q, k, target, *, bias=None, temperature=1.0, blo
             raise KernelInputError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     target = target.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    tiles = dict(block_m=block_m, block_n=block_n, block_dc=block_dc)
+    tiles = dict(block_m=block_m, block_n=block_n, block_dc=block_dc, resident=resident)
     return _TritonLinearCE.apply(q, k, bias, target, float(temperature), tiles)

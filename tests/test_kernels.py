@@ -52,6 +52,9 @@ def test_triton_interpreted_bf16_and_tiles():
                         tau=0.1)
     check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=False, reduction="mean",
                         tau=0.2, block_m=16, block_n=64)
+    # q (forward) and k (backward) reloaded every step instead of kept: the other tuning choice
+    check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=True, reduction="none",
+                        tau=0.1, block_m=32, block_n=32, resident=False)
 
 
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
