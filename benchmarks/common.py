@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_sha() -> str:
+    """The checkout's short commit; $TRANSREC_GIT_SHA where the tree travels without .git (a GPU
+    machine gets a copy of the working tree)."""
+    if os.environ.get("TRANSREC_GIT_SHA"):
+        return os.environ["TRANSREC_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

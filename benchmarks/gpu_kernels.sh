@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session's kernel checks, prepared to run once in under 10 minutes (device tool, repo root):
-#   bash benchmarks/gpu_kernels.sh
+#   TRANSREC_GIT_SHA=<the commit here> bash benchmarks/gpu_kernels.sh    (the copy there has no .git)
 # 1. installs carried wheels from .whl/ if any (liger-kernel, cut-cross-entropy: fetch them here first
 #    with `bash benchmarks/fetch_bench_wheels.sh`, then carry ".whl"),
 # 2. runs the kernel tests on CUDA (the @gpu bf16 tests and the Triton cases on real kernels),

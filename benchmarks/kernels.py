@@ -33,10 +33,12 @@ from common import append_rows, git_sha  # noqa: E402  (benchmarks/ is the scrip
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-GPU_SHAPES = [(8192, 256), (32768, 256), (65536, 256), (32768, 768)]
+# Target shapes first, this project's kernel first, forward+backward first: a run cut short by its
+# time limit keeps the figures that matter most (rows are written as they are measured).
+GPU_SHAPES = [(65536, 256), (32768, 256), (32768, 768), (8192, 256)]
 CPU_SHAPES = [(1024, 64), (4096, 64), (4096, 256)]
-PROVIDERS = ["transrec", "torch", "compile", "liger", "cce"]
-MODES = ["forward", "backward", "full"]
+PROVIDERS = ["transrec", "liger", "cce", "compile", "torch"]
+MODES = ["full", "forward", "backward"]
 TAU = 0.05
 FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
           "ms_p80", "extra_gib", "tflops", "flop_formula", "matmul_peak_tflops", "peak_share", "note"]
@@ -133,30 +135,99 @@ def agreement(fn, d, dtype, device):
 
 
 AGREE_TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # ----- GPU -----
-def matmul_peak_tflops():
-    import triton.testing
+class Cuda:
+    """What the GPU run needs from the device: timing by triton.testing.do_bench (median, p20, p80),
+    the allocator's peak memory, a measured bf16 matmul peak."""
 
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    dtype = torch.bfloat16
+    device = "cuda"
+    oom = torch.cuda.OutOfMemoryError
+
+    def name(self):
+        return torch.cuda.get_device_name()
+
+    def matmul_peak_tflops(self):
+        import triton.testing
+
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300)
+        return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+    def allocated(self):
+        return torch.cuda.memory_allocated()
+
+    def reset_peak(self):
+        torch.cuda.reset_peak_memory_stats()
+
+    def max_allocated(self):
+        return torch.cuda.max_memory_allocated()
+
+    def bench(self, run, grad_to_none):
+        import triton.testing
+
+        return triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8],
+                                       grad_to_none=grad_to_none)
+
+    def empty_cache(self):
+        torch.cuda.empty_cache()
 
 
-def bench_gpu(fn, mode, n, m, d):
-    import triton.testing
+class DryRun(Cuda):
+    """The GPU run's code path on the CPU (tiny shapes, for tests): wall-clock timing, no memory
+    figures. Its numbers mean nothing; that the loop, the checks and the CSV work does."""
 
-    q, k, t, b = make_inputs(n, m, d, torch.bfloat16, "cuda")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    device = "cpu"
+    oom = MemoryError
+
+    def name(self):
+        return "dry-run:cpu"
+
+    def matmul_peak_tflops(self):
+        a = torch.randn(256, 256, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        a @ a
+        return 2 * 256**3 / max(time.perf_counter() - t0, 1e-9) / 1e12
+
+    def sync(self):
+        pass
+
+    def allocated(self):
+        return 0
+
+    reset_peak = sync
+
+    max_allocated = allocated
+
+    def bench(self, run, grad_to_none):
+        times = []
+        for _ in range(3):
+            for x in grad_to_none:
+                x.grad = None
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1], min(times), max(times)
+
+    empty_cache = sync
+
+
+def bench_one(dev, fn, mode, n, m, d):
+    q, k, t, b = make_inputs(n, m, d, dev.dtype, dev.device)
+    dev.sync()
+    base = dev.allocated()
     loss = fn(q, k, t, b)  # warm-up / compile / autotune
     loss.backward()
     q.grad = k.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    dev.sync()
+    dev.reset_peak()
     if mode == "forward":  # with inputs that need grad, as in training (Liger computes grads here)
         run = lambda: fn(q, k, t, b)
     elif mode == "backward":
@@ -165,18 +236,24 @@ def bench_gpu(fn, mode, n, m, d):
     else:
         run = lambda: fn(q, k, t, b).backward()
     run()
-    torch.cuda.synchronize()
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=[q, k])
+    dev.sync()
+    extra = (dev.max_allocated() - base) / 2**30
+    ms = dev.bench(run, grad_to_none=[q, k])
     return ms, extra
 
 
-def run_gpu(args):
-    card = torch.cuda.get_device_name()
-    peak = matmul_peak_tflops()
+# Compiling torch eager is the same function as torch eager (checked): its check would only add a
+# compilation at the check's shape.
+UNCHECKED = {"compile": "same function as torch"}
+
+
+def run_gpu(args, dev=None):
+    dev = dev or Cuda()
+    card = dev.name()
+    emit = Sink(args.out, card)
+    peak = dev.matmul_peak_tflops()
     print(f"card: {card}; torch {torch.__version__}; bf16 matmul 8192^3 measured: {peak:.0f} TFLOP/s")
     print(f"temperature {TAU}, bias = -log(Zipf popularity), targets = planted near-duplicates")
-    rows = []
     for n, d in args.shapes:
         m = n
         print(f"\n== B = N = M = {n}, D = {d}, bf16 ==")
@@ -185,35 +262,45 @@ def run_gpu(args):
         for name in args.providers:
             try:
                 fn = provider(name)
+                if name in UNCHECKED:
+                    check = UNCHECKED[name]
+                else:
+                    err = agreement(fn, d, dev.dtype, dev.device)
+                    ok = err <= AGREE_TOL[dev.dtype]
+                    check = f"rel err {err:.1e}" + ("" if ok else " MISMATCH")
+                    print(f"{name:10} agreement with the fp32 reference at {CHECK_N}^2x{d}: max rel err "
+                          f"{err:.2e}{'' if ok else '  MISMATCH: its figures are marked in the CSV'}")
             except Skip as e:
                 print(f"{name:10} skipped: {e}")
                 continue
-            err = agreement(fn, d, torch.bfloat16, "cuda")
-            ok = err <= AGREE_TOL[torch.bfloat16]
-            print(f"{name:10} agreement with the fp32 reference at {CHECK_N}^2x{d}: max rel err {err:.2e}"
-                  f"{'' if ok else '  MISMATCH: its figures are marked in the CSV'}")
+            except Exception as e:  # noqa: BLE001 (one provider's failure must not end a one-shot run)
+                print(f"{name:10} failed its check: {type(e).__name__}: {str(e)[:300]}")
+                dev.empty_cache()
+                continue
             for mode in args.modes:
-                note = "; ".join(x for x in (NOTES.get(name, ""), f"rel err {err:.1e}"
-                                             + ("" if ok else " MISMATCH")) if x)
+                note = "; ".join(x for x in (NOTES.get(name, ""), check) if x)
                 try:
-                    (med, p20, p80), extra = bench_gpu(fn, mode, n, m, d)
+                    (med, p20, p80), extra = bench_one(dev, fn, mode, n, m, d)
                 except Skip as e:
                     print(f"{name:10} skipped: {e}")
                     break
-                except torch.cuda.OutOfMemoryError:
+                except dev.oom:
                     med = p20 = p80 = extra = float("nan")
                     note = "out of memory"  # replaces the provider's note: no figure to qualify
-                    torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001
+                    med = p20 = p80 = extra = float("nan")
+                    note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                dev.empty_cache()
                 tf = flops(mode, n, m, d) / (med * 1e-3) / 1e12
                 print(f"{name:10} {mode:9} {med:12.3f} {p20:7.2f}-{p80:<7.2f} {extra:10.3f} {tf:8.0f} "
                       f"{tf / peak:8.1%} {note}")
-                rows.append(dict(provider=name, mode=mode, n=n, m=m, d=d, dtype="bf16",
-                                 ms_median=f"{med:.4f}",
-                                 ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", extra_gib=f"{extra:.4f}",
-                                 tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[mode],
-                                 matmul_peak_tflops=f"{peak:.0f}", peak_share=f"{tf / peak:.3f}", note=note))
-                torch.cuda.empty_cache()
-    return card, rows
+                emit(dict(provider=name, mode=mode, n=n, m=m, d=d, dtype=DTYPE_NAMES[dev.dtype],
+                          ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
+                          extra_gib=f"{extra:.4f}", tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[mode],
+                          matmul_peak_tflops=f"{peak:.0f}", peak_share=f"{tf / peak:.3f}", note=note))
+        if emit.rows:  # redrawn after every shape, so a run cut short still leaves its plot
+            plot(card, emit.rows, args.out)
+    print(f"\n{len(emit.rows)} rows appended to {emit.path}")
 
 
 # ----- CPU -----
@@ -249,7 +336,7 @@ def run_cpu(args):
     print(f"machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} threads; fp32; "
           f"full = forward+backward")
     print(f"{'provider':10} {'N=M':>6} {'D':>5} {'ms (median of 3)':>17} {'extra GiB':>10} {'GFLOP/s':>8}")
-    rows = []
+    emit = Sink(args.out, machine)
     for n, d in args.shapes:
         for name in ("chunked", "torch"):
             fn = provider(name)
@@ -273,23 +360,26 @@ def run_cpu(args):
             med = statistics.median(times)
             gf = flops("full", n, n, d) / (med * 1e-3) / 1e9
             print(f"{name:10} {n:6d} {d:5d} {med:17.1f} {extra:10.4f} {gf:8.1f}")
-            rows.append(dict(provider=name, mode="full", n=n, m=n, d=d, dtype="fp32", ms_median=f"{med:.3f}",
+            emit(dict(provider=name, mode="full", n=n, m=n, d=d, dtype="fp32", ms_median=f"{med:.3f}",
                              ms_p20=f"{min(times):.3f}", ms_p80=f"{max(times):.3f}", extra_gib=f"{extra:.4f}",
                              tflops=f"{gf / 1e3:.4f}", flop_formula=FLOP_FORMULA["full"],
                              matmul_peak_tflops="", peak_share="", note=f"rel err {err:.1e}"))
-    return machine, rows
+    print(f"\n{len(emit.rows)} rows appended to {emit.path}")
 
 
-def write(machine, rows, out: Path, gpu: bool):
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "kernels.csv"
-    date = datetime.datetime.now().isoformat(timespec="seconds")
-    sha = git_sha()
-    if rows:
-        append_rows(path, [{"date": date, "git_sha": sha, "machine": machine, **r} for r in rows], FIELDS)
-    print(f"\n{len(rows)} rows appended to {path}")
-    if gpu and rows:
-        plot(machine, rows, out)
+class Sink:
+    """Appends each row to ``out``/kernels.csv as soon as it is measured (a run cut short by a time
+    limit keeps what it measured) and remembers them for the plot."""
+
+    def __init__(self, out: Path, machine: str):
+        self.path = out / "kernels.csv"
+        self.stamp = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=git_sha(),
+                          machine=machine)
+        self.rows = []
+
+    def __call__(self, row: dict):
+        self.rows.append(row)
+        append_rows(self.path, [{**self.stamp, **row}], FIELDS)
 
 
 def plot(machine, rows, out: Path):
@@ -298,9 +388,10 @@ def plot(machine, rows, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = [r for r in rows if r["mode"] == "full" and r["note"] == ""]
+    measured = lambda r: float(r["ms_median"]) == float(r["ms_median"])  # not nan (failed, out of memory)
+    full = [r for r in rows if r["mode"] == "full" and measured(r)]
     shapes = sorted({(r["n"], r["d"]) for r in full})
-    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in full)]
+    provs = list(dict.fromkeys(r["provider"] for r in full))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(provs))
     for i, p in enumerate(provs):
@@ -308,11 +399,13 @@ def plot(machine, rows, out: Path):
             vals = [next((float(r[key]) for r in full if r["provider"] == p and (r["n"], r["d"]) == s),
                          float("nan")) for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
-    for ax, title in zip(axes, ("forward+backward, median ms", "extra peak memory, GiB")):
+    for ax, key, title in zip(axes, ("ms_median", "extra_gib"),
+                              ("forward+backward, median ms", "extra peak memory, GiB")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
         ax.set_xticklabels([f"{n}²×{d}" for n, d in shapes])
         ax.set_title(title)
-        ax.set_yscale("log")
+        if all(float(r[key]) > 0 for r in full):  # eager and the fused kernels differ by 100x and more
+            ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle(f"in-batch softmax, bf16, {machine}")
     fig.tight_layout()
@@ -333,19 +426,23 @@ def main(argv=None):
                     help="comma-separated BxD, e.g. 8192x256,32768x768")
     ap.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS)
     ap.add_argument("--modes", type=lambda s: s.split(","), default=MODES)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the GPU run's code path on the CPU at tiny shapes (meaningless figures; for tests)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and the PNG")
     args = ap.parse_args(argv)
     if args.cpu:
         args.shapes = args.shapes or CPU_SHAPES
-        machine, rows = run_cpu(args)
-        write(machine, rows, args.out, gpu=False)
+        run_cpu(args)
+        return 0
+    if args.dry_run:
+        args.shapes = args.shapes or [(96, 16)]
+        run_gpu(args, DryRun())
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: use --cpu for the CPU comparison", file=sys.stderr)
         return 2
     args.shapes = args.shapes or GPU_SHAPES
-    card, rows = run_gpu(args)
-    write(card, rows, args.out, gpu=True)
+    run_gpu(args)
     return 0
 
 
