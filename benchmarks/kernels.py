@@ -1,9 +1,10 @@
 """Benchmark of the in-batch softmax (linear cross-entropy of q [N, D] against k [M, D], N = M = B).
 
-GPU (default): providers transrec (this project's Triton kernels) / torch eager / torch.compile /
-Liger-Kernel fused linear cross-entropy / Cut Cross-Entropy (the last two from the optional
-`bench` extra; a missing one is skipped with the reason printed), modes forward / backward / full,
-bf16, shapes (B, D) in (8192, 256), (32768, 256), (65536, 256), (32768, 768). Median ms by
+GPU (default): providers transrec (this project's Triton kernels) / Liger-Kernel fused linear
+cross-entropy / Cut Cross-Entropy (these two from the optional `bench` extra; a missing one is
+skipped with the reason printed) / torch.compile / torch eager / this project's chunked torch path,
+modes full / forward / backward, bf16, shapes (B, D) in (65536, 256), (32768, 256), (32768, 768),
+(8192, 256) (that order: a run cut short keeps the target shapes). Median ms by
 triton.testing.do_bench, extra peak memory over the inputs, TFLOP/s and the share of a bf16 matmul
 measured in the same run. Rows are appended to benchmarks/results/kernels.csv with card, date and git
 sha; a PNG per card goes beside it.
@@ -11,6 +12,11 @@ sha; a PNG per card goes beside it.
     .venv/bin/python benchmarks/kernels.py                      # GPU, everything
     .venv/bin/python benchmarks/kernels.py --shapes 8192x256 --providers transrec,torch
     .venv/bin/python benchmarks/kernels.py --cpu                # chunked vs eager on the CPU, seconds
+    .venv/bin/python benchmarks/kernels.py --dry-run            # the GPU code path on the CPU (tests)
+
+Before a provider is timed, its loss and gradients at 1024^2 are compared with the float32 reference
+(the max relative error goes into the row's note; MISMATCH marks a disagreement). A provider that
+fails is recorded as such and the run goes on; rows are appended as they are measured.
 
 FLOPs (useful work, whatever an implementation recomputes): forward 2*N*M*D (the logits), backward
 4*N*M*D (dQ = dS K and dK = dS^T Q), full 6*N*M*D.
@@ -37,7 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # time limit keeps the figures that matter most (rows are written as they are measured).
 GPU_SHAPES = [(65536, 256), (32768, 256), (32768, 768), (8192, 256)]
 CPU_SHAPES = [(1024, 64), (4096, 64), (4096, 256)]
-PROVIDERS = ["transrec", "liger", "cce", "compile", "torch"]
+PROVIDERS = ["transrec", "liger", "cce", "compile", "torch", "chunked"]  # chunked: this project's torch path
 MODES = ["full", "forward", "backward"]
 TAU = 0.05
 FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
