@@ -48,19 +48,25 @@ def d_class(block_dc: int, num_dc: int) -> str:
 _FWD = {
     "small": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
               (128, 128, 4, 2)],
-    "d256": [(64, 64, 8, 4), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 64, 16, 3),
-             (64, 128, 16, 2)],
-    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (128, 64, 16, 2), (64, 64, 8, 2), (64, 64, 8, 3),
-              (64, 128, 16, 2)],
+    # sm_90 spill stack (Triton 3.6, `sm90_check fwd 256 --sweep`): 0 B at 64x32x8w, 24 B at 64x64x8w/2
+    # stages, 216-1664 B at the others tried; 128-row tiles kept for their larger MMAs.
+    "d256": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2, False),
+             (128, 32, 8, 3), (128, 64, 8, 3)],
+    # D > 256: the fp32 dQ accumulator (BLOCK_M x D) spills in every config (>= 1.75 KB at D = 768);
+    # configs over the 227 KB of shared memory dropped (e.g. 128x64x16w needs 295 KB).
+    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2),
+              (64, 64, 8, 3)],
 }
 # Backward dK pass: BLOCK_N rows of k own the dK accumulator, BLOCK_M rows of q stream past.
 _BWD = {
     "small": [(128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4),
               (128, 128, 4, 2)],
-    "d256": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-             (64, 64, 8, 4)],
-    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (64, 128, 16, 2), (64, 64, 8, 2), (64, 64, 8, 3),
-              (32, 128, 8, 2)],
+    # sm_90 spill stack: 8-16 B at 64x64x8w, 240-250 B at 64x128x8w, 576-976 B at the others tried.
+    "d256": [(64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 8, 3), (64, 64, 8, 2, False), (64, 128, 8, 2),
+             (64, 128, 8, 3), (128, 64, 8, 3)],
+    # D > 256: the dK accumulator spills everywhere; 64x32x16w spills least (440 B) but runs without
+    # wgmma (32-row accumulator), kept for the autotuner to weigh.
+    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 16, 3)],
 }
 
 _TUNED: dict = {}
