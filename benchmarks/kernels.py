@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import append_rows, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -338,7 +336,7 @@ def cpu_extra_gib(run):
 
 def run_cpu(args):
     torch.manual_seed(0)
-    machine = f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    machine = f"cpu:{cpu_name()}"
     print(f"machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} threads; fp32; "
           f"full = forward+backward")
     print(f"{'provider':10} {'N=M':>6} {'D':>5} {'ms (median of 3)':>17} {'extra GiB':>10} {'GFLOP/s':>8}")
