@@ -32,6 +32,15 @@ def _chunk_rows(n: int, m: int, chunk_size: int | None) -> int:
     return max(1, min(n, DEFAULT_CHUNK_ELEMENTS // max(m, 1)))
 
 
+def _logits(qc: torch.Tensor, kf: torch.Tensor, bf: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """One chunk's s = qc kf^T / tau + b, in the accumulation dtype (a fresh tensor, safe to modify)."""
+    s = qc @ kf.T
+    s.mul_(1.0 / tau)
+    if bf is not None:
+        s.add_(bf)
+    return s
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, bias, target, tau, chunk):
@@ -44,10 +53,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=q.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            logits = q[s:e].to(acc) @ kf.T
-            logits.mul_(1.0 / tau)
-            if bf is not None:
-                logits.add_(bf)
+            logits = _logits(q[s:e].to(acc), kf, bf, tau)
             lse[s:e] = torch.logsumexp(logits, dim=1)
             loss[s:e] = lse[s:e] - logits.gather(1, t[s:e, None]).squeeze(1)
         ctx.save_for_backward(q, k, bias, t, lse)
@@ -70,10 +76,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             qc = q[s:e].to(acc)
-            ds = qc @ kf.T
-            ds.mul_(1.0 / tau)
-            if bf is not None:
-                ds.add_(bf)
+            ds = _logits(qc, kf, bf, tau)
             ds.sub_(lse[s:e, None]).exp_()  # p
             ds.scatter_add_(1, t[s:e, None], torch.full((e - s, 1), -1.0, dtype=acc, device=q.device))
             ds.mul_(g[s:e, None])  # dS
@@ -113,10 +116,7 @@ class _ChunkedLinearCEReduced(torch.autograd.Function):
             e = min(n, s + chunk)
             qc = q[s:e].to(acc)
             w = weights[s:e]
-            logits = qc @ kf.T
-            logits.mul_(1.0 / tau)
-            if bf is not None:
-                logits.add_(bf)
+            logits = _logits(qc, kf, bf, tau)
             lse = torch.logsumexp(logits, dim=1)
             rows = lse - logits.gather(1, t[s:e, None]).squeeze(1)
             total += torch.where(w != 0, rows * w, zero).sum()  # a weight-0 row never leaks a nan/inf
