@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 
 import torch
 
+from transrec.config.model import KernelImpl
 from transrec.errors import UserError
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "triton", "torch", "chunked")
+IMPLS = typing.get_args(KernelImpl)  # one list of implementations: the config's choice type
 
 
 class KernelInputError(UserError, ValueError):
