@@ -8,10 +8,11 @@ Both losses share one interface::
 ``row_mask`` False (padding) drop out. The loss is ``sum / count`` with ``count`` (the number of
 valid rows, on device) in ``metrics``; nothing syncs to the host.
 
-Data-parallel note: DeepSpeed / DDP average gradients over ranks, so each rank's ``sum / count``
-gives the mean of per-rank means. For the exact global mean a trainer all-reduces ``count`` and
-multiplies the loss by ``world_size * count / global_count`` (``metrics["loss_sum"]`` and
-``metrics["count"]`` carry what it needs).
+Data-parallel and accumulated steps: each micro-batch's ``sum / count`` alone would weigh every
+micro-batch and rank equally, whatever its number of targets. The trainer instead totals the
+targets of a whole optimizer step on every rank first (``model.count_targets``, one all-reduce) and
+backpropagates ``loss * count`` (the micro-batch's sum) over that global count
+(``Trainer.step_scale``); ``metrics["loss_sum"]`` and ``metrics["count"]`` carry what it logs.
 
 - ``inbatch``: softmax over the unique items, loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_t/tau + b_t)
   with b = -log q (logQ popularity correction) when enabled; computed by
