@@ -27,11 +27,11 @@ import contextlib
 
 import torch
 from torch import nn
-from transrec.models.config import ModelConfig, validate_model_config
 from transrec.models.losses import Criterion, GatherFn
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
 
+from transrec.config.model import ModelConfig, validate_model_config
 from transrec.errors import ConfigError
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transrec.models.config import TextEncoderConfig
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling
 from transrec.shards.batch import TextContent
 
+from transrec.config.model import TextEncoderConfig
 from transrec.errors import ConfigError
 
 TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate

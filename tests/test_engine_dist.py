@@ -49,13 +49,19 @@ def _driver(spec: dict) -> None:
         if spec.get("then_die_in_save"):
             out.write_text(json.dumps(res))
             _die_in_save(trainer)
-        if spec.get("catalogue"):  # the trained model's item embeddings (all ranks take part)
+        if spec.get("catalogue"):  # the trained weights and item embeddings (all ranks take part)
+            import deepspeed
             from transrec.engine.evaluate import encode_catalogue
 
-            trainer.engine.module.eval()
+            net = trainer.engine.module
+            net.eval()
             emb = encode_catalogue(trainer.engine, trainer.content, chunk=16, device="cpu", show=False)
+            # last: leaving the gathered context partitions even the parameters ZeRO-3 kept whole
+            with deepspeed.zero.GatheredParameters(list(net.parameters()), enabled=trainer.zero_stage == 3):
+                weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
             if rank == 0:
                 torch.save(emb, out.with_suffix(".emb.pt"))
+                torch.save(weights, out.with_suffix(".weights.pt"))
     elif what == "grads":
         res.update(_first_step_grads(trainer, spec["global_rows"], out))
     trainer.close()
@@ -206,7 +212,8 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
 
     n_eval = sum(s.n_eval for s in Dataset.open(world_data).seq_shards)
     assert res["metrics"]["test"]["users"] == n_eval
-    # Export from ZeRO-3: a fresh model loaded from it reproduces the trained model's embeddings.
+    # Export from ZeRO-3: a fresh model loaded from it holds the trained weights, bit for bit, and
+    # reproduces the trained model's item embeddings.
     from transrec.engine.checkpoint import CheckpointError, CheckpointManager
     from transrec.engine.evaluate import encode_catalogue
     from transrec.engine.export import export_config, export_run, load_export_into
@@ -218,11 +225,19 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     cfg = export_config(exp)
     fresh = build_model(cfg.model)
     load_export_into(fresh, exp)
+    trained = torch.load(tmp_path / "z3.weights.pt", weights_only=True)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
     fresh.eval()
     _, content = open_data(cfg, world_data)
     got = encode_catalogue(fresh, content, chunk=16, device="cpu", show=False)
     want = torch.load(tmp_path / "z3.emb.pt", weights_only=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Same weights, but encoded in one process here and on two ranks (other thread counts, other
+    # chunking) in training: fp32 sums in another order through a few layers of D-long dot
+    # products, on unit-norm embeddings.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # Resuming this checkpoint on another world size or stage is refused with the supported path.
     ck = CheckpointManager(run)
     tag = ck.latest()
@@ -247,7 +262,11 @@ def test_zero0_one_rank_equals_zero2_two_ranks_first_step(world_data, tmp_path):
     assert g1.keys() == g2.keys() and len(g1) > 10
     nonzero = 0
     for k in g1:
-        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+        # fp32 sums in another order (two ranks' shares, then the all-reduce): an error that grows
+        # with the gradient's own scale, over a floor for gradients that are zero in exact
+        # arithmetic (a key bias under softmax) and hold only rounding noise
+        scale = float(g1[k].abs().max())
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=k)
         nonzero += bool(g1[k].abs().sum() > 0)
     assert nonzero > len(g1) // 2  # the comparison is not between zeros
 
