@@ -392,7 +392,7 @@ def main() -> int:
                              "speedup_cpu": round(r["seq_per_cpu_s"] / ref["seq_per_cpu_s"], 3),
                              "load_avg": round(os.getloadavg()[0], 2), "zero_stage": r["zero_stage"],
                              "precision": r["precision"], "steps": args.steps,
-                             "note": " ".join(SIDES[side][1] + args.override)
+                             "note": " ".join(args.override + SIDES[side][1])
                              + (" in-process" if args.in_process else "")})
             append_rows(args.out, rows[-len(res):], FIELDS)  # written as measured
     out = Path(args.out)

@@ -105,8 +105,9 @@ setup_path() {
   fi
   if ! $PY -P -c "import transrec.models.text as t, sys; sys.exit(0 if t.BUNDLED_TOKENIZER.is_dir() else 1)" \
       2>/dev/null; then
-    mkdir -p "$WORK/shim/transrec"
-    cp transrec/*.py "$WORK/shim/transrec/"
+    mkdir -p "$WORK/shim"
+    rm -rf "$WORK/shim/transrec"
+    cp -r transrec "$WORK/shim/transrec"
     for p in kernels models shards engine; do ln -sfn "$PWD/$p" "$WORK/shim/transrec/$p"; done
     export PYTHONPATH=$WORK/shim${PYTHONPATH:+:$PYTHONPATH}
     echo "transrec from the repo folders (shim in $WORK/shim)"
@@ -232,7 +233,7 @@ part_kernels() {
 # cache applies, ZeRO-2, bf16, loader workers)
 E2E_DRY=(--preset tiny --max-len 6 --steps 1 --warmup 1 --users 120 --items 80)
 E2E_DRY_CFG=(model.text.trainable=1 model.image.trainable=1 deepspeed.zero_stage=2 deepspeed.precision=bf16
-             data.num_workers=0)
+             data.num_workers=1)
 
 if [ -n "$PART" ]; then  # a child: run one part and report its exit status
   [ "$PART" = env ] || [ -n "${PROOF_PATH_READY:-}" ] || setup_path >/dev/null
