@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
@@ -94,7 +95,7 @@ SIDES = {
     "engine-fp32": ("engine", ["deepspeed.precision=fp32"], "fp32 instead of the preset's precision"),
     **{f"engine-zero{k}": ("engine", [f"deepspeed.zero_stage={k}"], f"ZeRO stage {k}") for k in range(4)},
 }
-CORE_SIDES = ("naive", "naive-unique", "engine")
+CORE_SIDES = ("naive", "engine")  # the sides that run at every batch size
 DEFAULT_SIDES = "naive,naive-unique,engine,engine-noprefix,engine-torch,engine-fp32"
 FIELDS = ["date", "machine", "git_sha", "preset", "batch", "positions", "side", "seq_per_s", "seq_per_cpu_s",
           "items_encoded_per_s", "peak_mb", "speedup_wall", "speedup_cpu", "load_avg", "zero_stage",
@@ -298,7 +299,9 @@ def main() -> int:
     ap.add_argument("--sides", default=DEFAULT_SIDES,
                     help=f"comma-separated, in this order, from: {', '.join(SIDES)}")
     ap.add_argument("--ablations-at", default="",
-                    help="batch sizes where sides beyond naive, naive-unique, engine run (default: all)")
+                    help="batch sizes where the sides beyond naive and engine run (default: all)")
+    ap.add_argument("--world", default="",
+                    help="folder for the synthetic world: made there once, then reused with its caches")
     ap.add_argument("--in-process", action="store_true",
                     help="run every side in this process (quick; peak memory is then cumulative)")
     ap.add_argument("--no-plot", action="store_true", help="CSV rows only, no PNG")
@@ -324,10 +327,14 @@ def main() -> int:
           "seq/cpu-s divides by the process's own CPU time and is the steadier figure then)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.data:
+        world = Path(args.world) if args.world else Path(tmp) / "world"
+        if not args.data and (world / "manifest.json").is_file():
+            args.data = str(world)
+            print(f"synthetic world: reused from {world}")
+        elif not args.data:
             from transrec.shards.synth import synthesize
 
-            args.data = str(synthesize(Path(tmp) / "world", domain="source", n_users=args.users,
+            args.data = str(synthesize(world, domain="source", n_users=args.users,
                                        n_items=args.items, min_len=args.max_len + 3,
                                        max_len=args.max_len + 10, seed=0))
             print(f"synthetic world: {args.users} users, {args.items} items (half image 32x32), "
@@ -358,30 +365,24 @@ def main() -> int:
             print("# sides run in one process: peak memory is the process's so far, not the side's own")
         print(f"{'batch':>5} {'side':>16} {'seq/s':>8} {'seq/cpu-s':>10} {'items enc/s':>12} {'peak MB':>8} "
               f"{'loss first->last':>17}")
+        failed: list[str] = []
         for batch in batches:
             res = {}
             for side in sides:
                 if batch not in ablate_at and side not in CORE_SIDES:
                     continue
-                r = res[side] = run_side(args, side, batch, tmp)
+                try:
+                    r = res[side] = run_side(args, side, batch, tmp)
+                except (SystemExit, Exception) as e:  # one side failing costs only its row
+                    if isinstance(e, Exception):
+                        traceback.print_exc()
+                    print(f"{batch:5d} {side:>16} FAILED: {e}", flush=True)
+                    failed.append(f"{side}@{batch}")
+                    continue
                 print(f"{batch:5d} {side:>16} {r['seq_per_s']:8.1f} {r['seq_per_cpu_s']:10.1f} "
                       f"{r['items_per_s']:12.0f} {r['peak_mb']:8.0f} "
                       f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}", flush=True)
-            if "naive" in res and "engine" in res:
-                wall = res["engine"]["seq_per_s"] / res["naive"]["seq_per_s"]
-                cpu = res["engine"]["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"]
-                print(f"{batch:5d} engine / naive: {wall:.2f}x wall, {cpu:.2f}x per CPU-second")
-            if "engine" in res and len(res) > 2:
-                print(f"{batch:5d} what each part buys (seq/s ratios): "
-                      f"dedup + objective (naive-unique / naive) {ratio(res, 'naive-unique', 'naive')}, "
-                      f"engine over naive-unique {ratio(res, 'engine', 'naive-unique')}, "
-                      f"prefix cache (engine / engine-noprefix) {ratio(res, 'engine', 'engine-noprefix')}, "
-                      f"kernel (engine / engine-torch) {ratio(res, 'engine', 'engine-torch')}, "
-                      f"{cfg.deepspeed.precision} (engine / engine-fp32) "
-                      f"{ratio(res, 'engine', 'engine-fp32')}")
-            base = res.get("naive")
-            ref = base or {"seq_per_s": float("nan"), "seq_per_cpu_s": float("nan")}
-            for side, r in res.items():
+                ref = res.get("naive", {"seq_per_s": float("nan"), "seq_per_cpu_s": float("nan")})
                 rows.append({"date": date, "machine": mach, "git_sha": sha, "preset": args.preset,
                              "batch": batch, "positions": args.max_len + 1, "side": side,
                              "seq_per_s": round(r["seq_per_s"], 2),
@@ -394,15 +395,29 @@ def main() -> int:
                              "precision": r["precision"], "steps": args.steps,
                              "note": " ".join(args.override + SIDES[side][1])
                              + (" in-process" if args.in_process else "")})
-            append_rows(args.out, rows[-len(res):], FIELDS)  # written as measured
+                append_rows(args.out, rows[-1:], FIELDS)  # written as measured: a run cut short keeps it
+            if "naive" in res and "engine" in res:
+                wall = res["engine"]["seq_per_s"] / res["naive"]["seq_per_s"]
+                cpu = res["engine"]["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"]
+                print(f"{batch:5d} engine / naive: {wall:.2f}x wall, {cpu:.2f}x per CPU-second")
+            if "engine" in res and len(res) > 2:
+                print(f"{batch:5d} what each part buys (seq/s ratios): "
+                      f"dedup + objective (naive-unique / naive) {ratio(res, 'naive-unique', 'naive')}, "
+                      f"engine over naive-unique {ratio(res, 'engine', 'naive-unique')}, "
+                      f"prefix cache (engine / engine-noprefix) {ratio(res, 'engine', 'engine-noprefix')}, "
+                      f"kernel (engine / engine-torch) {ratio(res, 'engine', 'engine-torch')}, "
+                      f"{cfg.deepspeed.precision} (engine / engine-fp32) "
+                      f"{ratio(res, 'engine', 'engine-fp32')}")
     out = Path(args.out)
-    if args.no_plot or not {"naive", "engine"} <= set(sides):
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    if args.no_plot or not rows or not {"naive", "engine"} <= set(sides):
         print(f"wrote {out}")
-        return 0
+        return 1 if failed else 0
     png = out.with_suffix(".png")
     plot(rows, png, cond)
     print(f"wrote {out} and {png}")
-    return 0
+    return 1 if failed else 0
 
 
 def plot(rows, png, cond) -> None:

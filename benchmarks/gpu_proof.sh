@@ -8,8 +8,8 @@
 # default 470 s), so a part that fails or hangs never costs the others:
 #   env     card, versions; installs the carried wheels (.whl/) the image lacks into /tmp/site
 #   tests   the GPU tests (pytest -m gpu tests/test_kernels.py) and tests/test_kernels_convergence.py
-#   e2e     benchmarks/e2e.py --preset base-gpu, batch 256 and 64: naive fp32, naive over unique items,
-#           the engine; at 256 also the engine without the prefix cache, with impl=torch, in fp32
+#   e2e     benchmarks/e2e.py --preset base-gpu, batch 256 and 64: naive fp32 and the engine; at 256
+#           also naive over unique items, the engine without the prefix cache, with impl=torch, in fp32
 #   memory  peak GPU memory of base-gpu at batch 256 under ZeRO 0, 2 and 3 on one card
 #   prefix  benchmarks/prefix_cache.py --gpu: dedup alone vs dedup + the frozen-prefix cache
 #   kernels benchmarks/kernels.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
@@ -45,6 +45,7 @@ done
 OUT=${OUT:-proof_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+export OUT
 LOG=$OUT/proof.log
 SUMMARY=$OUT/summary.txt
 if [ $DRY = 1 ]; then
@@ -194,10 +195,11 @@ part_tests() {
 
 part_e2e() {
   if [ $DRY = 1 ]; then
-    $PY benchmarks/e2e.py "${E2E_DRY[@]}" --batch 16 --in-process --out "$OUT/e2e.csv" "${E2E_DRY_CFG[@]}"
+    $PY benchmarks/e2e.py "${E2E_DRY[@]}" --batch 16 --in-process --world "$WORK/world" \
+      --out "$OUT/e2e.csv" "${E2E_DRY_CFG[@]}"
   else
     $PY benchmarks/e2e.py --preset base-gpu --batch 256,64 --max-len 24 --steps 8 --warmup 2 \
-      --ablations-at 256 --out "$OUT/e2e.csv"
+      --ablations-at 256 --world "$WORK/world" --out "$OUT/e2e.csv"
   fi
 }
 
@@ -205,10 +207,10 @@ part_memory() {
   local sides=engine-zero0,engine-zero2,engine-zero3
   if [ $DRY = 1 ]; then
     $PY benchmarks/e2e.py "${E2E_DRY[@]}" --batch 16 --sides $sides --in-process --no-plot \
-      --out "$OUT/zero_memory.csv" "${E2E_DRY_CFG[@]}"
+      --world "$WORK/world" --out "$OUT/zero_memory.csv" "${E2E_DRY_CFG[@]}"
   else
     $PY benchmarks/e2e.py --preset base-gpu --batch 256 --max-len 24 --steps 2 --warmup 1 --sides $sides \
-      --no-plot --out "$OUT/zero_memory.csv"
+      --no-plot --world "$WORK/world" --out "$OUT/zero_memory.csv"
   fi
 }
 
