@@ -216,6 +216,8 @@ def run_engine(args) -> dict:
 
     cfg = make_config(args)
     trainer = Trainer(cfg, show=False)
+    if torch.cuda.is_available():  # peak of training (weights, optimizer state, steps), not of a cache build
+        torch.cuda.reset_peak_memory_stats()
     marks = {}
 
     def mark(tr, step):

@@ -123,7 +123,11 @@ part_env() {
     local want
     want=$(TREE="$(tree_hash)" $PY - <<'EOF'
 import importlib.metadata as md, os, pathlib, re
-from packaging.version import Version
+try:
+    from packaging.version import Version
+except ImportError:  # numeric parts only
+    def Version(v):
+        return tuple(int(x) for x in re.findall(r"\d+", v))
 tree = os.environ["TREE"]
 src = pathlib.Path(".whl/SOURCE")
 built = dict(l.split(None, 1) for l in src.read_text().splitlines() if " " in l) if src.is_file() else {}
