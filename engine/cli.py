@@ -66,7 +66,8 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     _env()
-    from transrec.engine.export import export_run, read_export
+    from transrec.engine.export import export_run
+    from transrec.models.export import read_export
 
     out = export_run(args.run, args.out, full=args.full)
     meta = read_export(out)

@@ -9,25 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transrec.engine.export import load_run
 
 from transrec.errors import UserError
 
 
 def load_run_model(run: str | Path):
     """(config, model in eval mode with the latest checkpoint's weights, checkpoint manifest)."""
-    from transrec.engine.export import consolidated_state_dict
-    from transrec.models import build_model
-
-    from transrec.config import from_dict, load_yaml
-
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a run folder (no config.yaml)")
-    cfg = from_dict(load_yaml(run / "config.yaml"))
-    sd, man = consolidated_state_dict(run)
-    model = build_model(cfg.model, n_items=man.get("n_items"))
-    own = model.state_dict()
-    model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=True)
+    cfg, model, man = load_run(run)
     return cfg, model.eval(), man
 
 

@@ -183,9 +183,7 @@ class Trainer:
 
         model = build_model(self.cfg.model, n_items=self.ds.n_items)
         if self.cfg.run.init_from:
-            from transrec.engine.export import load_export_into
-
-            load_export_into(model, self.cfg.run.init_from, strict=False)
+            model.load_export(self.cfg.run.init_from, strict=False)
         return model
 
     @property

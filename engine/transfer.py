@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from transrec.engine.export import export_config, read_export
+from transrec.models.export import export_config, read_export
 
 from transrec.config import Config, parse_override, set_key
 from transrec.errors import ConfigError

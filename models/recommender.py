@@ -24,13 +24,16 @@ it runs exactly the modules real content of that modality would.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
+from transrec.models.export import export_config, load_export_into, read_export, write_export
 from transrec.models.losses import Criterion, GatherFn
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
 
+from transrec.config import Config
 from transrec.config.model import ModelConfig, validate_model_config
 from transrec.errors import ConfigError
 
@@ -51,7 +54,8 @@ def _bn_stats_frozen(module: nn.Module):
 
 
 class SequentialRecommender(nn.Module):
-    """What TransRec and the ID baseline share: user encoder, loss, training forward."""
+    """What TransRec and the ID baseline share: user encoder, loss, training forward, and the export
+    folder they are saved to and loaded from (:mod:`transrec.models.export`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,6 +63,28 @@ class SequentialRecommender(nn.Module):
         self.dim = int(cfg.dim)
         self.user = UserEncoder(cfg.user, self.dim)
         self.criterion = Criterion(cfg.loss)
+
+    # -- the export folder ----------------------------------------------------------------------
+    @staticmethod
+    def from_export(path: str | Path) -> SequentialRecommender:
+        """The model an export describes (TransRec or the ID baseline), its weights loaded, in eval mode."""
+        meta = read_export(path)
+        model = build_model(export_config(path).model, n_items=meta.get("n_items"))
+        load_export_into(model, path, strict=True)
+        return model.eval()
+
+    def load_export(self, path: str | Path, *, strict: bool = True) -> None:
+        """Load an export's weights into this model (built with adapters or another trainable set:
+        ``strict=False`` leaves what the export lacks at its initialisation)."""
+        load_export_into(self, path, strict=strict)
+
+    def save_export(self, path: str | Path, cfg: Config, meta: dict,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write this model as an export folder (``tensors``: a subset, for an adapter export)."""
+        if tensors is None:
+            tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
+                       for k, v in self.state_dict().items()}
+        return write_export(path, tensors, cfg, {"model_kind": self.cfg.kind, **meta})
 
     # -- interface ------------------------------------------------------------------------------
     def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,

@@ -216,15 +216,15 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     # reproduces the trained model's item embeddings.
     from transrec.engine.checkpoint import CheckpointError, CheckpointManager
     from transrec.engine.evaluate import encode_catalogue
-    from transrec.engine.export import export_config, export_run, load_export_into
+    from transrec.engine.export import export_run
     from transrec.engine.trainer import open_data
-    from transrec.models import build_model
+    from transrec.models import SequentialRecommender
+    from transrec.models.export import export_config
 
     run = tmp_path / "z3"
     exp = export_run(run, tmp_path / "z3-export")
     cfg = export_config(exp)
-    fresh = build_model(cfg.model)
-    load_export_into(fresh, exp)
+    fresh = SequentialRecommender.from_export(exp)
     trained = torch.load(tmp_path / "z3.weights.pt", weights_only=True)
     loaded = fresh.state_dict()
     assert loaded.keys() == trained.keys()
