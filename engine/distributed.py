@@ -9,8 +9,8 @@
   front of the subcommand, which the top-level parser would refuse).
 - Backend: NCCL with CUDA, gloo on the CPU (``deepspeed.backend`` overrides).
 
-On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, 30-60 s
-per fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
+On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, slow
+on a fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
 collectives and never that op (it serves DeepSpeed inference's all-reduce), so it is switched off
 unless ``TRANSREC_DS_SHM=1``.
 """
