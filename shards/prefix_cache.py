@@ -463,21 +463,13 @@ class PrefixCachedContent:
 def not_cacheable_reason(encoder, cfg=None) -> str | None:
     """Why ``encoder``'s frozen prefix cannot be cached (one phrase), or None when it can.
 
-    Adds to the encoder's own :meth:`prefix_not_cacheable_reason` (trainable prefix, LoRA in a
-    prefix block, dropout kept active in frozen blocks in training): no frozen block at all (full
-    fine-tuning, or LoRA in every block -- the stem alone is not worth its disk), and augmentation
-    on the frozen path (a truthy ``augment`` on the encoder, its config or ``cfg.data``).
+    The encoder's own :meth:`prefix_not_cacheable_reason` for a training run, then augmentation on
+    the frozen path (a truthy ``augment`` on the encoder, its config or ``cfg.data``).
     """
     name = encoder.arch
-    reason = encoder.prefix_not_cacheable_reason()
+    reason = encoder.prefix_not_cacheable_reason(for_training=True)
     if reason is not None:
         return reason
-    if encoder.n_frozen_blocks == 0 and encoder.n_blocks > 0:  # (a model run whole has no blocks)
-        if getattr(encoder, "lora_layers", 0):
-            return f"{name} encoder has LoRA adapters in every block (trainable='all'): no frozen block"
-        return f"{name} encoder has no frozen block (trainable='all'): full fine-tuning"
-    if encoder.frozen_dropout and encoder._stochastic_prefix():
-        return f"{name} encoder keeps dropout active in its frozen blocks in training (frozen_dropout=True)"
     for where, obj in (("encoder", encoder), ("encoder config", getattr(encoder, "cfg", None)),
                        ("data config", getattr(cfg, "data", None))):
         aug = getattr(obj, "augment", None) if obj is not None else None
