@@ -112,7 +112,8 @@ def naive_step(model, batch, temperature: float, logq: bool, l2: bool):
 
 def run_naive(args) -> dict:
     import torch
-    from transrec.engine.trainer import make_loader, open_data, seed_everything
+    from transrec.engine.data import make_loader, open_data
+    from transrec.engine.trainer import seed_everything
     from transrec.models import build_model
 
     cfg = make_config(args)
@@ -239,7 +240,7 @@ def main() -> int:
                                        max_len=args.max_len + 10, seed=0))
             print(f"synthetic world: {args.users} users, {args.items} items (half image 32x32), "
                   f"sequences of {args.max_len + 3}-{args.max_len + 10} items")
-        from transrec.engine.trainer import open_data
+        from transrec.engine.data import open_data
 
         args.run = str(Path(tmp) / "run")
         first = argparse.Namespace(**{**vars(args), "batch": batches[0]})

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from transrec.models.export import export_config, load_export_into, read_export, write_export
+from transrec.models.image import ImageItemEncoder
 from transrec.models.losses import Criterion, GatherFn
+from transrec.models.text import TextItemEncoder, tokenizer_path
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
 
@@ -118,6 +120,19 @@ class SequentialRecommender(nn.Module):
         return groups
 
     # -- training -------------------------------------------------------------------------------
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target row of ``unique_items``, valid) for each trained user state: every position with a
+        next item (causal), or the last position only (bidirectional)."""
+        mask, inverse = batch.mask, batch.inverse
+        if self.user.causal:
+            return inverse[:, 1:].reshape(-1), (mask[:, :-1] & mask[:, 1:]).reshape(-1)
+        return inverse[:, -1], mask[:, -2] & mask[:, -1]
+
+    def count_targets(self, batch: Batch) -> int:
+        """How many targets ``batch`` trains (the loss's normaliser), read from the batch alone, so a
+        trainer can total a whole optimizer step before running any of it."""
+        return int(self.targets(batch)[1].sum())
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         table = self.encode_items(batch.unique_items, batch.text, batch.image)
         return self.loss_from_table(batch, table)
@@ -127,19 +142,12 @@ class SequentialRecommender(nn.Module):
         """Loss given the unique-item table [U, d] (and optionally the input embeddings [B, L-1, d])."""
         if batch.seq.shape[1] < 2:
             raise ConfigError("a training batch needs windows of at least 2 positions (inputs + target)")
-        mask = batch.mask
-        in_mask = mask[:, :-1]
+        in_mask = batch.mask[:, :-1]
         if inputs is None:
             inputs = table[batch.inverse[:, :-1]]
         out = self.user(inputs, in_mask)
-        if self.user.causal:
-            q = out.reshape(-1, out.shape[-1])
-            target = batch.inverse[:, 1:].reshape(-1)
-            row_mask = (in_mask & mask[:, 1:]).reshape(-1)
-        else:
-            q = out[:, -1]
-            target = batch.inverse[:, -1]
-            row_mask = in_mask[:, -1] & mask[:, -1]
+        q = out.reshape(-1, out.shape[-1]) if self.user.causal else out[:, -1]
+        target, row_mask = self.targets(batch)
         log_q = batch.unique_log_q.to(table.device)
         loss, metrics = self.criterion(q, table, target, row_mask, log_q, batch.unique_items)
         metrics["num_unique"] = torch.tensor(float(table.shape[0]), device=table.device)
@@ -151,9 +159,6 @@ class TransRec(SequentialRecommender):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        from transrec.models.image import ImageItemEncoder
-        from transrec.models.text import TextItemEncoder
-
         self.text_encoder = TextItemEncoder(cfg.text, self.dim)
         self.image_encoder = ImageItemEncoder(cfg.image, self.dim)
         self.modality = nn.Embedding(2, self.dim) if cfg.modality_embedding else None
@@ -169,10 +174,7 @@ class TransRec(SequentialRecommender):
         return [self.text_encoder.backbone, self.image_encoder.backbone]
 
     def content_spec(self) -> dict:
-        from transrec.models.text import tokenizer_path
-
-        return {"tokenizer": tokenizer_path(self.cfg.text.name), "max_text_len": int(self.cfg.text.max_len),
-                "image_size": int(self.cfg.image.image_size)}
+        return content_spec(self.cfg)
 
     def _device(self) -> torch.device:
         return self.text_encoder.proj.weight.device
@@ -254,6 +256,12 @@ class IDSASRec(SequentialRecommender):
 
     def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
         return self.item_emb(unique_items.to(self.item_emb.weight.device))
+
+
+def content_spec(cfg: ModelConfig) -> dict:
+    """What the item cache must hold for this model: tokenizer folder, title length, image size."""
+    return {"tokenizer": tokenizer_path(cfg.text.name), "max_text_len": int(cfg.text.max_len),
+            "image_size": int(cfg.image.image_size)}
 
 
 def build_model(cfg: ModelConfig, n_items: int | None = None) -> SequentialRecommender:

@@ -92,7 +92,7 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
     """
     import deepspeed
     import torch.distributed as dist
-    from transrec.engine.trainer import make_loader
+    from transrec.engine.data import make_loader
     from transrec.shards.batch import collate_windows
 
     loader = make_loader(trainer.cfg, trainer.ds, trainer.content, "train", batch_size=global_rows,
@@ -105,11 +105,12 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
     batch = collate_windows(windows, full.users[list(rows)].numpy(), full.seq.shape[1], trainer.content,
                             trainer.ds.log_q)
     trainer.engine.module.eval()
-    loss, _ = trainer.forward_backward(batch)
-    loss_t = loss.detach().clone()
+    count, scale = trainer.step_scale([batch])
+    loss_sum = trainer.backward(batch, scale)
+    loss_t = loss_sum.detach().clone()
     if trainer.world > 1:
         dist.all_reduce(loss_t)
-        loss_t /= trainer.world
+    loss_t /= count
     grads = {}
     for name, p in trainer.engine.module.named_parameters():
         if p.requires_grad:
@@ -177,7 +178,7 @@ def _tail(tmp: Path, spec_path: Path) -> str:
 @pytest.fixture(scope="session")
 def world_data(tmp_path_factory):
     """A small source world with 8 sequence shards and its item cache, built once."""
-    from transrec.engine.trainer import open_data
+    from transrec.engine.data import open_data
     from transrec.shards.synth import synthesize
 
     from transrec.config import build_config
@@ -215,9 +216,9 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     # Export from ZeRO-3: a fresh model loaded from it holds the trained weights, bit for bit, and
     # reproduces the trained model's item embeddings.
     from transrec.engine.checkpoint import CheckpointError, CheckpointManager
+    from transrec.engine.data import open_data
     from transrec.engine.evaluate import encode_catalogue
     from transrec.engine.export import export_run
-    from transrec.engine.trainer import open_data
     from transrec.models import SequentialRecommender
     from transrec.models.export import export_config
 
