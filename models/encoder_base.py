@@ -41,8 +41,9 @@ def _has_dropout(modules: list[nn.Module]) -> bool:
 class ItemEncoderBase(nn.Module):
     """Subclasses set ``self.backbone``, ``self.arch``, implement ``_stem_modules``, ``_blocks``
     (and ``_head_modules`` when the backbone has modules after its last block), ``forward_prefix``
-    and ``forward_tail``; then call :meth:`_setup_split`. The trainable set is chosen there, once:
-    nothing changes ``requires_grad`` of the backbone afterwards."""
+    and ``forward_tail``; then call :meth:`_setup_split`. The trainable set is chosen there, once,
+    and so is :meth:`prefix_frozen`, which every forward and every ``train()`` reads; a later change
+    of ``requires_grad`` in the prefix is seen only by :meth:`prefix_not_cacheable_reason`."""
 
     arch: str = ""
     # Set by whoever serves this encoder's content from the frozen-prefix cache (True) or not
