@@ -51,6 +51,7 @@ import torch
 import webdataset as wds
 from transrec.shards.batch import Batch, ContentSource, collate_windows, map_leaves, map_tensors
 from transrec.shards.dataset import Dataset
+from transrec.shards.format import eval_target, train_part
 from transrec.shards.stats import GLOBAL, SkipStats
 
 from transrec.errors import DataError
@@ -203,21 +204,17 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 if not ok.all():
                     stats.skip("item_without_content", f"user {key}", n=int((~ok).sum()))
                     arr = arr[ok]
-            n = arr.size
             if split == "train":
-                part = arr[:-2] if n >= 3 else arr
+                part = train_part(arr)
                 if part.size < 2:
                     continue
                 yield user, part[-(max_len + 1):], None
             else:
-                if n < 3:
+                held_out = eval_target(arr, split)
+                if held_out is None:
                     continue
-                if split == "valid":
-                    target, hist = arr[n - 2], arr[:n - 2]
-                else:
-                    target, hist = arr[n - 1], arr[:n - 1]
-                window = np.append(hist[-max_len:], target)
-                yield user, window, hist[hist != target]
+                hist, target = held_out
+                yield user, np.append(hist[-max_len:], target), hist[hist != target]
 
     def _train_rows(self, slot: int, stats: SkipStats, splitter: WorkerSplit) -> Iterator[tuple]:
         """The slot's endless row stream: shuffled passes over its shards."""

@@ -5,10 +5,12 @@ FlatAdamW steps as torch's AdamW does (checkpoints interchangeable)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from transrec.engine import trainer as trainer_mod
 from transrec.engine.optim import FlatAdamW
 from transrec.engine.trainer import Trainer
@@ -17,6 +19,18 @@ from transrec.config import build_config
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false", "eval.max_users=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_process_group():
+    """The trainers here run in the pytest process: one process group of one rank, and the launcher
+    variables it sets, are undone afterwards so later tests' subprocesses do not inherit them."""
+    saved = dict(os.environ)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
