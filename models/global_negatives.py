@@ -59,6 +59,11 @@ def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = 
     return _AllGatherWithGrad.apply(x, sizes, group)
 
 
+def gather_ragged(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenation over ranks of ``x`` [n_r, ...] whose first sizes differ (no gradient)."""
+    return _gather_padded(x, _sizes(x.shape[0], x.device, group), group)
+
+
 def gather_keys(keys: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor, group=None):
     """(keys of every rank with gradient, their item ids, their log q, this rank's offset in them):
     the ``GatherFn`` the loss uses for global negatives by default."""

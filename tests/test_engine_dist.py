@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from spawn_ranks import free_port
+from spawn_ranks import start_ranks, wait_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -136,32 +135,13 @@ def spawn_many(jobs: list[tuple[int, dict, bool]], tmp: Path, timeout: int = TIM
     for world, spec, expect_kill in jobs:
         spec_path = tmp / f"spec-{os.urandom(4).hex()}.json"
         spec_path.write_text(json.dumps(spec))
-        port = free_port()
-        procs = []
-        for r in range(world):
-            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                       LOCAL_RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-            log = open(tmp / f"rank{r}-{spec_path.stem}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT, cwd=ROOT), log))
+        procs = start_ranks([sys.executable, __file__, str(spec_path)], world, tmp, tag=spec_path.stem)
         running.append((spec, spec_path, procs, expect_kill))
-    waiting = running[0][1]
-    try:
-        for _, waiting, procs, _ in running:  # noqa: B007 - `waiting` names the job in the failure
-            for p, _ in procs:
-                p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for _, _, procs, _ in running:
-            for p, _ in procs:
-                p.kill()
-        pytest.fail(f"ranks did not finish within {timeout}s: {_tail(tmp, waiting)}")
-    finally:
-        for _, _, procs, _ in running:
-            for _, log in procs:
-                log.close()
     results = []
     for spec, spec_path, procs, expect_kill in running:
-        codes = [p.returncode for p, _ in procs]
+        codes = [code for code, _ in wait_ranks(procs, timeout)]
+        if None in codes:
+            pytest.fail(f"ranks did not finish within {timeout}s: {_tail(tmp, spec_path)}")
         if expect_kill:
             assert any(c == -signal.SIGKILL for c in codes), f"{codes}: {_tail(tmp, spec_path)}"
         elif any(codes):
