@@ -132,15 +132,37 @@ def _default_cache_root(dataset: Dataset) -> Path:
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 [3, size, size]: RGB, shorter side resized, centre-cropped."""
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if (w, h) != (size, size):
-            s = size / min(w, h)
-            nw, nh = max(size, round(w * s)), max(size, round(h * s))
-            im = im.resize((nw, nh), Image.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        return prepare_image(im, size)
+
+
+def prepare_image(im: Image.Image, size: int) -> np.ndarray:
+    """A PIL image -> uint8 [3, size, size] exactly as the cache stores it (RGB, shorter side
+    resized bilinearly, centre-cropped)."""
+    im = im.convert("RGB")
+    w, h = im.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer in a local folder; one line naming the folder if it cannot be loaded."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the user's folder
+        raise DataError(f"{path}: cannot load tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def tokenize_titles(tok, titles: list[str], max_text_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids [n, max_text_len] int32 right-padded, lengths [n] int32) of stripped titles,
+    exactly as the cache stores them."""
+    enc = tok(titles, max_length=max_text_len, truncation=True, padding="max_length",
+              return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].sum(axis=1).astype(np.int32)
 
 
 def build_or_load_item_cache(dataset: Dataset | str | Path, *, tokenizer: str | Path | None = None,
@@ -170,10 +192,7 @@ def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str,
            image_size: int, progress: bool) -> None:
     t0 = time.perf_counter()
     stats = SkipStats(parent=GLOBAL, where=f"item cache {dataset.path}")
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_path)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is the user's folder
-        raise DataError(f"{tok_path}: cannot load tokenizer ({type(exc).__name__}: {exc})") from None
+    tok = load_tokenizer(tok_path)
     n = dataset.n_items
     modality = dataset.modality.copy()
     is_text = modality == TEXT
@@ -206,11 +225,8 @@ def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str,
         if not pending_titles:
             return
         t = time.perf_counter()
-        enc = tok(pending_titles, max_length=max_text_len, truncation=True, padding="max_length",
-                  return_attention_mask=True, return_token_type_ids=False, return_tensors="np")
         rows = np.asarray(pending_rows)
-        tokens[rows] = enc["input_ids"]
-        lengths[rows] = enc["attention_mask"].sum(axis=1)
+        tokens[rows], lengths[rows] = tokenize_titles(tok, pending_titles, max_text_len)
         valid[np.asarray(pending_items)] = True
         pending_titles.clear()
         pending_rows.clear()

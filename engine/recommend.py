@@ -1,0 +1,483 @@
+"""Using a trained model: item embeddings from raw content, top-k recommendations for histories.
+
+:class:`Recommender` wraps an export (full or adapter, from any ZeRO stage: the export folder hides
+that) and keeps a *pool* of candidate items, each an id with its embedding. Items join the pool from
+
+- a shards dataset (``encode_items(data=DIR)``): its item cache, encoded by
+  :func:`~transrec.engine.evaluate.encode_catalogue` in ``eval.item_chunk`` chunks, so the
+  embeddings are those ``transrec eval`` ranks against;
+- a catalogue folder (``encode_items(catalogue=DIR)``): ``items.csv`` (or ``.tsv`` / ``.jsonl``) with
+  an item column and a title and/or image column, plus an optional ``images/`` folder, read by the
+  same code as ``transrec shards build`` (an item with a readable image is an image item, else a
+  text item);
+- raw content with ids (``encode_items(titles=[...], images=[...], ids=[...])``).
+
+Raw content goes through the item cache's own preprocessing (:func:`~transrec.shards.cache.tokenize_titles`
+with the export's tokenizer and ``model.text.max_len``; :func:`~transrec.shards.cache.prepare_image` at
+``model.image.image_size``) into an in-memory :class:`~transrec.shards.batch.ArrayContent`, then through
+``encode_catalogue`` like a dataset: one code path for every item. Embeddings are cached per content
+(a hash of the title or of the prepared pixels), so an item is encoded once however often it is added
+or named in a history.
+
+A user is the last ``data.max_len`` items of their history (the evaluation window), right-aligned as
+the evaluation batches are; scores are ``user · item`` after L2 normalisation when
+``model.loss.l2_normalize`` is set, exactly as :func:`~transrec.engine.evaluate.score_users` computes
+them. Histories may mix pool ids and raw content (``{"title": ...}`` / ``{"image": path | PIL image |
+uint8 array}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from transrec.engine.data import open_data
+from transrec.engine.evaluate import encode_catalogue
+from transrec.models.export import export_config, read_export
+from transrec.models.recommender import SequentialRecommender, content_spec
+from transrec.shards.batch import IMAGE, TEXT, ArrayContent
+from transrec.shards.build import read_interactions, read_items, read_table
+from transrec.shards.cache import load_tokenizer, prepare_image, tokenize_titles
+from transrec.shards.dataset import Dataset
+from transrec.shards.format import unsanitize_key
+from transrec.shards.stats import SkipStats
+
+from transrec.errors import UserError
+
+CATALOGUE_TABLES = ("items.csv", "items.tsv", "items.jsonl")
+
+
+@dataclass
+class Recommendations:
+    """Top-k of one user: ``ids[i]`` scored ``scores[i]``, best first."""
+
+    ids: list[str]
+    scores: list[float]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{i}:{s:.3f}" for i, s in zip(self.ids[:5], self.scores[:5]))
+        more = f", ... {len(self.ids)} in all" if len(self.ids) > 5 else ""
+        return f"Recommendations([{shown}{more}])"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Raw:
+    """One item given by its content: modality, the prepared content and its cache key."""
+
+    modality: int
+    title: str | None = None
+    pixels: np.ndarray | None = None
+    key: str = field(default="")
+
+
+def _device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Recommender:
+    """Top-k recommendation from a trained model (see the module docstring).
+
+    >>> rec = Recommender.from_export("exports/pre")              # doctest: +SKIP
+    >>> rec.encode_items(data="data/source")                      # doctest: +SKIP
+    >>> rec.recommend(["s-i000001", {"title": "red striped bold"}], k=5)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: SequentialRecommender, cfg, *, device="cpu", source: str = ""):
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.source = source
+        self.kind = cfg.model.kind
+        self.history_len = int(cfg.data.max_len)
+        self.chunk = int(cfg.eval.item_chunk)
+        self.batch_size = int(cfg.eval.batch_size)
+        self.l2 = bool(cfg.model.loss.l2_normalize)
+        self._spec = content_spec(cfg.model) if self.kind != "id" else None
+        self._tok = None
+        self._rows: list[torch.Tensor] = []  # embedding blocks, [n_i, d] float32 on the device
+        self._n = 0
+        self._table: torch.Tensor | None = None  # cat of _rows, rebuilt when rows are added
+        self._by_key: dict[str, int] = {}  # content key -> row
+        self._pool: dict[str, int] = {}  # item id -> row (insertion order = pool order)
+        self._pool_cache: tuple[list[str], torch.Tensor] | None = None
+
+    @classmethod
+    def from_export(cls, path: str | Path, device=None) -> Recommender:
+        """The export's model (full or adapter export) on ``device`` (default: CUDA when present)."""
+        read_export(path)
+        cfg = export_config(path)
+        model = SequentialRecommender.from_export(path)
+        return cls(model, cfg, device=device, source=str(path))
+
+    def __repr__(self) -> str:
+        return (f"Recommender({self.source!r}, kind={self.kind}, items={len(self._pool)}, "
+                f"device={self.device.type})")
+
+    # -- the pool -------------------------------------------------------------------------------
+    @property
+    def item_ids(self) -> list[str]:
+        """Ids of the candidate pool, in the order they joined."""
+        return list(self._pool)
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    def __contains__(self, item_id) -> bool:
+        return str(item_id) in self._pool
+
+    def _add_rows(self, emb: torch.Tensor) -> np.ndarray:
+        rows = np.arange(self._n, self._n + emb.shape[0])
+        self._rows.append(emb.float().to(self.device))
+        self._n += int(emb.shape[0])
+        self._table = None
+        return rows
+
+    def _all(self) -> torch.Tensor:
+        if self._table is None:
+            if not self._rows:
+                raise UserError("no items yet: encode_items(data=DIR | catalogue=DIR | titles/images + ids)")
+            self._table = torch.cat(self._rows) if len(self._rows) > 1 else self._rows[0]
+            self._rows = [self._table]
+        return self._table
+
+    def _join(self, ids: Sequence[str], rows: np.ndarray) -> None:
+        for i, r in zip(ids, rows.tolist()):
+            self._pool[str(i)] = int(r)
+        self._pool_cache = None
+
+    def _candidates(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+        """(ids, rows of the table) of the pool or of ``ids`` (each must be in the pool)."""
+        if ids is None:
+            if self._pool_cache is None:
+                self._pool_cache = (list(self._pool), torch.tensor(list(self._pool.values()),
+                                                                   dtype=torch.long, device=self.device))
+            return self._pool_cache
+        ids = [str(i) for i in ids]
+        return ids, torch.tensor([self._row_of(i) for i in ids], dtype=torch.long, device=self.device)
+
+    def _row_of(self, item_id: str) -> int:
+        r = self._pool.get(str(item_id))
+        if r is None:
+            raise UserError(f"unknown item id {item_id!r} (not in the {len(self._pool)} encoded items; "
+                            "add it with encode_items)")
+        return r
+
+    # -- encoding -------------------------------------------------------------------------------
+    def encode_items(self, titles: Sequence[str] | None = None, images: Sequence | None = None, *,
+                     ids: Sequence[str] | None = None, catalogue: str | Path | None = None,
+                     data: str | Path | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Embeddings ``[n, d]`` (float32, as the model outputs them) of the items given, in order.
+
+        - ``data=DIR``: every item of a shards dataset (items whose content was bad are left out);
+        - ``catalogue=DIR``: ``items.csv|tsv|jsonl`` + optional ``images/`` (the ``shards build`` layout);
+        - ``titles`` then ``images`` (paths, PIL images or uint8 arrays ``[H, W, 3]`` / ``[3, H, W]``).
+
+        Items with ids (a dataset's, a catalogue's, or ``ids`` for raw content: one per title, then
+        one per image) join the candidate pool; an id given again with other content is replaced.
+        Raw content without ids is encoded (and cached) but does not join the pool.
+        ``progress``: a bar while encoding (default: for jobs over 4 chunks).
+        """
+        given = [x is not None for x in (data, catalogue)]
+        if sum(given) + bool(titles or images) > 1:
+            raise UserError("encode_items takes one of: data=DIR, catalogue=DIR, or titles/images")
+        if data is not None:
+            return self._encode_dataset(data, progress)
+        if catalogue is not None:
+            item_ids, raws = self._read_catalogue(catalogue)
+        else:
+            raws = [self._raw_title(t) for t in (titles or [])] + [self._raw_image(x) for x in (images or [])]
+            if not raws:
+                raise UserError("encode_items got no items (titles, images, catalogue= or data=)")
+            item_ids = None
+            if ids is not None:
+                item_ids = [str(i) for i in ids]
+                if len(item_ids) != len(raws):
+                    raise UserError(f"ids: {len(item_ids)} ids for {len(raws)} items (titles, then images)")
+        rows = self._encode_raw(raws, progress)
+        if item_ids is not None:
+            self._join(item_ids, rows)
+        return self._all()[torch.as_tensor(rows, device=self.device)]
+
+    def _encode_dataset(self, data, progress) -> torch.Tensor:
+        ds, content = open_data(self.cfg, str(data), show=bool(progress))
+        if self.kind == "id":
+            n_known = int(self.model.n_items)
+            if ds.n_items != n_known:
+                raise UserError(f"{data}: the ID model knows {n_known} items, this dataset has {ds.n_items}; "
+                                "an ID model recommends from its own catalogue only")
+        show = progress if progress is not None else ds.n_items > 4 * self.chunk
+        emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show)
+        rows = self._add_rows(emb)
+        valid = np.asarray(getattr(content, "valid", np.ones(ds.n_items, dtype=bool)), dtype=bool)
+        ids = [unsanitize_key(k) for k in ds.item_ids]
+        keep = np.flatnonzero(valid)
+        self._join([ids[i] for i in keep], rows[keep])
+        return emb
+
+    def _need_content(self, what: str) -> None:
+        if self.kind == "id":
+            raise UserError(f"{what}: an ID model has no content encoder; it scores its own dataset's "
+                            "items only (encode_items(data=DIR))")
+
+    def _tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self._spec["tokenizer"])
+        return self._tok
+
+    def _raw_title(self, title) -> _Raw:
+        self._need_content("a title")
+        t = str(title).strip()
+        if not t:
+            raise UserError("an empty title cannot be encoded")
+        return _Raw(TEXT, title=t, key="t:" + hashlib.sha1(t.encode()).hexdigest())
+
+    def _raw_image(self, image) -> _Raw:
+        self._need_content("an image")
+        size = int(self._spec["image_size"])
+        if isinstance(image, str | Path):
+            p = Path(image)
+            try:
+                with Image.open(p) as im:
+                    pix = prepare_image(im, size)
+            except FileNotFoundError:
+                raise UserError(f"{p}: image not found") from None
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt data
+                raise UserError(f"{p}: unreadable image ({type(exc).__name__})") from None
+        elif isinstance(image, Image.Image):
+            pix = prepare_image(image, size)
+        else:
+            a = np.asarray(image)
+            if a.dtype != np.uint8 or a.ndim not in (2, 3):
+                raise UserError(f"an image array must be uint8 [H, W], [H, W, 3] or [3, H, W], got "
+                                f"{a.dtype} {list(a.shape)}")
+            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+                a = a.transpose(1, 2, 0)
+            pix = prepare_image(Image.fromarray(np.ascontiguousarray(a.squeeze(-1) if a.ndim == 3
+                                                                     and a.shape[-1] == 1 else a)), size)
+        return _Raw(IMAGE, pixels=pix, key="i:" + hashlib.sha1(pix.tobytes()).hexdigest())
+
+    def _raw_of(self, entry: dict) -> _Raw:
+        if "title" in entry and entry["title"] is not None:
+            return self._raw_title(entry["title"])
+        if "image" in entry and entry["image"] is not None:
+            return self._raw_image(entry["image"])
+        raise UserError(f"an item must be an id, {{'title': ...}} or {{'image': ...}}; got {entry!r}")
+
+    def _encode_raw(self, raws: list[_Raw], progress) -> np.ndarray:
+        """Rows of the table for ``raws``, encoding the ones not seen before (in first-seen order)."""
+        todo: dict[str, _Raw] = {}
+        for r in raws:
+            if r.key not in self._by_key and r.key not in todo:
+                todo[r.key] = r
+        if todo:
+            new = list(todo.values())
+            mod = np.asarray([r.modality for r in new], dtype=np.int8)
+            is_text = mod == TEXT
+            row = np.zeros(len(new), dtype=np.int64)
+            row[is_text] = np.arange(int(is_text.sum()))
+            row[~is_text] = np.arange(int((~is_text).sum()))
+            tokens = lengths = images = None
+            if is_text.any():
+                titles = [r.title for r in new if r.modality == TEXT]
+                tokens, lengths = tokenize_titles(self._tokenizer(), titles, int(self._spec["max_text_len"]))
+            if (~is_text).any():
+                images = np.stack([r.pixels for r in new if r.modality == IMAGE])
+            content = ArrayContent(mod, row, tokens, lengths, images)
+            show = progress if progress is not None else len(new) > 4 * self.chunk
+            emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show)
+            for r, i in zip(new, self._add_rows(emb).tolist()):
+                self._by_key[r.key] = i
+        return np.asarray([self._by_key[r.key] for r in raws], dtype=np.int64)
+
+    def _read_catalogue(self, folder) -> tuple[list[str], list[_Raw]]:
+        self._need_content("a catalogue")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"{folder}: catalogue folder not found")
+        table = next((folder / n for n in CATALOGUE_TABLES if (folder / n).is_file()), None)
+        img_dir = folder / "images" if (folder / "images").is_dir() else None
+        if table is None and img_dir is None:
+            raise UserError(f"{folder}: no {' / '.join(CATALOGUE_TABLES)} and no images/ folder")
+        stats = SkipStats(where=f"catalogue {folder}")
+        ids, raws = [], []
+        for rec in read_items(table, img_dir, stats):
+            raw = None
+            if rec.image is not None:
+                try:
+                    raw = self._raw_image(rec.image)
+                except UserError as exc:
+                    stats.skip("missing_image" if "not found" in str(exc) else "corrupt_image", str(exc))
+            if raw is None and (rec.title or "").strip():
+                raw = self._raw_title(rec.title)
+            if raw is None:
+                if rec.image is None:
+                    stats.skip("empty_title", f"item {rec.id}")
+                continue
+            ids.append(rec.id)
+            raws.append(raw)
+        if not raws:
+            raise UserError(f"{folder}: no item with usable content")
+        return ids, raws
+
+    # -- scoring --------------------------------------------------------------------------------
+    def _history_rows(self, histories: Sequence[Sequence]) -> list[list[int]]:
+        """Rows of the table for every history entry (raw content encoded in one pass)."""
+        raws: list[_Raw] = []
+        where: list[tuple[int, int]] = []
+        out: list[list[int]] = []
+        for u, hist in enumerate(histories):
+            if isinstance(hist, str | dict):
+                raise UserError("a history is a list of items (ids or {'title'|'image': ...})")
+            rows = []
+            for j, e in enumerate(hist):
+                if isinstance(e, dict) and "id" not in e:
+                    raws.append(self._raw_of(e))
+                    where.append((u, j))
+                    rows.append(-1)
+                else:
+                    rows.append(self._row_of(e["id"] if isinstance(e, dict) else e))
+            if not rows:
+                raise UserError(f"history {u}: empty (a user needs at least one item)")
+            out.append(rows)
+        if raws:
+            for (u, j), r in zip(where, self._encode_raw(raws, False).tolist()):
+                out[u][j] = r
+        return out
+
+    @torch.no_grad()
+    def _users(self, rows: list[list[int]], table: torch.Tensor) -> torch.Tensor:
+        """User states ``[B, d]`` (float32): the last ``data.max_len`` items, right-aligned."""
+        length = self.history_len
+        b = len(rows)
+        idx = torch.full((b, length), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            r = r[-length:]
+            idx[i, length - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        idx = idx.to(self.device)
+        mask = idx >= 0
+        emb = table[idx.clamp(min=0)]
+        param = next(self.model.parameters())
+        return self.model.encode_users(emb.to(param.dtype), mask).float()
+
+    def _scores(self, rows: list[list[int]], cand: torch.Tensor) -> torch.Tensor:
+        table = self._all()
+        user = self._users(rows, table)
+        items = table[cand]
+        if self.l2:  # score as the loss does (cosine)
+            user = torch.nn.functional.normalize(user, dim=-1)
+            items = torch.nn.functional.normalize(items, dim=-1)
+        return user @ items.T
+
+    def recommend(self, history: Sequence, k: int = 10, *, exclude_history: bool = True,
+                  candidates: Sequence[str] | None = None) -> Recommendations:
+        """Top ``k`` of the pool (or of ``candidates``, ids in the pool) for one history."""
+        return self.recommend_many([history], k, exclude_history=exclude_history, candidates=candidates)[0]
+
+    @torch.no_grad()
+    def recommend_many(self, histories: Sequence[Sequence], k: int = 10, *, exclude_history: bool = True,
+                       candidates: Sequence[str] | None = None) -> list[Recommendations]:
+        """:meth:`recommend` for many histories, ``eval.batch_size`` users per pass."""
+        if k < 1:
+            raise UserError(f"k must be at least 1, got {k}")
+        cand_ids, cand = self._candidates(candidates)
+        if not cand_ids:
+            raise UserError("no candidate items")
+        col_of = None
+        out: list[Recommendations] = []
+        for lo in range(0, len(histories), self.batch_size):
+            rows = self._history_rows(histories[lo:lo + self.batch_size])
+            scores = self._scores(rows, cand)
+            if exclude_history:
+                if col_of is None:  # table row -> candidate column
+                    col_of = torch.full((self._n,), -1, dtype=torch.long)
+                    col_of[cand.cpu()] = torch.arange(len(cand_ids))
+                    col_of = col_of.to(self.device)
+                for i, r in enumerate(rows):
+                    r = torch.as_tensor(r, dtype=torch.long, device=self.device)
+                    r = r[r < col_of.shape[0]]
+                    cols = col_of[r]
+                    scores[i, cols[cols >= 0]] = float("-inf")
+            kk = min(k, scores.shape[1])
+            top, at = torch.topk(scores, kk, dim=1)
+            top, at = top.cpu(), at.cpu()
+            for i in range(top.shape[0]):
+                keep = torch.isfinite(top[i])
+                out.append(Recommendations([cand_ids[j] for j in at[i][keep].tolist()],
+                                           top[i][keep].tolist()))
+        return out
+
+    @torch.no_grad()
+    def score(self, history: Sequence, items: Sequence) -> np.ndarray:
+        """Scores ``[len(items)]`` of ``items`` (pool ids or raw content) for one history."""
+        hist_rows = self._history_rows([history])
+        raws = [self._raw_of(e) for e in items if isinstance(e, dict) and "id" not in e]
+        raw_rows = iter(self._encode_raw(raws, False).tolist()) if raws else iter(())
+        rows = [next(raw_rows) if isinstance(e, dict) and "id" not in e
+                else self._row_of(e["id"] if isinstance(e, dict) else e) for e in items]
+        cand = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return self._scores(hist_rows, cand)[0].cpu().numpy()
+
+
+def dataset_sequences(data: str | Path | Dataset) -> Iterator[tuple[str, list[str]]]:
+    """(user id, time-ordered item ids) of every user of a dataset (ids unescaped)."""
+    ds = data if isinstance(data, Dataset) else Dataset.open(data)
+    for s in wds.WebDataset([str(x.path) for x in ds.seq_shards], shardshuffle=False, nodesplitter=None,
+                            workersplitter=None, empty_check=False):
+        obj = json.loads(s["json"])
+        yield str(obj.get("user", unsanitize_key(s["__key__"]))), [unsanitize_key(k) for k in obj["items"]]
+
+
+def read_histories(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(user, history) pairs from a file: JSONL lines ``{"user": ..., "history": [ids]}``, or an
+    interactions table (user, item, optional timestamp; CSV/TSV/JSONL) as ``shards build`` reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    cols, rows = read_table(path)
+    if "history" in cols:
+        out = []
+        for n, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get("history"), list):
+                raise UserError(f"{path}: line {n + 1} has no history list")
+            out.append((str(row.get("user", n)), [str(i) for i in row["history"]]))
+        return out
+    by_user: dict[str, list[tuple[float, int, str]]] = {}
+    for user, item, t, order in read_interactions(path, SkipStats(where=f"histories {path}")):
+        by_user.setdefault(user, []).append((t, order, item))
+    return [(u, [r[2] for r in sorted(v)]) for u, v in by_user.items()]
+
+
+def write_recommendations(path: str | Path | None, users: Iterable[str], recs: Iterable[Recommendations],
+                          fmt: str = "csv") -> None:
+    """Write ``user, rank, item, score`` rows (CSV) or one JSON object per user (JSONL); ``path``
+    None or "-": standard output."""
+    lines = ["user,rank,item,score"] if fmt == "csv" else []
+    for u, r in zip(users, recs):
+        if fmt == "csv":
+            lines += [f"{_csv(u)},{j + 1},{_csv(i)},{s:.6f}" for j, (i, s) in enumerate(zip(r.ids, r.scores))]
+        else:
+            lines.append(json.dumps({"user": u, "items": r.ids, "scores": [round(s, 6) for s in r.scores]}))
+    text = "\n".join(lines) + "\n"
+    if path is None or str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+
+def _csv(v: str) -> str:
+    v = str(v)
+    return '"' + v.replace('"', '""') + '"' if any(c in v for c in ',"\n') else v
