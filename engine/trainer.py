@@ -58,6 +58,12 @@ class TrainResult:
     seconds: float = 0.0
     sequences: int = 0
 
+    def __repr__(self) -> str:  # short: the per-step losses stay in .losses
+        test = self.metrics.get("test", {})
+        return (f"TrainResult(run={str(self.run_dir)!r}, step={self.step}, "
+                f"loss={self.losses[-1] if self.losses else float('nan'):.4f}, "
+                f"test_ndcg@10={test.get('ndcg@10', float('nan')):.4f}, seconds={self.seconds:.1f})")
+
 
 def _single_process_fast_path(engine) -> None:
     """One process, ZeRO-0, fp32: drop DeepSpeed's per-tensor work that has nothing to do.
