@@ -37,12 +37,31 @@ def cpu_name() -> str:
 
 
 def append_rows(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
-    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new."""
+    """Append ``rows`` to the CSV at ``path``, writing the header when the file is new. Where the
+    file's header lacks some of ``fields`` (a script gained columns), the file is rewritten once with
+    the new columns added at the end (empty in the older rows), so no row is written misaligned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
+    fields = list(fields or rows[0])
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            have = list(reader.fieldnames or [])
+            missing = [k for k in fields if k not in have]
+            old = list(reader) if missing else []
+        if missing:
+            have += missing
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=have)
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
+        fields, new = have, False
+    else:
+        new = True
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerows(rows)

@@ -27,6 +27,7 @@ printed). Speed does not depend on what the titles say, so random content is fai
     .venv/bin/python benchmarks/prefix_cache.py                    # CPU presets
     .venv/bin/python benchmarks/prefix_cache.py --presets cpu-tiny --batches 32
     python benchmarks/prefix_cache.py --gpu                        # on a CUDA machine
+    python benchmarks/prefix_cache.py --gpu --batches 256 --repeats 1 --steps 12 --csv OUT/prefix_cache.csv
     .venv/bin/python benchmarks/prefix_cache.py --gpu --smoke      # the GPU path at toy sizes, CPU
 
 Rows are appended to benchmarks/results/prefix_cache.csv (date, machine/card, git sha); a PNG per
@@ -101,7 +102,7 @@ PRESETS = {
     "gpu": Preset("gpu", "base", 2, "resnet18", 2, 224, 32, 25, (64, 256), 20000, 30, 5, "cuda", "bf16",
                   dim=256),
 }
-SMOKE = {"n_items": 200, "steps": 2, "warmup": 1, "batches": (4,), "image_size": 64, "text_len": 12,
+SMOKE = {"n_items": 200, "steps": 2, "warmup": 1, "batches": (4,), "image_size": 32, "text_len": 12,
          "positions": 6, "device": "cpu", "precision": "fp32", "text": "tiny", "text_trainable": 1}
 
 
@@ -357,6 +358,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per (batch, mode); the best is kept")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     ap.add_argument("--no-write", action="store_true", help="print only (no CSV/PNG)")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="append the rows to this CSV instead (no PNG; with --smoke too), as measured")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per run (default: the preset's)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -378,6 +382,8 @@ def main(argv=None) -> None:
             p = PRESETS[n]
             if args.smoke:
                 p = Preset(**{**asdict(p), **SMOKE})
+            if args.steps:
+                p = Preset(**{**asdict(p), "steps": args.steps})
             if p.device == "cuda" and not torch.cuda.is_available():
                 raise SystemExit(f"preset {n} needs CUDA (none here); use --smoke to check it on the CPU")
             batches = [int(b) for b in args.batches.split(",") if b] or list(p.batches)
@@ -395,6 +401,7 @@ def main(argv=None) -> None:
                         r = measure(p, b, mode, work, args)
                         if mode not in best or r["seq_per_s"] > best[mode]["seq_per_s"]:
                             best[mode] = r
+                batch_rows = []
                 for mode in ("dedup", "dedup+prefix"):
                     r = best[mode]
                     speed = r["seq_per_s"] / best["dedup"]["seq_per_s"]
@@ -405,7 +412,7 @@ def main(argv=None) -> None:
                           f"unique {r['unique_items']:.0f} (dedup {r['dedup_ratio']:.2f}x)  "
                           f"peak {r['peak_mem_gib']:.2f} GiB  eval {r['eval_items_per_s']:.0f} items/s "
                           f"({r['eval_speedup']:.2f}x)", flush=True)
-                    rows.append({
+                    batch_rows.append({
                         "date": date, "git_sha": sha, "machine": machine, "preset": p.name + (
                             "-smoke" if args.smoke else ""),
                         "text_encoder": f"{p.text} top{p.text_trainable}",
@@ -416,6 +423,12 @@ def main(argv=None) -> None:
                         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                            if k in FIELDS},
                     })
+                rows += batch_rows
+                if args.csv:
+                    append_rows(args.csv, batch_rows, FIELDS)
+    if args.csv:
+        print(f"wrote {args.csv}")
+        return
     if args.no_write or args.smoke:
         return
     append_rows(CSV_PATH, rows, FIELDS)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transrec.engine import distributed as D
 
 from transrec.errors import UserError
 
@@ -154,9 +155,7 @@ class CheckpointManager:
     def save(self, engine, client: ClientState, *, world_size: int, zero_stage: int, precision: str,
              extra: dict | None = None, _fail_after_write: bool = False) -> str:
         """Collective: every rank calls it. Returns the tag written."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = D.rank()
         tag = tag_for(client.step)
         tmp_tag = TMP_PREFIX + tag
         tmp = self.dir / tmp_tag
@@ -164,11 +163,11 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-        _barrier()
+        D.barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"transrec": vars(client)},
                                save_latest=False)
         torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
-        _barrier()
+        D.barrier()
         if _fail_after_write:  # test hook: the process dies between writing and committing
             raise KeyboardInterrupt("save interrupted")
         if rank == 0:
@@ -185,7 +184,7 @@ class CheckpointManager:
             os.rename(tmp, final)
             _write_atomic(self.dir / LATEST, tag)
             self._prune(keep=tag)
-        _barrier()
+        D.barrier()
         return tag
 
     def _prune(self, keep: str) -> None:
@@ -211,20 +210,13 @@ class CheckpointManager:
 
     def load(self, engine, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> ClientState:
         """Collective: restores DeepSpeed states (model, optimizer, scheduler) and this rank's RNG."""
-        import torch.distributed as dist
-
         man = self.check_compatible(tag, world_size=world_size, zero_stage=zero_stage, run_dir=run_dir)
         path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = D.rank()
         set_rng_state(torch.load(self.dir / tag / f"rng-rank{rank:05d}.pt", weights_only=True))
         return ClientState(**man["client"])
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -37,7 +37,8 @@ def _quiet_deepspeed() -> None:
 
 def cmd_train(args) -> int:
     _env()
-    from transrec.engine.trainer import train
+    from transrec.engine import distributed as D  # lazy: keeps `transrec --help` fast
+    from transrec.engine.trainer import train  # lazy
 
     from transrec.config import build_config
 
@@ -49,7 +50,7 @@ def cmd_train(args) -> int:
     cfg = build_config(args.preset, args.config, overrides)
     _quiet_deepspeed()
     res = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if D.is_main():
         print(json.dumps({"run": str(res.run_dir), "step": res.step, **{
             f"{s}_{k}": round(v, 5) for s, m in res.metrics.items() for k, v in m.items() if k != "users"}}))
     return 0
@@ -66,7 +67,8 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     _env()
-    from transrec.engine.export import export_run, read_export
+    from transrec.engine.export import export_run
+    from transrec.models.export import read_export
 
     out = export_run(args.run, args.out, full=args.full)
     meta = read_export(out)
@@ -77,13 +79,14 @@ def cmd_export(args) -> int:
 def cmd_transfer(args) -> int:
     _env()
     _quiet_deepspeed()
-    from transrec.engine.transfer import format_table, run_transfer
+    from transrec.engine import distributed as D  # lazy: keeps `transrec --help` fast
+    from transrec.engine.transfer import format_table, run_transfer  # lazy
 
     overrides = list(args.overrides)
     if args.steps:
         overrides.append(f"optim.steps={args.steps}")
     row = run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk, overrides=overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if D.is_main():
         print(format_table([row]))
     return 0
 

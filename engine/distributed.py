@@ -9,8 +9,8 @@
   front of the subcommand, which the top-level parser would refuse).
 - Backend: NCCL with CUDA, gloo on the CPU (``deepspeed.backend`` overrides).
 
-On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, 30-60 s
-per fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
+On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepspeed_shm_comm``, slow
+on a fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
 collectives and never that op (it serves DeepSpeed inference's all-reduce), so it is switched off
 unless ``TRANSREC_DS_SHM=1``.
 """
@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 import socket
 
+import deepspeed
+import deepspeed.ops
 import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -38,8 +41,6 @@ def default_backend(choice: str = "auto") -> str:
 def _disable_shm_op() -> None:
     if os.environ.get("TRANSREC_DS_SHM") == "1" or torch.cuda.is_available():
         return
-    import deepspeed.ops
-
     # The probe that fills this dict runs compiler subprocesses; the engine needs one entry only.
     ops = deepspeed.ops.__dict__.get("__compatible_ops__")
     if ops is None:
@@ -50,9 +51,6 @@ def _disable_shm_op() -> None:
 
 def init(backend: str = "auto") -> tuple[int, int, int]:
     """Initialise the process group once; returns ``(rank, local_rank, world_size)``."""
-    import deepspeed
-    import torch.distributed as dist
-
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -74,20 +72,15 @@ def device() -> torch.device:
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank: the process group's, or the launcher's before it is set up."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

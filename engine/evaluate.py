@@ -16,25 +16,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from transrec.engine import distributed as D
 from transrec.engine.metrics import DEFAULT_KS, finalize, metric_sums, target_ranks
 from transrec.engine.tracking import progress
+from transrec.models.global_negatives import gather_ragged
 
 
 def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -> torch.Tensor:
     """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks)."""
     net = _unwrap(model)
-    rank, world = _world()
+    rank, world = D.rank(), D.world_size()
     n = int(content.n_items)
     starts = list(range(0, n, chunk))
     per_rank = -(-len(starts) // world)
@@ -93,7 +89,7 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
     try:
         if item_emb is None:
             item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show)
-        rank, world = _world()
+        rank, world = D.rank(), D.world_size()
         users, ranks = [], []
         seen = 0
         for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
@@ -114,7 +110,7 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         users_t = torch.cat(users) if users else torch.zeros(0, dtype=torch.long, device=device)
         ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
         if world > 1:
-            users_t, ranks_t = _gather_ragged(users_t, device), _gather_ragged(ranks_t, device)
+            users_t, ranks_t = gather_ragged(users_t), gather_ragged(ranks_t)
         # Each user once (the first occurrence), whatever padding the loader used.
         order = torch.argsort(users_t, stable=True)
         users_s, ranks_s = users_t[order], ranks_t[order]
@@ -127,15 +123,3 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
     finally:
         net.train(was_training)
 
-
-def _gather_ragged(t: torch.Tensor, device) -> torch.Tensor:
-    world = dist.get_world_size()
-    n = torch.tensor([t.numel()], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    pad = torch.zeros(m, dtype=t.dtype, device=device)
-    pad[: t.numel()] = t
-    out = [torch.empty_like(pad) for _ in range(world)]
-    dist.all_gather(out, pad)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

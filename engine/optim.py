@@ -7,8 +7,8 @@ code runs on the CPU and on GPUs; DeepSpeed wraps it for ZeRO 1-3.
 
 ZeRO 1-3 and DeepSpeed's bf16 optimizer hand the AdamW one flat fp32 tensor per group. Without them
 (ZeRO-0, fp32) it would see every weight separately -- about a hundred small tensors for the tiny
-models -- and on a CPU the fused kernel pays a parallel region per tensor: 0.5 ms per step on idle
-cores, 250 ms when another process holds them (threads wait on each other). :class:`FlatAdamW`
+models -- and on a CPU the fused kernel pays a parallel region per tensor, whose threads wait on
+each other when another process holds the cores (``benchmarks/e2e.py`` measures it). :class:`FlatAdamW`
 gathers each group into one flat tensor per step instead: the same update (bit for bit, but
 for the odd last-bit difference where a tensor's tail falls in the kernel's vector loop).
 """

@@ -9,32 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transrec.engine.export import load_run
 
 from transrec.errors import UserError
 
 
 def load_run_model(run: str | Path):
     """(config, model in eval mode with the latest checkpoint's weights, checkpoint manifest)."""
-    from transrec.engine.export import consolidated_state_dict
-    from transrec.models import build_model
-
-    from transrec.config import from_dict, load_yaml
-
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run}: not a run folder (no config.yaml)")
-    cfg = from_dict(load_yaml(run / "config.yaml"))
-    sd, man = consolidated_state_dict(run)
-    model = build_model(cfg.model, n_items=man.get("n_items"))
-    own = model.state_dict()
-    model.load_state_dict({k: sd[k] for k in own if k in sd}, strict=True)
+    cfg, model, man = load_run(run)
     return cfg, model.eval(), man
 
 
 def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "valid,test",
                  item_chunk: int | None = None, show: bool = True) -> dict:
+    from transrec.engine.data import make_loader, open_data
     from transrec.engine.evaluate import encode_catalogue, evaluate
-    from transrec.engine.trainer import make_loader, open_data
 
     cfg, model, man = load_run_model(run)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

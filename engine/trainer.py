@@ -18,17 +18,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transrec.engine import distributed as D
 from transrec.engine.checkpoint import CheckpointManager, ClientState
-from transrec.engine.evaluate import evaluate
+from transrec.engine.data import make_loader, open_data
+from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.tracking import Tracker, progress
+from transrec.models import build_model
+from transrec.shards.batch import Batch
 from transrec.shards.prefix_cache import maybe_wrap
 
 from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
@@ -36,64 +44,16 @@ from transrec.errors import ConfigError, UserError
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def open_data(cfg: Config, path: str | None = None, *, show: bool = False):
-    """(Dataset, ItemCache or None) for ``path`` (default ``data.path``) as the model config needs."""
-    from transrec.shards.dataset import Dataset
-
-    path = path or cfg.data.path
-    if not path:
-        raise ConfigError("no dataset: pass --data DIR (or data.path=DIR)")
-    ds = Dataset.open(path)
-    if cfg.model.kind == "id":
-        return ds, NoContent(ds)
-    from transrec.shards.cache import build_or_load_item_cache
-
-    content = build_or_load_item_cache(ds, cache_dir=cfg.data.cache_dir or None, **content_spec(cfg.model),
-                                       progress=show)
-    return ds, content
-
-
-class NoContent:
-    """The content source of the ID baseline: item indices only, no titles or pictures."""
-
-    def __init__(self, ds):
-        self.n_items = int(ds.n_items)
-        self.modality = np.asarray(ds.modality, dtype=np.int8)
-
-    def gather(self, items):
-        return None, None
-
-
-def content_spec(model_cfg) -> dict:
-    """What the item cache must hold for this model: tokenizer folder, title length, image size."""
-    from transrec.models.text import tokenizer_path
-
-    return {"tokenizer": tokenizer_path(model_cfg.text.name), "max_text_len": int(model_cfg.text.max_len),
-            "image_size": int(model_cfg.image.image_size)}
-
-
-def make_loader(cfg: Config, ds, content, split: str, *, batch_size: int, rank: int, world: int,
-                start_cursor: int = 0, seed: int | None = None, max_len: int | None = None):
-    from transrec.shards.loader import SequenceLoader
-
-    return SequenceLoader(ds, content, split=split, batch_size=batch_size,
-                          max_len=max_len or cfg.data.max_len, seed=cfg.run.seed if seed is None else seed,
-                          rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                          policy=cfg.data.policy, start_cursor=start_cursor)
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     step: int
-    losses: list[float] = field(default_factory=list)  # per optimizer step (rank-local mean)
+    losses: list[float] = field(default_factory=list)  # per optimizer step: mean over every target
     metrics: dict = field(default_factory=dict)  # final evaluation per split
     seconds: float = 0.0
     sequences: int = 0
@@ -109,7 +69,8 @@ def _single_process_fast_path(engine) -> None:
       ``min(1, clip / (norm + 1e-6))``) with foreach kernels, without the all-reduce of the norm over
       one rank, instead of a norm and a multiply per tensor.
 
-    Both loops cost 2-3 ms a step on idle cores and several times that when other processes hold them.
+    Both are per-tensor loops whose cost grows when other processes hold the cores; the test
+    ``tests/test_engine_steps.py`` checks the result against DeepSpeed's own step.
     """
     engine.enable_backward_allreduce = False
     max_norm = torch.tensor(float(engine.gradient_clipping()))
@@ -129,10 +90,12 @@ def _single_process_fast_path(engine) -> None:
 class Trainer:
     """Owns one DeepSpeed engine. ``Trainer(cfg).fit()`` is ``transrec train``.
 
+    The loop (:meth:`fit`) reads as its recipe: :meth:`micro_batches` hands out batches and owns
+    the epoch and cursor, :meth:`train_step` runs one optimizer step over ``accum`` of them, then
+    :meth:`log`, :meth:`maybe_eval` and :meth:`maybe_save`.
+
     Hooks for tests and tools: ``after_step(trainer, step)`` callbacks run after every optimizer
-    step (``step`` counts completed steps; benchmarks time steady-state steps with it);
-    ``after_backward(trainer, step)`` callbacks run after every
-    backward of a micro-batch (gradients are reduced at the accumulation boundary).
+    step (``step`` counts completed steps; benchmarks time steady-state steps with it).
     """
 
     def __init__(self, cfg: Config, *, data=None, show: bool | None = None):
@@ -164,28 +127,23 @@ class Trainer:
                                                 for k in ("bf16", "fp16"))
         self.optimizer = make_optimizer(self.model, cfg.optim, flat=flat)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim)
-        import deepspeed
-
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config)
         if flat and self.world == 1:
             _single_process_fast_path(self.engine)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
-        self.after_backward: list = []
         self.after_step: list = []
         self.items_encoded = 0  # unique items through the encoders (throughput accounting)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, count) of unlogged steps
+        self.window = {"seq": 0, "items": 0, "t": time.time()}  # throughput since the last log line
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
 
     # -- set-up ---------------------------------------------------------------------------
     def _build_model(self):
-        from transrec.models import build_model
-
         model = build_model(self.cfg.model, n_items=self.ds.n_items)
         if self.cfg.run.init_from:
-            from transrec.engine.export import load_export_into
-
-            load_export_into(model, self.cfg.run.init_from, strict=False)
+            model.load_export(self.cfg.run.init_from, strict=False)
         return model
 
     @property
@@ -211,21 +169,59 @@ class Trainer:
                               extra={"model_kind": self.cfg.model.kind, "n_items": self.ds.n_items})
 
     # -- steps ----------------------------------------------------------------------------
-    def forward_backward(self, batch) -> tuple[torch.Tensor, dict]:
-        """One micro-batch: forward, backward; returns the (detached) loss and the model's metrics."""
-        batch = batch.to(self.device, non_blocking=True)
-        loss, metrics = self.engine(batch)
-        if self.world > 1 and "count" in metrics:
-            # DeepSpeed averages gradients over ranks, i.e. the mean of per-rank means; rescale so the
-            # gradient is that of the global mean over every valid row (ranks may hold different
-            # numbers of rows, e.g. the causal user encoder trained at every position).
-            import torch.distributed as dist
+    def micro_batches(self) -> Iterator[Batch]:
+        """Endless training micro-batches from the run's cursor. It owns the epoch and the cursor:
+        ``state.cursor`` is the loader's global sample cursor after the last batch handed out, and an
+        exhausted epoch rolls over to the next one (cursor 0) when the next batch is asked for."""
+        cfg = self.cfg
+        while True:
+            loader = make_loader(cfg, self.ds, self.content, "train", batch_size=self.micro, rank=self.rank,
+                                 world=self.world, start_cursor=self.state.cursor)
+            loader.set_epoch(self.state.epoch)
+            if len(loader) == 0:
+                raise UserError(f"{cfg.data.path}: the training split gives no batch of {self.micro} "
+                                f"sequences per rank; lower data.batch_size")
+            for batch in loader:
+                self.state.cursor = int(batch.cursor)
+                yield batch
+            self.state.epoch += 1
+            self.state.cursor = 0
 
-            total = metrics["count"].detach().clone()
-            dist.all_reduce(total)
-            loss = loss * (self.world * metrics["count"].detach() / total.clamp_min(1.0))
-        self.engine.backward(loss)
-        return loss.detach(), metrics
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over its micro-batches; returns (this rank's loss sum, the global
+        target count), both on the device."""
+        count, scale = self.step_scale(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss_sum += self.backward(batch, scale)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+        self.sync_buffers()
+        self.state.step += 1
+        self.state.samples += self.cfg.data.batch_size
+        return loss_sum, count
+
+    def step_scale(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global target count of the step, the factor each micro-batch's loss sum is scaled by).
+
+        The loss of a step is the sum over every target of every micro-batch on every rank divided
+        by their global count, counted from the batches before any forward (one all-reduce a step):
+        micro-batches and ranks with more targets weigh more, as in one large batch. DeepSpeed
+        divides by the accumulation steps and averages gradients over ranks; the factor undoes both.
+        """
+        net = self.engine.module
+        count = torch.tensor(float(sum(net.count_targets(b) for b in micro_batches)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(count)
+        return count, (self.world * len(micro_batches)) / count.clamp_min(1.0)
+
+    def backward(self, batch: Batch, scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its (detached) loss sum."""
+        loss, metrics = self.engine(batch.to(self.device, non_blocking=True))
+        self.engine.backward(loss * metrics["count"] * scale)  # loss * count: this micro-batch's sum
+        self.window["seq"] += batch.batch_size
+        self.window["items"] += batch.num_unique
+        self.items_encoded += batch.num_unique
+        return metrics["loss_sum"]
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks.
@@ -237,9 +233,6 @@ class Trainer:
         """
         if self.world == 1:
             return
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
         bufs = [b for b in self.engine.module.buffers() if b.is_floating_point()]
         if not bufs:
             return
@@ -258,109 +251,89 @@ class Trainer:
                 lr = g["lr"]
         return lr, enc
 
+    # -- the loop ---------------------------------------------------------------------------
     def fit(self, *, steps: int | None = None, save_at_end: bool = True, final_eval: bool = True,
             stop_after: int | None = None) -> TrainResult:
         """Train to ``optim.steps`` (or ``steps``); ``stop_after`` ends early without an end save
         (a stand-in for a killed run in tests)."""
-        cfg = self.cfg
-        total = steps or cfg.optim.steps
-        resumed = self.resume()
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))
+        total = steps or self.cfg.optim.steps
+        self.resume()
+        self._write_run_files()
         result = TrainResult(self.run_dir, self.state.step)
         start_time = time.time()
-        if self.state.step >= total:
-            result.metrics = self.final_evaluation() if final_eval else {}
-            return result
-        bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
-        loss_sum = torch.zeros((), device=self.device)
-        pending: list[tuple[torch.Tensor, int]] = []
-
-        def flush() -> float:
-            """Move the pending per-step losses to ``result.losses``; the last one."""
-            if pending:
-                values = torch.stack([v for v, _ in pending]).tolist()
-                result.losses.extend(v / m for v, (_, m) in zip(values, pending))
-                pending.clear()
-            return result.losses[-1]
-
-        micro_i = 0
-        win_seq = win_items = 0
-        win_t = time.time()
-        done = False
-        while not done:
-            loader = make_loader(cfg, self.ds, self.content, "train", batch_size=self.micro, rank=self.rank,
-                                 world=self.world, start_cursor=self.state.cursor)
-            loader.set_epoch(self.state.epoch)
-            if len(loader) == 0:
-                raise UserError(f"{cfg.data.path}: the training split gives no batch of {self.micro} "
-                                f"sequences per rank; lower data.batch_size")
-            for batch in loader:
-                loss, _ = self.forward_backward(batch)
-                for hook in self.after_backward:
-                    hook(self, self.state.step)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
-                loss_sum += loss
-                micro_i += 1
-                win_seq += batch.batch_size
-                win_items += batch.num_unique
-                self.items_encoded += batch.num_unique
-                self.state.cursor = int(batch.cursor)
-                if not boundary:
-                    continue
-                self.sync_buffers()
-                self.state.step += 1
-                self.state.samples += cfg.data.batch_size
-                # the step's loss stays on the device until a log step or the end (one host sync
-                # there instead of one per step)
-                pending.append((loss_sum.clone(), micro_i))
-                loss_sum.zero_()
-                micro_i = 0
+        if self.state.step < total:
+            bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
+            batches = self.micro_batches()
+            self.window = {"seq": 0, "items": 0, "t": time.time()}
+            while self.state.step < total:
+                self.pending.append(self.train_step([next(batches) for _ in range(self.accum)]))
                 bar.update(1)
-                step = self.state.step
                 for hook in self.after_step:
-                    hook(self, step)
-                if step % cfg.run.log_every == 0 or step == total:
-                    step_loss = flush()
-                    dt = max(time.time() - win_t, 1e-9)
-                    lr, enc = self._lrs()
-                    rec = dict(epoch=self.state.epoch, loss=step_loss, lr=lr,
-                               seq_per_s=win_seq * self.world / dt,
-                               items_per_s=win_items * self.world / dt)
-                    if not math.isnan(enc):
-                        rec["lr_encoder"] = enc
-                    self.tracker.log("train", step, **rec)
-                    bar.set_postfix(loss=f"{step_loss:.3f}")
-                    win_seq = win_items = 0
-                    win_t = time.time()
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
-                    m = self.evaluate("valid")
-                    self.tracker.log("eval", step, split="valid", **m)
-                if cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0 and step < total:
-                    self.save()
-                if stop_after is not None and step >= stop_after:
-                    flush()
+                    hook(self, self.state.step)
+                self.log(total, result, bar)
+                self.maybe_eval(total)
+                self.maybe_save(total)
+                if stop_after is not None and self.state.step >= stop_after:
+                    self.flush_losses(result)
                     bar.close()
-                    result.step = step
+                    result.step = self.state.step
                     return result
-                if step >= total:
-                    done = True
-                    break
-            else:
-                self.state.epoch += 1
-                self.state.cursor = 0
-        bar.close()
-        result.step = self.state.step
-        result.seconds = time.time() - start_time
-        result.sequences = (self.state.step - (0 if not resumed else 0)) * cfg.data.batch_size
-        if save_at_end:
-            self.save()
+            bar.close()
+            self.flush_losses(result)
+            result.seconds = time.time() - start_time
+            result.sequences = (self.state.step - result.step) * self.cfg.data.batch_size
+            result.step = self.state.step
+            if save_at_end:
+                self.save()
         if final_eval:
             result.metrics = self.final_evaluation()
         return result
+
+    def _write_run_files(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1))
+
+    def flush_losses(self, result: TrainResult) -> None:
+        """Move the pending steps' losses to ``result.losses`` as global means: one host sync and, on
+        several ranks, one all-reduce for all of them."""
+        if not self.pending:
+            return
+        sums = torch.stack([s for s, _ in self.pending])
+        counts = torch.stack([c for _, c in self.pending])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        result.losses.extend((sums / counts.clamp_min(1.0)).tolist())
+        self.pending.clear()
+
+    def log(self, total: int, result: TrainResult, bar) -> None:
+        """A metrics line every ``run.log_every`` steps and at the last step."""
+        step = self.state.step
+        if step % self.cfg.run.log_every and step != total:
+            return
+        self.flush_losses(result)
+        step_loss = result.losses[-1]
+        w = self.window
+        dt = max(time.time() - w["t"], 1e-9)
+        lr, enc = self._lrs()
+        rec = dict(epoch=self.state.epoch, loss=step_loss, lr=lr, seq_per_s=w["seq"] * self.world / dt,
+                   items_per_s=w["items"] * self.world / dt)
+        if not math.isnan(enc):
+            rec["lr_encoder"] = enc
+        self.tracker.log("train", step, **rec)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+        self.window = {"seq": 0, "items": 0, "t": time.time()}
+
+    def maybe_eval(self, total: int) -> None:
+        step, every = self.state.step, self.cfg.eval.every
+        if every and step % every == 0 and step < total:
+            self.tracker.log("eval", step, split="valid", **self.evaluate("valid"))
+
+    def maybe_save(self, total: int) -> None:
+        step, every = self.state.step, self.cfg.run.ckpt_every
+        if every and step % every == 0 and step < total:
+            self.save()
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, split: str = "valid", item_emb=None) -> dict:
@@ -373,8 +346,6 @@ class Trainer:
                         show=self.show, item_emb=item_emb)
 
     def final_evaluation(self) -> dict:
-        from transrec.engine.evaluate import encode_catalogue
-
         net = self.engine.module
         was = net.training
         net.eval()

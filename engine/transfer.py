@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from transrec.engine.export import export_config, read_export
+from transrec.models.export import export_config, read_export
 
 from transrec.config import Config, parse_override, set_key
 from transrec.errors import ConfigError
@@ -54,7 +54,7 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
             raise ConfigError(f"--topk must be >= 0, got {topk}")
         m.text.trainable = m.image.trainable = int(topk)
     elif mode == "lora":
-        from transrec.models.config import LoRAConfig
+        from transrec.config.model import LoRAConfig
 
         m.text.trainable = m.image.trainable = "all"
         m.text.lora, m.image.lora = LoRAConfig(), LoRAConfig()

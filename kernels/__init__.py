@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transrec.kernels.chunked import inbatch_softmax_chunked_reduced, inbatch_softmax_chunked_rows
 from transrec.kernels.reference import inbatch_softmax_reference
-from transrec.kernels.validate import IMPLS, REDUCTIONS, KernelInputError, check_inputs
+from transrec.kernels.validate import IMPLS, REDUCTIONS, KernelInputError, check_inputs, compute_dtype
 
 
 def reduce_rows(loss: torch.Tensor, row_mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
@@ -39,14 +39,24 @@ def inbatch_softmax(q, k, target, *, bias=None, temperature=1.0, row_mask=None, 
                     impl="auto", chunk_size=None):
     """loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_{t_i}/tau + b_{t_i}); rows with row_mask False drop out.
 
-    Returns a float32 loss (float64 for float64 inputs): a scalar for reduction "mean" (over the
+    q and k may differ in floating dtype (as under autocast): both are cast to
+    :func:`~transrec.kernels.validate.compute_dtype` first. Returns a float32 loss (float64 for
+    float64 inputs): a scalar for reduction "mean" (over the
     unmasked rows) or "sum", a [N] vector (masked rows 0) for "none". Gradients flow to q, k and
     bias. ``chunk_size`` (rows per chunk) applies to impl "chunked" only. Bad input raises one
     :class:`KernelInputError` (a ``ValueError``).
     """
     tau = check_inputs(q, k, target, bias, temperature, row_mask, reduction, impl)
+    dtype = compute_dtype(q, k)  # mixed dtypes (autocast) meet in one; the casts carry gradients
+    q, k = q.to(dtype), k.to(dtype)
     if impl == "auto":
         impl = "triton" if q.is_cuda else "chunked"
+    # Each implementation sets its own precision (fp32 accumulation, fp32 LSE): autocast stays out.
+    with torch.autocast(q.device.type, enabled=False):
+        return _dispatch(impl, q, k, target, bias, tau, row_mask, reduction, chunk_size)
+
+
+def _dispatch(impl, q, k, target, bias, tau, row_mask, reduction, chunk_size):
     if impl == "torch":
         return inbatch_softmax_reference(q, k, target, bias=bias, temperature=tau, row_mask=row_mask,
                                          reduction=reduction)

@@ -62,6 +62,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.autocast(grad_loss.device.type, enabled=False):  # a backward called under autocast
+            return _ChunkedLinearCE._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         q, k, bias, t, lse = ctx.saved_tensors
         tau, chunk = ctx.tau, ctx.chunk
         need_q, need_k, need_b = ctx.needs_input_grad[:3]

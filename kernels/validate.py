@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 
 import torch
 
+from transrec.config.model import KernelImpl
 from transrec.errors import UserError
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "triton", "torch", "chunked")
+IMPLS = typing.get_args(KernelImpl)  # one list of implementations: the config's choice type
 
 
 class KernelInputError(UserError, ValueError):
@@ -51,8 +53,8 @@ def check_inputs(q, k, target, bias, temperature, row_mask, reduction, impl) -> 
         raise KernelInputError("empty candidate set: k has no rows")
     if d == 0:
         raise KernelInputError("q and k have embedding size 0")
-    if not q.is_floating_point() or q.dtype != k.dtype:
-        raise KernelInputError(f"q and k must share one floating dtype, got {q.dtype} and {k.dtype}")
+    if not q.is_floating_point() or not k.is_floating_point():
+        raise KernelInputError(f"q and k must be floating tensors, got {q.dtype} and {k.dtype}")
     if q.device != k.device or target.device != q.device:
         raise KernelInputError(f"q, k and target must be on one device, got {q.device}, {k.device}, "
                                f"{target.device}")
@@ -88,6 +90,21 @@ def check_inputs(q, k, target, bias, temperature, row_mask, reduction, impl) -> 
         raise KernelInputError(f"temperature must be finite and > 0, got {temperature!r}")
     _check_target_range(target, m, row_mask)
     return tau
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+    """The one dtype q and k are brought to when they differ.
+
+    Under autocast that is autocast's dtype for the device, as autocast's own matmul would use (a
+    model under ``torch.autocast(bf16)`` ends its user encoder in an fp32 LayerNorm while the item
+    projection gives bf16); otherwise the promoted type, so no precision is lost.
+    """
+    if q.dtype == k.dtype:
+        return q.dtype
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(q.dtype, k.dtype)
 
 
 def _check_target_range(target, m, row_mask):

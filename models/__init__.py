@@ -7,15 +7,6 @@ Usage::
     loss, metrics = model(batch)                    # batch: transrec.shards.batch.Batch
 """
 
-from transrec.models.config import (
-    ImageEncoderConfig,
-    LoRAConfig,
-    LossConfig,
-    ModelConfig,
-    TextEncoderConfig,
-    UserEncoderConfig,
-    validate_model_config,
-)
 from transrec.models.lora import (
     load_adapters,
     load_base_weights,
@@ -25,6 +16,16 @@ from transrec.models.lora import (
     trainable_report,
 )
 from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
+
+from transrec.config.model import (
+    ImageEncoderConfig,
+    LoRAConfig,
+    LossConfig,
+    ModelConfig,
+    TextEncoderConfig,
+    UserEncoderConfig,
+    validate_model_config,
+)
 
 __all__ = [
     "ImageEncoderConfig", "LoRAConfig", "LossConfig", "ModelConfig", "TextEncoderConfig",

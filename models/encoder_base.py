@@ -23,9 +23,9 @@ import hashlib
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transrec.models.config import parse_trainable
 from transrec.models.lora import has_lora, inject_lora, is_lora_param
 
+from transrec.config.model import parse_trainable
 from transrec.errors import ConfigError
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transrec.models.config import ImageEncoderConfig
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling, flatten_feature_map
 from transrec.shards.batch import ImageContent
 
+from transrec.config.model import ImageEncoderConfig
 from transrec.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

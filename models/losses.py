@@ -8,10 +8,11 @@ Both losses share one interface::
 ``row_mask`` False (padding) drop out. The loss is ``sum / count`` with ``count`` (the number of
 valid rows, on device) in ``metrics``; nothing syncs to the host.
 
-Data-parallel note: DeepSpeed / DDP average gradients over ranks, so each rank's ``sum / count``
-gives the mean of per-rank means. For the exact global mean a trainer all-reduces ``count`` and
-multiplies the loss by ``world_size * count / global_count`` (``metrics["loss_sum"]`` and
-``metrics["count"]`` carry what it needs).
+Data-parallel and accumulated steps: each micro-batch's ``sum / count`` alone would weigh every
+micro-batch and rank equally, whatever its number of targets. The trainer instead totals the
+targets of a whole optimizer step on every rank first (``model.count_targets``, one all-reduce) and
+backpropagates ``loss * count`` (the micro-batch's sum) over that global count
+(``Trainer.step_scale``); ``metrics["loss_sum"]`` and ``metrics["count"]`` carry what it logs.
 
 - ``inbatch``: softmax over the unique items, loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_t/tau + b_t)
   with b = -log q (logQ popularity correction) when enabled; computed by
@@ -20,7 +21,8 @@ multiplies the loss by ``world_size * count / global_count`` (``metrics["loss_su
 - ``bce``: -log sigma(s_pos) - sum_{j=1..k} log sigma(-s_neg_j) with s = q.k/tau and k negatives
   sampled uniformly from the unique items other than the row's positive (the paper's loss).
 
-Global negatives: ``keys`` are gathered from every rank with gradient (a ``gather_fn``); an item
+Global negatives: ``keys`` are gathered from every rank with gradient (a ``gather_fn``, by default
+:func:`transrec.models.global_negatives.gather_keys`); an item
 present on several ranks keeps its first copy only (the duplicate columns are dropped), and each
 row's target is remapped to that copy.
 """
@@ -30,26 +32,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transrec.kernels import inbatch_softmax
+from transrec.models.global_negatives import gather_keys
 
 # gather_fn(keys [U, d], items [U], log_q [U]) -> (keys_all [M, d], items_all [M], log_q_all [M], offset)
 GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
-
-
-def default_global_gather(keys: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor):
-    """All-gather over the default process group (ranks may hold different numbers of unique
-    items) with :func:`transrec.kernels.distributed.all_gather_with_grad`: the gradient of the
-    gathered keys flows back to each rank's own rows."""
-    import torch.distributed as dist
-    from transrec.kernels.distributed import all_gather_with_grad
-
-    rank = dist.get_rank()
-    n = torch.tensor([keys.shape[0]], device=keys.device)
-    sizes = all_gather_with_grad(n)
-    offset = int(sizes[:rank].sum())
-    return (all_gather_with_grad(keys), all_gather_with_grad(items), all_gather_with_grad(log_q.detach()),
-            offset)
 
 
 def first_copy(items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +96,8 @@ class Criterion(torch.nn.Module):
             return None
         if self.gather_fn is not None:
             return self.gather_fn
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return default_global_gather
+            return gather_keys
         return None
 
     def forward(self, user, keys, target, row_mask, log_q, items):

@@ -24,14 +24,19 @@ it runs exactly the modules real content of that modality would.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
-from transrec.models.config import ModelConfig, validate_model_config
+from transrec.models.export import export_config, load_export_into, read_export, write_export
+from transrec.models.image import ImageItemEncoder
 from transrec.models.losses import Criterion, GatherFn
+from transrec.models.text import TextItemEncoder, tokenizer_path
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
 
+from transrec.config import Config
+from transrec.config.model import ModelConfig, validate_model_config
 from transrec.errors import ConfigError
 
 
@@ -51,7 +56,8 @@ def _bn_stats_frozen(module: nn.Module):
 
 
 class SequentialRecommender(nn.Module):
-    """What TransRec and the ID baseline share: user encoder, loss, training forward."""
+    """What TransRec and the ID baseline share: user encoder, loss, training forward, and the export
+    folder they are saved to and loaded from (:mod:`transrec.models.export`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,6 +65,28 @@ class SequentialRecommender(nn.Module):
         self.dim = int(cfg.dim)
         self.user = UserEncoder(cfg.user, self.dim)
         self.criterion = Criterion(cfg.loss)
+
+    # -- the export folder ----------------------------------------------------------------------
+    @staticmethod
+    def from_export(path: str | Path) -> SequentialRecommender:
+        """The model an export describes (TransRec or the ID baseline), its weights loaded, in eval mode."""
+        meta = read_export(path)
+        model = build_model(export_config(path).model, n_items=meta.get("n_items"))
+        load_export_into(model, path, strict=True)
+        return model.eval()
+
+    def load_export(self, path: str | Path, *, strict: bool = True) -> None:
+        """Load an export's weights into this model (built with adapters or another trainable set:
+        ``strict=False`` leaves what the export lacks at its initialisation)."""
+        load_export_into(self, path, strict=strict)
+
+    def save_export(self, path: str | Path, cfg: Config, meta: dict,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write this model as an export folder (``tensors``: a subset, for an adapter export)."""
+        if tensors is None:
+            tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
+                       for k, v in self.state_dict().items()}
+        return write_export(path, tensors, cfg, {"model_kind": self.cfg.kind, **meta})
 
     # -- interface ------------------------------------------------------------------------------
     def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,
@@ -92,6 +120,19 @@ class SequentialRecommender(nn.Module):
         return groups
 
     # -- training -------------------------------------------------------------------------------
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target row of ``unique_items``, valid) for each trained user state: every position with a
+        next item (causal), or the last position only (bidirectional)."""
+        mask, inverse = batch.mask, batch.inverse
+        if self.user.causal:
+            return inverse[:, 1:].reshape(-1), (mask[:, :-1] & mask[:, 1:]).reshape(-1)
+        return inverse[:, -1], mask[:, -2] & mask[:, -1]
+
+    def count_targets(self, batch: Batch) -> int:
+        """How many targets ``batch`` trains (the loss's normaliser), read from the batch alone, so a
+        trainer can total a whole optimizer step before running any of it."""
+        return int(self.targets(batch)[1].sum())
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         table = self.encode_items(batch.unique_items, batch.text, batch.image)
         return self.loss_from_table(batch, table)
@@ -101,19 +142,12 @@ class SequentialRecommender(nn.Module):
         """Loss given the unique-item table [U, d] (and optionally the input embeddings [B, L-1, d])."""
         if batch.seq.shape[1] < 2:
             raise ConfigError("a training batch needs windows of at least 2 positions (inputs + target)")
-        mask = batch.mask
-        in_mask = mask[:, :-1]
+        in_mask = batch.mask[:, :-1]
         if inputs is None:
             inputs = table[batch.inverse[:, :-1]]
         out = self.user(inputs, in_mask)
-        if self.user.causal:
-            q = out.reshape(-1, out.shape[-1])
-            target = batch.inverse[:, 1:].reshape(-1)
-            row_mask = (in_mask & mask[:, 1:]).reshape(-1)
-        else:
-            q = out[:, -1]
-            target = batch.inverse[:, -1]
-            row_mask = in_mask[:, -1] & mask[:, -1]
+        q = out.reshape(-1, out.shape[-1]) if self.user.causal else out[:, -1]
+        target, row_mask = self.targets(batch)
         log_q = batch.unique_log_q.to(table.device)
         loss, metrics = self.criterion(q, table, target, row_mask, log_q, batch.unique_items)
         metrics["num_unique"] = torch.tensor(float(table.shape[0]), device=table.device)
@@ -125,9 +159,6 @@ class TransRec(SequentialRecommender):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        from transrec.models.image import ImageItemEncoder
-        from transrec.models.text import TextItemEncoder
-
         self.text_encoder = TextItemEncoder(cfg.text, self.dim)
         self.image_encoder = ImageItemEncoder(cfg.image, self.dim)
         self.modality = nn.Embedding(2, self.dim) if cfg.modality_embedding else None
@@ -143,10 +174,7 @@ class TransRec(SequentialRecommender):
         return [self.text_encoder.backbone, self.image_encoder.backbone]
 
     def content_spec(self) -> dict:
-        from transrec.models.text import tokenizer_path
-
-        return {"tokenizer": tokenizer_path(self.cfg.text.name), "max_text_len": int(self.cfg.text.max_len),
-                "image_size": int(self.cfg.image.image_size)}
+        return content_spec(self.cfg)
 
     def _device(self) -> torch.device:
         return self.text_encoder.proj.weight.device
@@ -228,6 +256,12 @@ class IDSASRec(SequentialRecommender):
 
     def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
         return self.item_emb(unique_items.to(self.item_emb.weight.device))
+
+
+def content_spec(cfg: ModelConfig) -> dict:
+    """What the item cache must hold for this model: tokenizer folder, title length, image size."""
+    return {"tokenizer": tokenizer_path(cfg.text.name), "max_text_len": int(cfg.text.max_len),
+            "image_size": int(cfg.image.image_size)}
 
 
 def build_model(cfg: ModelConfig, n_items: int | None = None) -> SequentialRecommender:

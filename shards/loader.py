@@ -44,12 +44,14 @@ import json
 import logging
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
-from transrec.shards.batch import Batch, ContentSource, ImageContent, TextContent, collate_windows
+from transrec.shards.batch import Batch, ContentSource, collate_windows, map_leaves, map_tensors
 from transrec.shards.dataset import Dataset
+from transrec.shards.format import eval_target, train_part
 from transrec.shards.stats import GLOBAL, SkipStats
 
 from transrec.errors import DataError
@@ -97,54 +99,47 @@ def _bound(counts: list[int], k: int, largest: bool) -> int:
     return int(sum(s[:k]))
 
 
-_PACKED = (("seq",), ("mask",), ("inverse",), ("unique_items",), ("unique_log_q",), ("users",),
-           ("text", "input_ids"), ("text", "attention_mask"), ("text", "index"), ("image", "pixels"),
-           ("image", "index"), ("hist_rows",), ("hist_items",), ("row_valid",))
+class _Slot(NamedTuple):
+    """Where one tensor of a packed batch lies in its byte buffer."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple
 
 
-def pack_batch(batch: Batch) -> tuple[torch.Tensor, list, int]:
-    """One uint8 tensor holding every array of ``batch`` (8-byte aligned) plus its layout.
+def pack_batch(batch: Batch) -> tuple[torch.Tensor, Batch]:
+    """One uint8 tensor holding every tensor of ``batch`` (8-byte aligned), and the batch's
+    skeleton: the same dataclasses with a :class:`_Slot` in place of each tensor.
 
     A DataLoader worker hands each tensor to the main process through its own shared-memory
-    segment; packing makes that one segment per batch instead of a dozen."""
-    parts, layout, off = [], [], 0
-    for path in _PACKED:
-        obj = batch
-        for name in path:
-            obj = getattr(obj, name) if obj is not None else None
-        if obj is None:
-            layout.append(None)
-            continue
-        a = obj.numpy()
-        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        layout.append((off, a.dtype.str, a.shape))
-        parts.append((off, raw))
-        off += (raw.size + 7) // 8 * 8
-    buf = np.zeros(off, dtype=np.uint8)
-    for o, raw in parts:
-        buf[o:o + raw.size] = raw
-    return torch.from_numpy(buf), layout, batch.cursor
+    segment; packing makes that one segment per batch instead of a dozen. Every tensor field is
+    found by walking the dataclasses (:func:`~transrec.shards.batch.map_tensors`), so none is left
+    behind (the frozen-prefix activations included)."""
+    parts: list[tuple[int, torch.Tensor]] = []
+    size = 0
+
+    def place(t: torch.Tensor) -> _Slot:
+        nonlocal size
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        slot = _Slot(size, t.dtype, tuple(t.shape))
+        parts.append((size, raw))
+        size += (raw.numel() + 7) // 8 * 8
+        return slot
+
+    skeleton = map_tensors(batch, place)
+    buf = torch.zeros(size, dtype=torch.uint8)
+    for off, raw in parts:
+        buf[off:off + raw.numel()] = raw
+    return buf, skeleton
 
 
-def unpack_batch(buf: torch.Tensor, layout: list, cursor: int) -> Batch:
+def unpack_batch(buf: torch.Tensor, skeleton: Batch) -> Batch:
     """Inverse of :func:`pack_batch`: tensors are views of ``buf`` (no copy)."""
-    arr = buf.numpy()
-    vals = []
-    for entry in layout:
-        if entry is None:
-            vals.append(None)
-            continue
-        off, dtype, shape = entry
-        dt = np.dtype(dtype)
-        n = int(np.prod(shape)) * dt.itemsize
-        vals.append(torch.from_numpy(arr[off:off + n].view(dt).reshape(shape)))
-    (seq, mask, inverse, unique, log_q, users, ids, attn, tindex, pixels, iindex, hist_rows, hist_items,
-     row_valid) = vals
-    text = TextContent(ids, attn, tindex) if ids is not None else None
-    image = ImageContent(pixels, iindex) if pixels is not None else None
-    return Batch(seq=seq, mask=mask, inverse=inverse, unique_items=unique, unique_log_q=log_q, users=users,
-                 text=text, image=image, hist_rows=hist_rows, hist_items=hist_items, cursor=cursor,
-                 row_valid=row_valid)
+    def view(s: _Slot) -> torch.Tensor:
+        n = math.prod(s.shape) * s.dtype.itemsize
+        return buf[s.offset:s.offset + n].view(s.dtype).reshape(s.shape)
+
+    return map_leaves(skeleton, view, lambda v: isinstance(v, _Slot))
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
@@ -209,21 +204,17 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 if not ok.all():
                     stats.skip("item_without_content", f"user {key}", n=int((~ok).sum()))
                     arr = arr[ok]
-            n = arr.size
             if split == "train":
-                part = arr[:-2] if n >= 3 else arr
+                part = train_part(arr)
                 if part.size < 2:
                     continue
                 yield user, part[-(max_len + 1):], None
             else:
-                if n < 3:
+                held_out = eval_target(arr, split)
+                if held_out is None:
                     continue
-                if split == "valid":
-                    target, hist = arr[n - 2], arr[:n - 2]
-                else:
-                    target, hist = arr[n - 1], arr[:n - 1]
-                window = np.append(hist[-max_len:], target)
-                yield user, window, hist[hist != target]
+                hist, target = held_out
+                yield user, np.append(hist[-max_len:], target), hist[hist != target]
 
     def _train_rows(self, slot: int, stats: SkipStats, splitter: WorkerSplit) -> Iterator[tuple]:
         """The slot's endless row stream: shuffled passes over its shards."""

@@ -3,15 +3,12 @@ fails the test instead of stalling the suite."""
 
 from __future__ import annotations
 
-import socket
+import os
+import subprocess
+from pathlib import Path
 
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from transrec.engine.distributed import free_port
 
 
 def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
@@ -29,3 +26,40 @@ def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> None:
         p.join(5)
     assert not hung, f"a rank hung (killed after {timeout:.0f} s)"
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
+
+
+def start_ranks(argv: list[str], world: int, log_dir, tag: str = "", env: dict | None = None) -> list[tuple]:
+    """Start the command ``argv`` once per rank with the launcher variables a ``torchrun`` would set
+    (one thread each), output to ``log_dir/rank{r}-{tag}.log``; ``[(process, log path)]``."""
+    port = free_port()
+    tag = tag or str(port)
+    procs = []
+    for r in range(world):
+        rank_env = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+                        PYTHONUNBUFFERED="1")
+        log = Path(log_dir) / f"rank{r}-{tag}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(argv, env=rank_env, stdout=f, stderr=subprocess.STDOUT), log))
+    return procs
+
+
+def wait_ranks(procs: list[tuple], timeout: float) -> list[tuple]:
+    """``[(exit code, log text)]`` per rank; after ``timeout`` seconds every rank still running is
+    killed and reported with exit code None."""
+    out = []
+    for p, log in procs:
+        try:
+            code = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            code = None
+        out.append((code, log.read_text()))
+    return out
+
+
+def launch_ranks(argv: list[str], world: int, log_dir, timeout: float,
+                 env: dict | None = None) -> list[tuple]:
+    """:func:`start_ranks`, then :func:`wait_ranks`."""
+    return wait_ranks(start_ranks(argv, world, log_dir, env=env), timeout)

@@ -10,9 +10,11 @@ from transrec.config import (
     build_config,
     from_dict,
     save_yaml,
+    set_key,
     to_deepspeed,
     to_dict,
     validate,
+    validate_model_config,
 )
 from transrec.errors import ConfigError
 
@@ -92,3 +94,46 @@ def test_validate_rejects_cross_field_errors():
     cfg = build_config("tiny", overrides=["optim.steps=0"])
     with pytest.raises(ConfigError, match="optim.steps must be positive"):
         validate(cfg)
+
+
+def test_importing_the_config_imports_no_torch():
+    """The config is a leaf: the CLI, tools and tests read it without loading torch or the models."""
+    import subprocess
+    import sys
+
+    code = ("import sys, transrec.config as c; c.build_config('base-gpu'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'numpy', 'transformers', 'peft', 'deepspeed', 'triton', 'webdataset'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("run.log_every", 0, "run.log_every must be positive"),
+    ("run.keep_last", 0, "run.keep_last must be positive"),
+    ("data.num_workers", -1, "data.num_workers must be >= 0"),
+    ("optim.lr", float("nan"), "optim.lr must be a finite number"),
+    ("optim.encoder_lr", float("inf"), "optim.encoder_lr must be a finite number"),
+    ("model.loss.temperature", float("inf"), "temperature must be finite"),
+])
+def test_validation_names_the_key(key, value, words):
+    cfg = build_config("tiny")
+    set_key(cfg, key, value)
+    with pytest.raises(ConfigError, match=words) as e:
+        validate(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_choices_are_checked_in_python_built_configs_too():
+    from transrec.config import ModelConfig
+
+    cfg = build_config("tiny")
+    cfg.model.loss.impl = "cuda"  # set in Python, not through an override
+    with pytest.raises(ConfigError, match=r"model.loss.impl must be one of 'auto', 'triton'"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="model.user.kind must be one of"):
+        validate_model_config(ModelConfig(user=type(cfg.model.user)(kind="sideways")))
+    cfg = build_config("tiny")
+    with pytest.raises(ConfigError, match="data.policy"):
+        set_key(cfg, "data.policy", "shuffle")

@@ -76,8 +76,8 @@ def _eval_world(tmp_path):
 
 
 def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path):
+    from transrec.engine.data import NoContent, make_loader
     from transrec.engine.evaluate import evaluate
-    from transrec.engine.trainer import NoContent, make_loader
     from transrec.models import build_model
     from transrec.shards.dataset import Dataset
 
@@ -122,8 +122,8 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
 
 
 def test_a_constant_score_model_ranks_every_target_first(tmp_path):
+    from transrec.engine.data import NoContent, make_loader
     from transrec.engine.evaluate import evaluate
-    from transrec.engine.trainer import NoContent, make_loader
     from transrec.models import build_model
     from transrec.shards.dataset import Dataset
 

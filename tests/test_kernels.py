@@ -8,7 +8,16 @@ import itertools
 
 import pytest
 import torch
-from kernel_cases import TRITON_DEVICE, check_against_truth, make_inputs, on
+from kernel_cases import (
+    TRITON_DEVICE,
+    check_against_truth,
+    impl_fn,
+    loss_and_grads,
+    make_inputs,
+    on,
+    plain_torch,
+    rel_err,
+)
 from transrec.kernels import KernelInputError, inbatch_softmax
 
 SHAPES = [(47, 123, 31), (252, 507, 123)]
@@ -140,13 +149,52 @@ def _bad(**over):
     (dict(temperature=0.0), "temperature"),
     (dict(reduction="avg"), "reduction"),
     (dict(impl="cuda"), "impl"),
-    (dict(k=torch.randn(9, 4, dtype=torch.float64)), "dtype"),
+    (dict(k=torch.ones(9, 4, dtype=torch.long)), "floating"),
 ])
 def test_bad_input_raises_one_clear_error(over, words):
     args = _bad(**over)
     with pytest.raises(ValueError, match=words) as info:
         inbatch_softmax(args.pop("q"), args.pop("k"), args.pop("target"), **args)
     assert isinstance(info.value, KernelInputError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast-bf16", "no-autocast"])
+def test_mixed_dtypes_meet_in_one(impl, reduction, autocast):
+    """A model under autocast(bf16) ends its user encoder in an fp32 LayerNorm while the item side
+    gives bf16: the loss takes both, computes in autocast's dtype (in the promoted dtype without
+    autocast), and each gradient comes back in its input's dtype. Accuracy rule, as everywhere: no
+    worse than plain torch in the compute dtype, against a float64 truth. The backward runs inside
+    the autocast region too (the harder case for a custom backward)."""
+    n, m, d, tau = 37, 53, 24, 0.1  # the presets train at 0.07-0.1
+    q, k, t, b, row_mask = make_inputs(n, m, d, mask=True, seed=4)
+    k = k.to(torch.bfloat16)
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    q, k, t, b, row_mask = on(dev, q, k, t, b, row_mask)
+    compute = torch.bfloat16 if autocast else torch.float32
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dev)
+    truth = loss_and_grads(impl_fn("torch"), q.to(compute), k, t, b, tau, row_mask, reduction,
+                           upcast=torch.float64, weights=weights)
+
+    def run(fn, autocast=autocast):
+        leaves = [q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True),
+                  b.detach().clone().requires_grad_(True)]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(leaves[0], leaves[1], t, leaves[2], tau, row_mask, reduction)
+            scalar = (loss * weights.to(loss.dtype)).sum() if reduction == "none" else loss
+            grads = torch.autograd.grad(scalar, leaves)
+        return [loss.detach()] + [g.detach() for g in grads]
+
+    # the yardstick of every kernel test: plain torch with all inputs in the compute dtype
+    plain = lambda q, k, t, b, *a: plain_torch(q.to(compute), k.to(compute), t, b.to(compute), *a)
+    got, base = run(impl_fn(impl)), run(plain, autocast=False)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.bfloat16  # each input's own dtype
+    tol = 2e-3 if autocast else 2e-5
+    for name, g, bs, tr in zip(["loss", "dq", "dk", "dbias"], got, base, truth):
+        assert torch.isfinite(g).all(), name
+        e, e0 = rel_err(g, tr), rel_err(bs, tr)
+        assert e <= e0 + tol, f"{impl} {name}: error {e:.3g} > plain torch {e0:.3g} + {tol}"
 
 
 def test_masked_rows_may_carry_any_target():

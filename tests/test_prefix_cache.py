@@ -193,7 +193,9 @@ def test_reuse_when_nothing_changed_rebuild_when_something_did(content, tmp_path
     want = te.forward_prefix(text.input_ids, text.attention_mask).to(torch.bfloat16)
     got = s.gather(np.flatnonzero(content.modality == TEXT)[:4], width=text.input_ids.shape[1])
     m = text.attention_mask.bool()
-    torch.testing.assert_close(got[m], want[m], rtol=0, atol=0)
+    # the store ran the prefix over other batch sizes than these 4 items, so its fp32 sums may take
+    # another order and round to the neighbouring bf16 value: one bf16 step (2^-8 relative) apart
+    torch.testing.assert_close(got[m].float(), want[m].float(), rtol=2**-7, atol=1e-5)
 
 
 def _concurrent_builder(cache_dir, log_path, q):

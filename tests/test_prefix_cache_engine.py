@@ -52,3 +52,23 @@ def test_engine_trains_and_evaluates_the_same_with_and_without_the_cache(tmp_pat
         assert on["users"] == off["users"] == 120
         for key in ("hr@10", "ndcg@10", "mrr"):
             assert on[key] == pytest.approx(off[key], abs=1e-3), (split, key)
+
+
+@pytest.mark.slow
+def test_loader_workers_carry_the_cache_for_both_modalities(tmp_path):
+    """GPU presets train with loader workers: the cached activations of both modalities must cross
+    the worker boundary (images would otherwise reach the encoder as 0x0 pixels, and text would
+    silently run the whole encoder)."""
+    from transrec.shards.synth import synthesize
+
+    data = synthesize(tmp_path / "data", domain="target", n_users=120, n_items=80, seed=3, seq_shard_size=40)
+    both = ("data.num_workers=2", "model.image.trainable=1")
+    out_on, rows_on = _train(tmp_path, data, "on", *both)
+    _, rows_off = _train(tmp_path, data, "off", *both, "data.prefix_cache=false")
+    line = [ln for ln in out_on.splitlines() if ln.startswith("frozen-prefix cache")]
+    assert len(line) == 1 and line[0].startswith("frozen-prefix cache on"), line
+    assert "text 1/2 blocks frozen" in line[0] and "not cached" not in line[0], line[0]
+    on = [r["loss"] for r in rows_on if r.get("kind") == "train"]
+    off = [r["loss"] for r in rows_off if r.get("kind") == "train"]
+    assert len(on) == 4
+    assert on == pytest.approx(off, rel=1e-4, abs=1e-4)

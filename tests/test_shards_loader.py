@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from transrec.shards.batch import IMAGE, PAD, TEXT, ArrayContent
+from transrec.shards.batch import (
+    IMAGE,
+    PAD,
+    TEXT,
+    ArrayContent,
+    Batch,
+    ImageContent,
+    TextContent,
+    map_tensors,
+    tensor_fields,
+)
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import DatasetWriter
-from transrec.shards.loader import SequenceLoader
+from transrec.shards.loader import SequenceLoader, pack_batch, unpack_batch
 from transrec.shards.synth import synthesize
 
 from transrec.errors import DataError
@@ -204,3 +214,83 @@ def test_too_few_shards_for_ranks_is_one_line_error(tmp_path, world):
         SequenceLoader(ds, c, batch_size=2, max_len=3, rank=0, world_size=2)
     with pytest.raises(DataError, match="content source has"):
         SequenceLoader(ds, content, batch_size=2, max_len=3)
+
+
+def _every_field_batch() -> Batch:
+    """A batch with every field of every batch dataclass set (odd dtypes and shapes included)."""
+    g = torch.Generator().manual_seed(0)
+    text = TextContent(torch.randint(0, 99, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.int64),
+                       torch.tensor([0, 2, 4]), torch.randn(3, 5, 7, generator=g).to(torch.bfloat16))
+    image = ImageContent(torch.randint(0, 255, (2, 3, 4, 4), generator=g, dtype=torch.uint8),
+                         torch.tensor([1, 3]), torch.randn(2, 6, 2, 2, generator=g).to(torch.float16))
+    seq = torch.tensor([[PAD, 1, 2], [3, 4, 5]])
+    return Batch(seq=seq, mask=seq != PAD, inverse=torch.tensor([[0, 0, 1], [2, 3, 4]]),
+                 unique_items=torch.arange(1, 6), unique_log_q=torch.randn(5, generator=g),
+                 users=torch.tensor([7, 9]), text=text, image=image, hist_rows=torch.tensor([0, 1, 1]),
+                 hist_items=torch.tensor([1, 3, 4]), cursor=12, row_valid=torch.tensor([True, False]))
+
+
+def test_pack_unpack_round_trips_every_field():
+    from dataclasses import fields
+
+    batch = _every_field_batch()
+    for obj in (batch, batch.text, batch.image):  # the sample sets every field, so none goes untested
+        unset = [f.name for f in fields(obj) if getattr(obj, f.name) is None]
+        assert not unset, f"{type(obj).__name__} fields left unset in the sample: {unset}"
+    buf, skeleton = pack_batch(batch)
+    assert buf.dtype == torch.uint8 and buf.dim() == 1
+    got = unpack_batch(buf, skeleton)
+    assert got.cursor == batch.cursor
+    want = dict(tensor_fields(batch))
+    have = dict(tensor_fields(got))
+    assert sorted(have) == sorted(want)
+    assert {"text.prefix", "image.prefix", "hist_rows", "hist_items", "row_valid"} <= set(have)
+    for name, t in want.items():
+        assert have[name].dtype == t.dtype and have[name].shape == t.shape, name
+        assert torch.equal(have[name], t), name
+    # absent content round-trips as absent
+    bare = unpack_batch(*pack_batch(Batch(seq=batch.seq, mask=batch.mask, inverse=batch.inverse,
+                                          unique_items=batch.unique_items,
+                                          unique_log_q=batch.unique_log_q, users=batch.users)))
+    assert bare.text is None and bare.image is None and bare.hist_rows is None and bare.row_valid is None
+
+
+def test_batch_to_moves_every_field():
+    batch = _every_field_batch()
+    moved = batch.to(torch.float64)  # a dtype stands in for a device: every tensor must pass through
+    for name, t in tensor_fields(moved):
+        assert t.dtype == torch.float64, name
+    assert moved.cursor == batch.cursor
+    seen = []
+    map_tensors(batch, lambda t: seen.append(t) or t)
+    assert len(seen) == len(dict(tensor_fields(batch))) == 16
+
+
+def test_workers_carry_the_frozen_prefix_activations(world):
+    """Batches that cross from DataLoader workers keep every field a wrapped content source fills."""
+    ds, content = world
+
+    class WithPrefix:
+        n_items, modality = content.n_items, content.modality
+
+        def gather(self, items):
+            text, image = content.gather(items)
+            if text is not None:
+                text.prefix = text.input_ids[..., None].to(torch.bfloat16).repeat(1, 1, 3)
+            if image is not None:
+                image.prefix = image.pixels.float()[:, :2] + 0.5
+            return text, image
+
+    src = WithPrefix()
+    for workers in (0, 2):
+        ld = SequenceLoader(ds, src, split="train", batch_size=8, max_len=5, num_workers=workers)
+        n = 0
+        for b in ld:
+            n += 1
+            assert b.text is not None and b.text.prefix is not None
+            assert torch.equal(b.text.prefix[..., 0], b.text.input_ids.to(torch.bfloat16))
+            assert b.image is not None and b.image.prefix is not None
+            assert torch.equal(b.image.prefix, b.image.pixels.float()[:, :2] + 0.5)
+            if n == 4:
+                break
+        assert n == 4

@@ -1,20 +1,30 @@
-"""Model configuration: plain nested dataclasses with defaults.
+"""Model configuration: plain nested dataclasses with defaults, importing no torch.
 
-The engine composes :class:`ModelConfig` into its top-level config and applies ``key=value``
-overrides, so every field is a str / int / float / bool / None / list or a nested dataclass.
-``validate_model_config`` checks values and raises :class:`transrec.errors.ConfigError` with one
-line naming the field.
+The run config composes :class:`ModelConfig` and applies ``key=value`` overrides, so every field is
+a str / int / float / bool / None / list, a ``Literal`` choice or a nested dataclass. Each choice is
+a ``Literal`` type here, in one place: overrides are checked against it, and so is a config built
+in Python (:func:`validate_model_config`, one line naming the field).
 """
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
+from transrec.config.check import check_choices
 from transrec.errors import ConfigError
 
 TEXT_PRESETS = ("tiny", "small", "base", "minilm")
 IMAGE_PRESETS = ("tiny", "resnet18", "vit-small", "efficientnet-lite0")
-POOLINGS = ("cls", "mean", "attn")
+Pooling = Literal["cls", "mean", "attn"]
+ModelKind = Literal["transrec", "id"]
+UserKind = Literal["bidirectional", "causal"]
+LossKind = Literal["inbatch", "bce"]
+KernelImpl = Literal["auto", "triton", "torch", "chunked"]  # the in-batch softmax implementations
+Negatives = Literal["local", "global"]
+POOLINGS = typing.get_args(Pooling)
 
 
 @dataclass
@@ -45,13 +55,13 @@ class TextEncoderConfig:
     """
 
     name: str = "minilm"
-    pooling: str = "cls"
+    pooling: Pooling = "cls"
     trainable: str | int = 2
     grad_ckpt: bool = False
     max_len: int = 32
     lora: LoRAConfig | None = None
     # Frozen blocks run in eval mode (no dropout) by default, so their output per item is fixed
-    # and can be cached (issue 6). True keeps their dropout active in training (not cacheable).
+    # and can be cached. True keeps their dropout active in training (not cacheable).
     frozen_dropout: bool = False
 
 
@@ -69,7 +79,7 @@ class ImageEncoderConfig:
 
     name: str = "efficientnet-lite0"
     image_size: int = 224
-    pooling: str = "mean"
+    pooling: Pooling = "mean"
     trainable: str | int = 2
     grad_ckpt: bool = False
     lora: LoRAConfig | None = None
@@ -85,7 +95,7 @@ class UserEncoderConfig:
     newest item always gets the last position), max_len is the longest history it reads.
     """
 
-    kind: str = "bidirectional"
+    kind: UserKind = "bidirectional"
     layers: int = 2
     heads: int = 2
     dropout: float = 0.1
@@ -104,12 +114,12 @@ class LossConfig:
     gradient; duplicates across ranks masked).
     """
 
-    kind: str = "inbatch"
+    kind: LossKind = "inbatch"
     temperature: float = 1.0
     logq: bool = True
     num_negatives: int = 1
-    impl: str = "auto"
-    negatives: str = "local"
+    impl: KernelImpl = "auto"
+    negatives: Negatives = "local"
     l2_normalize: bool = False
 
 
@@ -117,7 +127,7 @@ class LossConfig:
 class ModelConfig:
     """A TransRec model (content encoders + user encoder) or the ID-based SASRec baseline."""
 
-    kind: str = "transrec"
+    kind: ModelKind = "transrec"
     dim: int = 64
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -150,29 +160,21 @@ def parse_trainable(value, where: str):
 
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ConfigError (one line naming the field) for an invalid value."""
-    _check(cfg.kind in ("transrec", "id"), f"model.kind must be 'transrec' or 'id', got {cfg.kind!r}")
+    check_choices(cfg, "model")
     _check(isinstance(cfg.dim, int) and cfg.dim > 0, f"model.dim must be a positive int, got {cfg.dim!r}")
     u = cfg.user
-    _check(u.kind in ("bidirectional", "causal"),
-           f"model.user.kind must be 'bidirectional' or 'causal', got {u.kind!r}")
     _check(u.layers >= 1, f"model.user.layers must be >= 1, got {u.layers}")
     _check(u.heads >= 1 and cfg.dim % u.heads == 0,
            f"model.user.heads ({u.heads}) must divide model.dim ({cfg.dim})")
     _check(0.0 <= u.dropout < 1.0, f"model.user.dropout must be in [0, 1), got {u.dropout}")
     _check(u.max_len >= 1, f"model.user.max_len must be >= 1, got {u.max_len}")
     lo = cfg.loss
-    _check(lo.kind in ("inbatch", "bce"), f"model.loss.kind must be 'inbatch' or 'bce', got {lo.kind!r}")
-    _check(lo.temperature > 0, f"model.loss.temperature must be > 0, got {lo.temperature}")
+    _check(math.isfinite(lo.temperature) and lo.temperature > 0,
+           f"model.loss.temperature must be finite and > 0, got {lo.temperature}")
     _check(lo.num_negatives >= 1, f"model.loss.num_negatives must be >= 1, got {lo.num_negatives}")
-    _check(lo.impl in ("auto", "torch", "chunked", "triton"),
-           f"model.loss.impl must be auto|torch|chunked|triton, got {lo.impl!r}")
-    _check(lo.negatives in ("local", "global"),
-           f"model.loss.negatives must be 'local' or 'global', got {lo.negatives!r}")
     if cfg.kind == "id":
         return
     t, im = cfg.text, cfg.image
-    _check(t.pooling in POOLINGS, f"model.text.pooling must be one of {POOLINGS}, got {t.pooling!r}")
-    _check(im.pooling in POOLINGS, f"model.image.pooling must be one of {POOLINGS}, got {im.pooling!r}")
     _check(t.max_len >= 1, f"model.text.max_len must be >= 1, got {t.max_len}")
     _check(im.image_size >= 8, f"model.image.image_size must be >= 8, got {im.image_size}")
     parse_trainable(t.trainable, "model.text")

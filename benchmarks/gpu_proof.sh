@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# One prepared run that proves the GPU path on one H100/H200 in at most 8 minutes (device tool, repo
+# root, after `bash benchmarks/fetch_wheels.sh` here, carrying ".whl"):
+#   bash benchmarks/gpu_proof.sh
+#   bash benchmarks/gpu_proof.sh --dry-run          # every part on the CPU at toy sizes (tests/test_gpu_proof.py)
+#   bash benchmarks/gpu_proof.sh --only e2e,memory  # some parts only (names below)
+# Parts, in this order, each under its own time cap and all under one deadline (PROOF_BUDGET_S,
+# default 470 s), so a part that fails or hangs never costs the others:
+#   env     card, versions; installs the carried wheels (.whl/) the image lacks into /tmp/site
+#   tests   the GPU tests (pytest -m gpu tests/test_kernels.py) and tests/test_kernels_convergence.py
+#   e2e     benchmarks/e2e.py --preset base-gpu, batch 256 and 64: naive fp32 and the engine; at 256
+#           also naive over unique items, the engine without the prefix cache, with impl=torch, in fp32
+#   memory  peak GPU memory of base-gpu at batch 256 under ZeRO 0, 2 and 3 on one card
+#   prefix  benchmarks/prefix_cache.py --gpu: dedup alone vs dedup + the frozen-prefix cache
+#   kernels benchmarks/kernels.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
+# Everything goes to $OUT (default proof_out/), at most 8 files, written as the parts run:
+#   proof.log (every part's output), summary.txt (each part's status and time, then the target
+#   figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv, kernels.csv + kernels_<card>.png.
+# Afterwards, here: `python benchmarks/proof_summary.py --merge DIR` appends DIR's rows to the CSVs in
+# benchmarks/results/ (card name, date and git sha are in every row); copy the PNGs beside them.
+set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
+
+tree_hash() {  # the package files a project wheel is built from (the same on both machines)
+  find transrec engine kernels models shards pyproject.toml -type f ! -path '*/__pycache__/*' \
+    ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+}
+
+DRY=0
+ONLY=""
+PART=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --only) ONLY=",$2,"; shift ;;
+    --part) PART=$2; shift ;;  # internal: one part, run by this script under its time cap
+    --tree-hash) tree_hash; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$SELF"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+OUT=${OUT:-proof_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export OUT
+LOG=$OUT/proof.log
+SUMMARY=$OUT/summary.txt
+if [ $DRY = 1 ]; then
+  PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3 )}
+  BUDGET=${PROOF_BUDGET_S:-600}
+else
+  PY=${PYTHON:-python3}
+  BUDGET=${PROOF_BUDGET_S:-470}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+if [ -z "${TRANSREC_GIT_SHA:-}" ] && ! git rev-parse --git-dir >/dev/null 2>&1 && [ -f .whl/SOURCE ]; then
+  export TRANSREC_GIT_SHA=$(awk '$1 == "git" {print $2}' .whl/SOURCE)  # the copy there has no .git
+fi
+
+say() { echo "$*" | tee -a "$LOG"; }
+FAILED=0
+
+# run_part NAME CAP_SECONDS: part_NAME runs in a child of this script under `timeout` (which ends
+# the child's whole process group); its output goes to proof.log (its tail to the terminal), its
+# status, time and exit code to summary.txt.
+run_part() {
+  local name=$1 cap=$2
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
+  local left=$((DEADLINE - $(date +%s)))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 15 ]; then
+    printf '%-8s %-9s %7s  %s\n' "$name" skipped 0 "no time left under the ${BUDGET} s deadline" >> "$SUMMARY"
+    say "=== $name: skipped, no time left"
+    FAILED=1
+    return 0
+  fi
+  say "=== $name  (cap ${t} s, $(( $(date +%s) - START )) s in)  $(date +%T)"
+  local before t0 rc status
+  before=$(wc -l < "$LOG")
+  t0=$(date +%s)
+  timeout -k 10 "$t" bash "$SELF" --part "$name" $( [ $DRY = 1 ] && echo --dry-run ) >> "$LOG" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  [ $rc = 0 ] || FAILED=1
+  tail -n +"$((before + 1))" "$LOG" | grep -v '^Autotuning\|^with key\|^finished after\|^best config\|^Triton autotuning' \
+    | tail -n 6
+  printf '%-8s %-9s %7s  %s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" \
+    "$( [ $rc = 0 ] || echo "exit $rc" )" >> "$SUMMARY"
+  say "=== $name: $status (exit $rc) after $(( $(date +%s) - t0 )) s"
+}
+
+# setup_path: /tmp/site (the installed wheels) first on PYTHONPATH; where transrec (with its bundled
+# tokenizer files) is still not importable, a shim package whose subpackages are the repo folders.
+setup_path() {
+  if [ $DRY = 0 ] && [ -d /tmp/site ] && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if ! $PY -P -c "import transrec.models.text as t, sys; sys.exit(0 if t.BUNDLED_TOKENIZER.is_dir() else 1)" \
+      2>/dev/null; then
+    mkdir -p "$WORK/shim"
+    rm -rf "$WORK/shim/transrec"
+    cp -r transrec "$WORK/shim/transrec"
+    for p in kernels models shards engine; do ln -sfn "$PWD/$p" "$WORK/shim/transrec/$p"; done
+    export PYTHONPATH=$WORK/shim${PYTHONPATH:+:$PYTHONPATH}
+    echo "transrec from the repo folders (shim in $WORK/shim)"
+  fi
+}
+
+# ----------------------------------------------------------------------------- parts
+part_env() {
+  if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+    # A carried wheel is installed where the image lacks its distribution or has an older version;
+    # the project's wheel only if it was built from this very tree (else the repo folders are used).
+    local want
+    want=$(TREE="$(tree_hash)" $PY - <<'EOF'
+import importlib.metadata as md, os, pathlib, re
+try:
+    from packaging.version import Version
+except ImportError:  # numeric parts only
+    def Version(v):
+        return tuple(int(x) for x in re.findall(r"\d+", v))
+tree = os.environ["TREE"]
+src = pathlib.Path(".whl/SOURCE")
+built = dict(l.split(None, 1) for l in src.read_text().splitlines() if " " in l) if src.is_file() else {}
+for w in sorted(pathlib.Path(".whl").glob("*.whl")):
+    name, ver = w.name.split("-")[:2]
+    if name == "transrec":
+        if built.get("tree", "").strip() == tree:
+            print(w)
+        else:
+            print(f"# {w.name}: built from another tree ({built.get('tree', '?').strip()} != {tree}); "
+                  "using the repo folders", flush=True)
+        continue
+    try:
+        have = md.version(re.sub(r"[-_.]+", "-", name))
+    except md.PackageNotFoundError:
+        have = None
+    if have is None or Version(have) < Version(ver):
+        print(w)
+    else:
+        print(f"# {w.name}: the image has {have}")
+EOF
+)
+    echo "$want" | grep '^#'
+    local files
+    files=$(echo "$want" | grep -v '^#' | tr '\n' ' ')
+    echo "installing into /tmp/site: $files"
+    if [ -n "${files// /}" ]; then
+      # shellcheck disable=SC2086
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $files \
+        || return 1
+    fi
+  fi
+  setup_path
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "no nvidia-smi"
+  $PY -P - <<'EOF'
+import importlib, importlib.metadata as md, sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+bad = []
+for mod, dist in [("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"),
+                  ("deepspeed", "deepspeed"), ("webdataset", "webdataset"), ("pydantic", "pydantic"),
+                  ("transrec.engine.trainer", "transrec"), ("liger_kernel", "liger-kernel"),
+                  ("cut_cross_entropy", "cut-cross-entropy")]:
+    try:
+        m = importlib.import_module(mod)
+        try:
+            v = md.version(dist)
+        except md.PackageNotFoundError:
+            v = "(repo folders)"
+        print(f"  {dist:18s} {v:14s} {getattr(m, '__file__', '')}")
+    except Exception as e:  # a missing peer kernel only costs its benchmark rows
+        print(f"  {dist:18s} MISSING: {type(e).__name__}: {e}")
+        if dist not in ("liger-kernel", "cut-cross-entropy", "triton"):
+            bad.append(dist)
+from transrec.models.text import tokenizer_path
+print("  text presets tokenize with", tokenizer_path("base"))
+sys.exit(1 if bad else 0)
+EOF
+}
+
+part_tests() {
+  # -k: the tests marked gpu (a marker is a keyword) and the convergence module. -P: the working
+  # directory is not put first on sys.path (the repo's transrec/ would hide the installed package).
+  $PY -P -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_kernels_convergence.py \
+    -k "gpu or convergence"
+}
+
+part_e2e() {
+  if [ $DRY = 1 ]; then
+    $PY benchmarks/e2e.py "${E2E_DRY[@]}" --batch 16 --in-process --world "$WORK/world" \
+      --out "$OUT/e2e.csv" "${E2E_DRY_CFG[@]}"
+  else
+    $PY benchmarks/e2e.py --preset base-gpu --batch 256,64 --max-len 24 --steps 8 --warmup 2 \
+      --ablations-at 256 --world "$WORK/world" --out "$OUT/e2e.csv"
+  fi
+}
+
+part_memory() {
+  local sides=engine-zero0,engine-zero2,engine-zero3
+  if [ $DRY = 1 ]; then
+    $PY benchmarks/e2e.py "${E2E_DRY[@]}" --batch 16 --sides $sides --in-process --no-plot \
+      --world "$WORK/world" --out "$OUT/zero_memory.csv" "${E2E_DRY_CFG[@]}"
+  else
+    $PY benchmarks/e2e.py --preset base-gpu --batch 256 --max-len 24 --steps 2 --warmup 1 --sides $sides \
+      --no-plot --world "$WORK/world" --out "$OUT/zero_memory.csv"
+  fi
+}
+
+part_prefix() {
+  if [ $DRY = 1 ]; then
+    $PY benchmarks/prefix_cache.py --gpu --smoke --repeats 1 --csv "$OUT/prefix_cache.csv"
+  else
+    $PY benchmarks/prefix_cache.py --gpu --batches 256 --repeats 1 --steps 12 --csv "$OUT/prefix_cache.csv"
+  fi
+}
+
+part_kernels() {
+  if [ $DRY = 1 ]; then
+    $PY benchmarks/kernels.py --dry-run --modes full --providers transrec,torch --out "$OUT"
+  else
+    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernels.py --modes full \
+      --shapes 65536x256,32768x256,32768x768,8192x256 --out "$OUT"
+  fi
+}
+
+# the dry run's toy e2e: the tiny preset with base-gpu's levers (top blocks trained so the prefix
+# cache applies, ZeRO-2, bf16, loader workers)
+E2E_DRY=(--preset tiny --max-len 6 --steps 1 --warmup 1 --users 120 --items 80)
+E2E_DRY_CFG=(model.text.trainable=1 model.image.trainable=1 deepspeed.zero_stage=2 deepspeed.precision=bf16
+             data.num_workers=1)
+
+if [ -n "$PART" ]; then  # a child: run one part and report its exit status
+  [ "$PART" = env ] || [ -n "${PROOF_PATH_READY:-}" ] || setup_path >/dev/null
+  "part_$PART"
+  exit $?
+fi
+
+WORK=$(mktemp -d)
+export WORK
+trap 'rm -rf "$WORK"' EXIT
+{
+  echo "# gpu_proof $(date '+%Y-%m-%d %H:%M:%S')  git ${TRANSREC_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null)}$( [ $DRY = 1 ] && echo '  DRY RUN: toy sizes on the CPU, figures meaningless')"
+  printf '%-8s %-9s %7s  %s\n' part status seconds note
+} > "$SUMMARY"
+: > "$LOG"
+
+run_part env 90
+setup_path > "$WORK/path.txt"
+tee -a "$LOG" < "$WORK/path.txt"
+export PROOF_PATH_READY=1
+run_part tests 130
+run_part e2e 170
+run_part memory 70
+run_part prefix 80
+run_part kernels 150
+
+echo "# total $(( $(date +%s) - START )) s" >> "$SUMMARY"
+$PY benchmarks/proof_summary.py "$OUT" $( [ $DRY = 1 ] && echo --dry-run ) >> "$SUMMARY" 2>&1 || FAILED=1
+say ""
+cat "$SUMMARY"
+N=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+[ "$N" -le 8 ] || { say "warning: $N files in $OUT (the device tool brings back 8 at most)"; FAILED=1; }
+exit $FAILED

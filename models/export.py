@@ -1,0 +1,89 @@
+"""A model on disk: the export folder every path that saves or loads a trained model goes through.
+
+    model.safetensors   full fp32 weights (plain names), or the trained tensors only (kind "adapter")
+    config.yaml         the whole run config (its ``model`` section rebuilds the module)
+    export.json         format, kind ("full" | "adapter"), base export (adapter), step, source run
+
+``SequentialRecommender.from_export(path)`` builds the model an export describes and loads it;
+``model.load_export(path)`` loads one into a model built otherwise (adapters added, another trainable
+set); ``model.save_export(path, ...)`` writes one. Only safetensors and YAML/JSON are read: nothing
+is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transrec.models.lora import load_base_weights
+
+from transrec.config import Config, from_dict, load_yaml, save_yaml
+from transrec.errors import ConfigError, UserError
+
+EXPORT_FORMAT = 1
+WEIGHTS = "model.safetensors"
+META = "export.json"
+
+
+def read_export(path: str | Path) -> dict:
+    """The export's metadata (``export.json``); one line naming the problem if it is not one."""
+    p = Path(path)
+    if not (p / META).is_file() or not (p / WEIGHTS).is_file():
+        raise UserError(f"{p}: not an export folder (needs {META} and {WEIGHTS}; "
+                        "make one with `transrec export --run RUN --out EXPORT`)")
+    meta = json.loads((p / META).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{p / META}: export format {meta.get('format')!r}, "
+                        f"this transrec reads {EXPORT_FORMAT}")
+    return meta
+
+
+def export_config(path: str | Path) -> Config:
+    """The whole config an export was trained with."""
+    return from_dict(load_yaml(Path(path) / "config.yaml"))
+
+
+def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load an export into ``model`` (which may carry LoRA adapters the export lacks).
+
+    A "full" export fills every non-adapter weight (strict: all must be present); an "adapter" export
+    first loads its base export, then its own tensors (every one must exist in the model).
+    """
+    meta = read_export(path)
+    sd = load_file(str(Path(path) / WEIGHTS))
+    if meta["kind"] == "adapter":
+        load_export_into(model, meta["base"], strict=strict)
+        own = model.state_dict()
+        unknown = [k for k in sd if k not in own]
+        if unknown:
+            raise ConfigError(f"{path}: adapter export does not fit the model (unexpected {unknown[:3]})")
+        model.load_state_dict(sd, strict=False)
+        return
+    if meta.get("model_kind") == "id":
+        own = model.state_dict()
+        if "item_emb.weight" in own and own["item_emb.weight"].shape != sd.get("item_emb.weight", own[
+                "item_emb.weight"]).shape:
+            raise ConfigError(f"{path}: an ID model's item table does not transfer to another catalogue")
+    load_base_weights(model, sd, strict=strict)
+
+
+def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict) -> Path:
+    """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
+    so a killed write never leaves a half export under ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / WEIGHTS))
+    save_yaml(cfg, tmp / "config.yaml")
+    (tmp / META).write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,150 @@
+"""The run configuration's schema: sections as dataclasses, and the checks a type cannot express.
+
+A run is described by one :class:`Config` with six sections::
+
+    model      ModelConfig (transrec.config.model): text/image/user encoders, loss, LoRA
+    data       dataset folder, global batch, micro-batch, sequence length, loader workers
+    optim      steps, learning rates (item encoders vs the rest), warmup + cosine, clipping
+    deepspeed  ZeRO stage, precision, in-batch negative pool, or a whole DeepSpeed JSON
+    eval       full-ranking evaluation: when, batch size, item chunk, cut-offs
+    run        output folder, seed, logging, checkpoints, initial weights
+
+It is built from a preset (a function returning a whole ``Config``), then a YAML file, then
+``key=value`` overrides with dotted keys (``optim.lr=3e-4``, ``model.user.layers=4``). Every value is
+checked against the field's type; an unknown key stops with one line naming it and the closest
+valid key. ``to_deepspeed`` derives the DeepSpeed JSON from the config unless
+``deepspeed.config_file`` gives it whole.
+
+Gradient accumulation and the negative pool: in-batch softmax scores each position against the
+unique items of *its own micro-batch* (and, with ``model.loss.negatives=global``, of the same
+micro-batch on every rank). Accumulating ``g`` micro-batches therefore gives the gradient of a
+``g``-times larger batch of *rows* but keeps the negative pool of one micro-batch: it is not the
+same objective as one large batch. Use it to fit memory; raise ``world size x micro-batch`` with
+global negatives to grow the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transrec.config.check import check_choices
+from transrec.config.model import ModelConfig, validate_model_config
+from transrec.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset folder (transrec shards synth|build|convert output)
+    batch_size: int = 64  # global batch: sequences per optimizer step over all ranks and micro-batches
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world size
+    max_len: int = 20  # history positions per training window
+    num_workers: int = 0  # loader worker processes per rank
+    policy: Literal["repeat", "drop"] = "repeat"  # equal batches on every rank: repeat or drop
+    cache_dir: str = ""  # item cache folder; "" = inside the dataset folder
+    # Frozen-prefix cache: run an item encoder's frozen bottom blocks once per item and train
+    # only the tail on the stored activations (falls back, with one log line, where it cannot apply).
+    prefix_cache: bool = True
+    prefix_cache_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000  # optimizer steps in total
+    lr: float = 1e-3  # user encoder, projections, ID tables
+    encoder_lr: float = 1e-4  # text and image item encoders
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 50  # linear warmup from 0, then cosine to min_lr_ratio x lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global L2 norm; 0 disables (it is always written to the DeepSpeed JSON)
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0  # 0, 1, 2 or 3
+    precision: Literal["fp32", "bf16"] = "fp32"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl on CUDA, gloo on the CPU
+    config_file: str = ""  # a whole DeepSpeed JSON; replaces the derived one (batch sizes checked)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate on validation every N steps (0 = at the end only)
+    batch_size: int = 256  # users per evaluation batch
+    item_chunk: int = 1024  # items per encoder pass when encoding the catalogue
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    max_users: int = 0  # evaluate on the first N users of the split (0 = all)
+
+
+@dataclass
+class RunConfig:
+    out: str = ""  # run folder (checkpoints, metrics.jsonl, TensorBoard events, config.yaml)
+    seed: int = 0
+    log_every: int = 10  # steps between metric lines
+    ckpt_every: int = 0  # steps between checkpoints (0 = at the end only)
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = True  # continue from the run folder's latest checkpoint when there is one
+    init_from: str = ""  # an export folder whose weights start this run (transfer)
+    progress: bool = True  # tqdm bars
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = ""  # the preset this config started from (informational)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every check of a whole config that needs no torch: choices, ranges and the cross-field ones a
+    type cannot express; ConfigError naming the key."""
+    for name in ("data", "optim", "deepspeed", "eval", "run"):
+        check_choices(getattr(cfg, name), name)
+    validate_model_config(cfg.model)
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    def value(key):
+        sec, name = key.split(".")
+        return getattr(getattr(cfg, sec), name)
+
+    for key in ("data.batch_size", "data.max_len", "optim.steps", "eval.batch_size", "eval.item_chunk",
+                "run.log_every", "run.keep_last"):
+        if value(key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {value(key)}")
+    for key in ("data.num_workers", "data.micro_batch_size", "run.ckpt_every", "eval.every",
+                "eval.max_users"):
+        if value(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value(key)}")
+    batch_layout(cfg, world_size)
+    o = cfg.optim
+    for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip"):
+        if not math.isfinite(getattr(o, key)):
+            raise ConfigError(f"optim.{key} must be a finite number, got {getattr(o, key)}")
+    if o.lr <= 0 or o.encoder_lr < 0:
+        raise ConfigError("optim.lr must be positive and optim.encoder_lr non-negative")
+    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks must be positive cut-offs, got {cfg.eval.ks}")
+
+
+def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, gradient accumulation steps) with micro x accum x world = batch_size."""
+    gb = cfg.data.batch_size
+    micro = cfg.data.micro_batch_size or gb // world_size
+    if micro <= 0 or gb % (micro * world_size):
+        raise ConfigError(
+            f"data.batch_size={gb} must be a multiple of data.micro_batch_size x world size "
+            f"({cfg.data.micro_batch_size or 'auto'} x {world_size})")
+    return micro, gb // (micro * world_size)
