@@ -72,13 +72,21 @@ CHECK_D = {"small": (128, 100), "d256": (256, 200), "large": (768, 520), "xl": (
 # BLOCK x BLOCK_DC per chunk must stay in registers, k/q tiles pipelined in shared memory
 # (<= 227 KB a block; aligned rows of unit stride are copied asynchronously into num_stages - 1
 # buffers in flight), wgmma wants tiles of >= 64 rows per warpgroup.
+# Keys (D class, bytes per input element). Every row fits in shared memory under Triton 3.6 (the GPU
+# image) and the pinned Triton for every reachable specialisation (tests/test_kernels_sm90.py).
+# Registers and spill stack per thread from `sm90_check fwd|bwd D` (bf16, Triton 3.6 / pinned):
 _FWD = {
     ("small", 2): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
                    (128, 128, 4, 2)],
+    # D = 256: 0-16 B spill at 64x32x8w and 64x64x8w/2, 56-232 B at the 128-row tiles.
     ("d256", 2): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2, False),
                   (128, 32, 8, 3), (128, 64, 8, 3)],
-    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2),
-                   (64, 32, 8, 1), (32, 32, 4, 3)],
+    # D <= 768: the fp32 dQ accumulator (BLOCK_M x D) spills in every config; least at 32x32x4w/3 (200 B,
+    # no wgmma), 64x32x8w/2 (192 / 920 B); 64x64 fits only without pipelining (1 stage, 196,608 B),
+    # spilling 1-1.7 KB. 4-warp 64-row tiles dropped (2.6-3.2 KB).
+    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 8, 1),
+                   (32, 32, 4, 3)],
+    # D <= 1024: only 32- or 64-row tiles with one k tile in flight fit (200-230 KB).
     ("xl", 2): [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 3), (64, 32, 4, 1)],
     ("small", 4): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 1)],
     ("d256", 4): [(64, 32, 8, 1), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1)],
@@ -89,10 +97,13 @@ _FWD = {
 _BWD = {
     ("small", 2): [(128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4),
                    (128, 128, 4, 2)],
+    # D = 256: 0 B spill under 3.6, 16-128 B under the pinned Triton; 128x64x8w/3 dropped (233,472 B).
     ("d256", 2): [(64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 8, 3), (64, 64, 8, 2, False), (64, 128, 8, 2),
                   (64, 128, 8, 3)],
+    # D <= 768: least spill at 64x32x8w/2 (24-32 B, no wgmma: 32-row accumulator), 32x64x8w/2 (24 / 832
+    # B), 32x32x4w/3 (24-120 B); 64x64 only unpipelined (0.9-1.6 KB). 32x64x4w dropped (2-3 KB).
     ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2),
-                   (32, 64, 4, 2), (32, 32, 4, 3)],
+                   (32, 32, 4, 3)],
     ("xl", 2): [(64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
     ("small", 4): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)],
     ("d256", 4): [(64, 32, 8, 1), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1)],
