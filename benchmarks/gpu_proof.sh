@@ -104,7 +104,7 @@ setup_path() {
   if [ $DRY = 0 ] && [ -d /tmp/site ] && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  if ! $PY -P -c "import transrec.models.text as t, sys; sys.exit(0 if t.BUNDLED_TOKENIZER.is_dir() else 1)" \
+  if ! $PY -P -c "import transrec.shards.cache as t, sys; sys.exit(0 if t.BUNDLED_TOKENIZER.is_dir() else 1)" \
       2>/dev/null; then
     mkdir -p "$WORK/shim"
     rm -rf "$WORK/shim/transrec"

@@ -182,8 +182,9 @@ def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss
     import numpy as np
     import torch
     from transrec.models import build_model
+    from transrec.models.prefix import maybe_wrap
     from transrec.shards.batch import collate_windows
-    from transrec.shards.prefix_cache import PrefixCachedContent, maybe_wrap
+    from transrec.shards.prefix_cache import PrefixCachedContent
 
     device = torch.device(p.device)
     torch.manual_seed(0)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+
+from transrec.config import build_config
+from transrec.errors import UserError
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -27,8 +31,6 @@ def _env() -> None:
 
 
 def _quiet_deepspeed() -> None:
-    import logging
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     os.environ.setdefault("DEEPSPEED_LOG_LEVEL", "warning")
 
@@ -37,10 +39,8 @@ def _quiet_deepspeed() -> None:
 
 def cmd_train(args) -> int:
     _env()
-    from transrec.engine import distributed as D  # lazy: keeps `transrec --help` fast
-    from transrec.engine.trainer import train  # lazy
-
-    from transrec.config import build_config
+    from transrec.engine import distributed as D  # lazy: fast --help
+    from transrec.engine.trainer import train  # lazy: fast --help
 
     overrides = list(args.overrides)
     if args.data:
@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     _env()
-    from transrec.engine.standalone import evaluate_run
+    from transrec.engine.standalone import evaluate_run  # lazy: fast --help
 
     res = evaluate_run(args.run, data=args.data, splits=args.split, item_chunk=args.item_chunk)
     print(json.dumps(res, indent=1))
@@ -67,8 +67,8 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     _env()
-    from transrec.engine.export import export_run
-    from transrec.models.export import read_export
+    from transrec.engine.export import export_run  # lazy: fast --help
+    from transrec.models.export import read_export  # lazy: fast --help
 
     out = export_run(args.run, args.out, full=args.full)
     meta = read_export(out)
@@ -79,8 +79,8 @@ def cmd_export(args) -> int:
 def cmd_transfer(args) -> int:
     _env()
     _quiet_deepspeed()
-    from transrec.engine import distributed as D  # lazy: keeps `transrec --help` fast
-    from transrec.engine.transfer import format_table, run_transfer  # lazy
+    from transrec.engine import distributed as D  # lazy: fast --help
+    from transrec.engine.transfer import format_table, run_transfer  # lazy: fast --help
 
     overrides = list(args.overrides)
     if args.steps:
@@ -94,12 +94,11 @@ def cmd_transfer(args) -> int:
 def cmd_compare(args) -> int:
     _env()
     _quiet_deepspeed()
-    from transrec.engine.transfer import MODES, compare, format_table
+    from transrec.engine.transfer import MODES, compare, format_table  # lazy: fast --help
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
-        from transrec.errors import UserError
 
         raise UserError(f"--modes: unknown mode {bad[0]!r}; modes: {', '.join(MODES)}")
     overrides = list(args.overrides)
@@ -115,14 +114,14 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     _env()
     _quiet_deepspeed()
-    from transrec.engine.demo import run_demo
+    from transrec.engine.demo import run_demo  # lazy: fast --help
 
     run_demo(args.out, seed=args.seed, size=args.size)
     return 0
 
 
 def cmd_plot(args) -> int:
-    from transrec.engine.plot import plot_runs
+    from transrec.engine.plot import plot_runs  # lazy: fast --help
 
     out = args.out or os.path.join(args.runs[0], "curves.png")
     path = plot_runs(args.runs, out, metric=args.metric)
@@ -224,6 +223,6 @@ def register(sub) -> None:
 
 
 def main(argv=None) -> int:  # pragma: no cover - `transrec` is the entry point
-    from transrec.cli import main as root
+    from transrec.cli import main as root  # lazy: transrec.cli imports this module
 
     return root(["train", *(argv or sys.argv[1:])])

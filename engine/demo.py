@@ -20,6 +20,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transrec.engine.export import export_run
+from transrec.engine.plot import plot_runs
+from transrec.engine.trainer import Trainer
+from transrec.engine.transfer import compare, format_table
+from transrec.shards.synth import synthesize
+
+from transrec.config import preset_demo_cpu
 from transrec.errors import UserError
 
 
@@ -61,14 +68,6 @@ def _prepare(out: Path) -> None:
 
 
 def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full", show: bool = True) -> dict:
-    from transrec.engine.export import export_run
-    from transrec.engine.plot import plot_runs
-    from transrec.engine.trainer import Trainer
-    from transrec.engine.transfer import compare, format_table
-    from transrec.shards.synth import synthesize
-
-    from transrec.config import preset_demo_cpu
-
     if size not in SIZES:
         raise UserError(f"demo size must be one of {', '.join(SIZES)}, got {size!r}")
     sz = SIZES[size]

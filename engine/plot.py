@@ -10,10 +10,10 @@ from transrec.errors import UserError
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: only plotting pays for matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # no display: the backend is chosen before pyplot loads
+    import matplotlib.pyplot as plt  # lazy: after the backend
 
     return plt
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transrec.engine.data import make_loader, open_data
+from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.export import load_run
 
 from transrec.errors import UserError
@@ -22,9 +24,6 @@ def load_run_model(run: str | Path):
 
 def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "valid,test",
                  item_chunk: int | None = None, show: bool = True) -> dict:
-    from transrec.engine.data import make_loader, open_data
-    from transrec.engine.evaluate import encode_catalogue, evaluate
-
     cfg, model, man = load_run_model(run)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)

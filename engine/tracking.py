@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -31,7 +33,7 @@ class Tracker:
             self._file = open(self.dir / METRICS_FILE, "a", buffering=1)
             if tensorboard:
                 try:
-                    from torch.utils.tensorboard import SummaryWriter
+                    from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
 
                     self._tb = SummaryWriter(log_dir=str(self.dir / "tb"))
                 except ImportError:  # tensorboard is a dependency; keep running without it if absent
@@ -75,6 +77,4 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def progress(iterable=None, *, enabled: bool = True, **kw):
     """tqdm on stderr when enabled (rank 0 and run.progress), a plain iterator otherwise."""
-    from tqdm import tqdm
-
     return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)

@@ -36,8 +36,8 @@ from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.tracking import Tracker, progress
 from transrec.models import build_model
+from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
-from transrec.shards.prefix_cache import maybe_wrap
 
 from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
 from transrec.errors import ConfigError, UserError
@@ -113,7 +113,7 @@ class Trainer:
         self.model = self._build_model()
         # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
         # partitioning; training and evaluation then gather items through the same wrapper.
-        self.content = maybe_wrap(self.content, self.model, cfg, progress=self.show,
+        self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
                                   log=print if self.rank == 0 else (lambda _msg: None))
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,

@@ -25,9 +25,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from transrec.engine.plot import plot_comparison
+from transrec.engine.trainer import Trainer
 from transrec.models.export import export_config, read_export
 
-from transrec.config import Config, parse_override, set_key
+from transrec.config import Config, LoRAConfig, parse_override, set_key
 from transrec.errors import ConfigError
 
 MODES = ("scratch", "full", "topk", "lora")
@@ -54,8 +56,6 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
             raise ConfigError(f"--topk must be >= 0, got {topk}")
         m.text.trainable = m.image.trainable = int(topk)
     elif mode == "lora":
-        from transrec.config.model import LoRAConfig
-
         m.text.trainable = m.image.trainable = "all"
         m.text.lora, m.image.lora = LoRAConfig(), LoRAConfig()
     if mode == "id":
@@ -69,8 +69,6 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
 def run_transfer(pretrained, data, mode: str, out, *, topk: int = 2, overrides: Iterable[str] = (),
                  show: bool = True) -> dict:
     """Train one mode on the target; returns a row of the comparison table."""
-    from transrec.engine.trainer import Trainer
-
     cfg = transfer_config(pretrained, data, mode, out, topk=topk, overrides=overrides)
     t0 = time.time()
     trainer = Trainer(cfg, show=show)
@@ -128,8 +126,6 @@ def write_comparison(rows: list[dict], out: str | Path, title: str = "") -> None
         w.writeheader()
         w.writerows(rows)
     (out / "compare.md").write_text((f"{title}\n\n" if title else "") + format_table(rows) + "\n")
-    from transrec.engine.plot import plot_comparison
-
     plot_comparison(rows, out / "compare.png", title=title)
 
 

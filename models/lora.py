@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from transrec.errors import ConfigError
@@ -88,8 +89,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: nn.Module, path: str | Path) -> int:
     """Write the adapter weights to a safetensors file; returns the number of tensors."""
-    from safetensors.torch import save_file
-
     sd = lora_state_dict(model)
     if not sd:
         raise ConfigError("the model has no LoRA adapters to save")
@@ -99,8 +98,6 @@ def save_adapters(model: nn.Module, path: str | Path) -> int:
 
 def load_adapters(model: nn.Module, path: str | Path) -> None:
     """Load adapter weights written by :func:`save_adapters`; every adapter key must match."""
-    from safetensors.torch import load_file
-
     sd = load_file(str(path))
     own = {k for k in model.state_dict() if is_lora_param(k)}
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)

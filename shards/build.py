@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 from transrec.shards.format import DatasetWriter
 from transrec.shards.stats import SkipStats
 
@@ -230,7 +231,6 @@ def build_dataset(out: str | Path, items: list[ItemRecord], interactions: list[t
     writer = DatasetWriter(out, shard_size=shard_size, seq_shard_size=seq_shard_size, name=name)
     it = items
     if progress:
-        from tqdm import tqdm
         it = tqdm(items, desc="items", unit="item", mininterval=1.0)
     for rec in it:
         title = (rec.title or "").strip()

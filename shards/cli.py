@@ -10,8 +10,8 @@ from transrec.errors import UserError
 
 
 def _synth(args) -> int:
-    from transrec.shards.dataset import Dataset
-    from transrec.shards.synth import synthesize
+    from transrec.shards.dataset import Dataset  # lazy: fast --help
+    from transrec.shards.synth import synthesize  # lazy: fast --help
 
     t = time.perf_counter()
     try:
@@ -26,8 +26,8 @@ def _synth(args) -> int:
 
 
 def _build(args) -> int:
-    from transrec.shards.build import build_from_tables
-    from transrec.shards.convert import report_line
+    from transrec.shards.build import build_from_tables  # lazy: fast --help
+    from transrec.shards.convert import report_line  # lazy: fast --help
 
     report = build_from_tables(args.out, interactions=args.interactions, items=args.items,
                                images=args.images, shard_size=args.shard_size, image_frac=args.image_frac,
@@ -37,7 +37,7 @@ def _build(args) -> int:
 
 
 def _convert(args) -> int:
-    from transrec.shards.convert import convert, report_line
+    from transrec.shards.convert import convert, report_line  # lazy: fast --help
 
     kw = {"shard_size": args.shard_size}
     if args.image_frac is not None:
@@ -48,7 +48,7 @@ def _convert(args) -> int:
 
 
 def _info(args) -> int:
-    from transrec.shards.dataset import Dataset
+    from transrec.shards.dataset import Dataset  # lazy: fast --help
 
     ds = Dataset.open(args.data)
     if args.verify:
@@ -62,7 +62,7 @@ def _info(args) -> int:
 
 
 def register(subparsers) -> None:
-    from transrec.shards.convert import FORMATS
+    from transrec.shards.convert import FORMATS  # lazy: fast --help
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("shards", help="make and inspect dataset folders (WebDataset shards)",

@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import webdataset as wds
@@ -60,7 +61,6 @@ def sanitize_key(raw: str) -> str:
 
 
 def unsanitize_key(key: str) -> str:
-    from urllib.parse import unquote
     return unquote(key)
 
 

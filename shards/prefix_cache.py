@@ -1,13 +1,14 @@
-"""The frozen-prefix cache: an item encoder's frozen lower blocks run once per item, not once per step.
+"""The frozen-prefix store: an item encoder's frozen-prefix outputs for every item, memory-mapped.
 
-With ``model.text.trainable = k`` (or ``model.image.trainable = k``) only the top ``k`` blocks of an
-item encoder train; the stem and the blocks below form the *frozen prefix*
-(:class:`~transrec.models.encoder_base.ItemEncoderBase`). Run in eval mode, the prefix output of an
-item is a pure function of its content and the frozen weights, so it is computed once, stored, and
-each step runs only the trainable tail on it::
+The frozen-prefix cache (:mod:`transrec.models.prefix`) runs an item encoder's frozen lower blocks
+once per item and stores the result here; each step then runs only the trainable tail on it::
 
     encoder(content) = forward_tail(forward_prefix(content))      # plain loop, every step
-    encoder(content) = forward_tail(store[item])                  # with this cache
+    encoder(content) = forward_tail(store[item])                  # with the cache
+
+This module is the storage alone: the layout on disk, the key, the writers a builder fills, the
+reader, and :class:`PrefixCachedContent`. It imports no model code; what runs the encoder, and
+whether an encoder may be cached at all, lives beside the encoders (:mod:`transrec.models.prefix`).
 
 What is stored, per modality, in a folder beside the item cache (``prefix-<modality>-<key>``)::
 
@@ -21,23 +22,18 @@ Values are bf16 by default (fp16 / fp32 by choice). numpy has no bf16, so bf16 v
 their raw 16-bit words (uint16) and viewed back as ``torch.bfloat16``. Text is stored ragged (only
 real tokens): titles are usually much shorter than ``max_text_len``.
 
-The key is a hash of (item content key, modality, the encoder's :meth:`frozen_hash` -- architecture,
-frozen depth, every prefix weight and buffer --, the frozen depth, dtype, format), so a store is
-reused until one of those changes and then rebuilt. Two processes asking for the same store at once
-are safe: one takes an exclusive lock and builds into a temporary folder renamed into place when
-complete; the other waits on the lock, then loads.
+The key (:func:`prefix_key`) is a hash of (item content key, modality, the encoder's frozen hash --
+architecture, frozen depth, every prefix weight and buffer --, the frozen depth, dtype, format), so
+a store is reused until one of those changes and then rebuilt. A builder fills a temporary folder
+(:class:`TextStoreWriter` / :class:`ImageStoreWriter`, then :func:`finish_store`) under the
+exclusive lock of :func:`transrec.shards.locking.locked_build`, which renames it into place when
+complete; a second process asking for the same store waits on the lock, then loads.
 
 :class:`PrefixCachedContent` wraps any :class:`~transrec.shards.batch.ContentSource`: its ``gather``
 returns the same Text/ImageContent with ``.prefix`` filled (text keeps its attention mask; image
 items carry an empty pixel tensor, their pixels are never read). Every tensor it returns is on the
 host, so ``Batch.to(device)`` moves the batch, prefix included, in one transfer. The encoders run only
-their tail when ``.prefix`` is set (:meth:`TextItemEncoder.forward`, :meth:`ImageItemEncoder.forward`).
-
-:func:`maybe_wrap` is what the engine calls once the model is built (before DeepSpeed wraps it, so
-the weights are whole): it wraps the content source, or logs ONE line saying why it does not (prefix
-cache switched off, full fine-tuning, LoRA in every block, augmentation on the frozen path, a frozen
-block whose dropout stays active in training) and returns the plain source. Training and
-evaluation then gather through the same wrapped source, so evaluation uses the same cache.
+their tail when ``.prefix`` is set.
 
 Costs (the trade-off): disk and page cache hold ``bytes/item`` per item -- text ``tokens x H x 2``
 (bf16), image ``C x h x w x 2`` -- against ``4 x max_len`` bytes of token ids or ``3 x S x S`` bytes of
@@ -47,20 +43,15 @@ the frozen blocks' forward for every unique item of the batch.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import json
-import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT, ImageContent, TextContent
-from transrec.shards.locking import locked_build
 
 from transrec.errors import ConfigError, DataError
 
@@ -71,22 +62,11 @@ DTYPES: dict[str, tuple[torch.dtype, type]] = {
     "fp16": (torch.float16, np.float16),
     "fp32": (torch.float32, np.float32),
 }
-log = logging.getLogger("transrec.prefix_cache")
-
-LogFn = Callable[[str], None]
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- values and keys
 
-def _emit(msg: str, fn: LogFn | None, level: int = logging.INFO) -> None:
-    """One line to ``fn`` when given, else to this module's logger."""
-    if fn is not None:
-        fn(msg)
-    else:
-        log.log(level, msg)
-
-
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -94,7 +74,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _check_dtype(dtype: str) -> str:
+def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ConfigError(f"prefix cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return dtype
@@ -151,7 +131,130 @@ def prefix_key(content_id: str, modality: int, frozen: str, n_frozen: int, dtype
     return h.hexdigest()[:24]
 
 
-# ----------------------------------------------------------------------------- the store
+def default_store_dir(content, cache_dir: str = "") -> Path:
+    """Where stores go unless told: beside the item cache, else ``cache_dir``, else
+    ``$TRANSREC_CACHE``, else ``~/.cache/transrec``."""
+    p = getattr(content, "path", None)
+    if p is not None and Path(p).is_dir():
+        return Path(p).parent  # beside the item cache
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get("TRANSREC_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "transrec"
+
+
+def store_path(cache_dir: str | Path, modality: int, key: str) -> Path:
+    return Path(cache_dir) / f"prefix-{MODALITY_NAMES[modality]}-{key}"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a finished store is at ``path`` (its meta.json is written last, then the folder renamed)."""
+    return (Path(path) / "meta.json").is_file()
+
+
+# ----------------------------------------------------------------------------- writing a store
+
+class TextStoreWriter:
+    """Fills a text store's ragged ``hidden.npy`` in ``folder``: the real tokens of every row.
+
+    ``lengths[r]`` is the number of real tokens of store row ``r``, known before any encoder pass
+    (token ids only), so the layout is fixed up front and rows can be written in any order.
+    """
+
+    def __init__(self, folder: Path, lengths: np.ndarray, hidden: int, dtype: str):
+        self.folder, self.dtype, self.hidden = Path(folder), check_dtype(dtype), int(hidden)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
+        self.data = np.lib.format.open_memmap(self.folder / "hidden.npy", mode="w+", dtype=DTYPES[dtype][1],
+                                              shape=(int(self.offsets[-1]), self.hidden))
+
+    def write(self, rows: np.ndarray, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        """``hidden [len(rows), T, H]`` of store rows ``rows``; ``mask [len(rows), T]`` marks their
+        real tokens (``mask[i].sum() == lengths[rows[i]]``)."""
+        mask = mask.bool().cpu()
+        words = to_words(hidden[mask.to(hidden.device)], self.dtype)  # real tokens, row-major
+        dest = self.offsets[rows][:, None] + np.arange(mask.shape[1])[None, :]
+        self.data[dest[mask.numpy()]] = words
+
+    def close(self) -> dict:
+        """Flush the values, write lengths and offsets; returns the figures for meta.json."""
+        self.data.flush()
+        del self.data
+        lengths = self.lengths
+        np.save(self.folder / "lengths.npy", lengths.astype(np.int32))
+        np.save(self.folder / "offsets.npy", self.offsets)
+        per_value = np.dtype(DTYPES[self.dtype][1]).itemsize
+        tokens = int(self.offsets[-1])
+        return {"hidden": self.hidden, "tokens": tokens,
+                "mean_tokens": float(lengths.mean()) if len(lengths) else 0.0,
+                "bytes": tokens * self.hidden * per_value + lengths.nbytes + self.offsets.nbytes}
+
+
+class ImageStoreWriter:
+    """Fills an image store's ``maps.npy`` in ``folder``: ``n`` rows of ``shape`` each."""
+
+    def __init__(self, folder: Path, n: int, shape: tuple[int, ...], dtype: str):
+        self.folder, self.dtype = Path(folder), check_dtype(dtype)
+        self.n, self.shape = int(n), tuple(int(s) for s in shape)
+        self.data = np.lib.format.open_memmap(self.folder / "maps.npy", mode="w+", dtype=DTYPES[dtype][1],
+                                              shape=(self.n, *self.shape))
+
+    def write(self, start: int, maps: torch.Tensor) -> None:
+        """Rows ``start .. start + len(maps)``; every row of shape ``shape``."""
+        if tuple(maps.shape[1:]) != self.shape:
+            raise ValueError(f"rows of shape {tuple(maps.shape[1:])} for a store of {self.shape}")
+        self.data[start:start + len(maps)] = to_words(maps, self.dtype)
+
+    def close(self) -> dict:
+        self.data.flush()
+        del self.data
+        per_value = np.dtype(DTYPES[self.dtype][1]).itemsize
+        return {"shape": list(self.shape), "bytes": int(self.n * int(np.prod(self.shape)) * per_value)}
+
+
+def raw_bytes_per_item(content, modality: int) -> float | None:
+    """Bytes per item of the raw content in the item cache (token ids / pixels), for comparison."""
+    arr = getattr(content, "tokens" if modality == TEXT else "images", None)
+    if arr is None or not len(arr):
+        return None
+    return float(arr.nbytes / len(arr))
+
+
+def finish_store(folder: Path, content, modality: int, items: np.ndarray, meta: dict) -> dict:
+    """Complete a filled store folder: ``item_row.npy`` (store row of every item of ``content``,
+    ``items`` in row order) and ``meta.json``, written last. ``meta`` holds the key and its inputs
+    and the writer's and builder's figures (``bytes`` among them); returns the meta written."""
+    folder = Path(folder)
+    item_row = np.full(int(content.n_items), -1, dtype=np.int64)
+    item_row[items] = np.arange(len(items))
+    np.save(folder / "item_row.npy", item_row)
+    total = int(meta["bytes"]) + item_row.nbytes
+    meta = {"format": PREFIX_FORMAT, "modality": MODALITY_NAMES[modality], "n_rows": len(items), **meta,
+            "bytes": total, "bytes_per_item": total / len(items),
+            "raw_bytes_per_item": raw_bytes_per_item(content, modality),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def build_line(meta: dict, seconds: float, path: Path) -> str:
+    """The one line that reports a store just built: what it holds and what it costs."""
+    n, bpi = meta["n_rows"], meta["bytes_per_item"]
+    if meta["modality"] == "text":
+        what = f"{meta['mean_tokens']:.1f} tokens/item x {meta['hidden']} hidden"
+    else:
+        what = "x".join(str(s) for s in meta["shape"]) + " per item"
+    raw = meta.get("raw_bytes_per_item")
+    vs = f" (raw content {human_bytes(raw)}/item)" if raw else ""
+    return (f"prefix cache {meta['modality']}: built {n:,} items in {seconds:.1f}s "
+            f"on {meta['build_device']}, "
+            f"{meta['frozen_blocks']}/{meta['blocks']} blocks frozen, {what}, {meta['dtype']}: "
+            f"{human_bytes(bpi)}/item{vs}, {human_bytes(meta['bytes'])} on disk, memory-mapped "
+            f"(host memory: page cache up to that, per batch {human_bytes(bpi)} x unique items) -> {path}")
+
+
+# ----------------------------------------------------------------------------- reading a store
 
 class PrefixStore:
     """One modality's frozen-prefix outputs for every item of that modality, memory-mapped.
@@ -222,179 +325,7 @@ class PrefixStore:
 
     def __repr__(self) -> str:
         return (f"PrefixStore({str(self.path)!r}, {self.meta['modality']}, rows={self.n_rows}, "
-                f"{self.dtype}, {_human(self.nbytes)})")
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@contextlib.contextmanager
-def _build_copy(encoder, device: torch.device):
-    """The encoder in eval mode on ``device`` (a copy when it lives elsewhere); training mode restored."""
-    if _device_of(encoder) == device:
-        was = encoder.training
-        encoder.eval()
-        try:
-            yield encoder
-        finally:
-            encoder.train(was)
-    else:
-        enc = copy.deepcopy(encoder).to(device).eval()
-        try:
-            yield enc
-        finally:
-            del enc
-
-
-def _autocast(device: torch.device, dtype: str):
-    if device.type == "cuda" and dtype in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=DTYPES[dtype][0])
-    return contextlib.nullcontext()
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="item", mininterval=1.0)
-
-
-def _build_text(content, encoder, out: Path, items: np.ndarray, *, dtype: str, device: torch.device,
-                batch_size: int, progress: bool) -> dict:
-    n = len(items)
-    # lengths first (cheap: token ids only), so the ragged layout is known before any encoder pass
-    lengths = np.zeros(n, dtype=np.int64)
-    for s in range(0, n, 4096):
-        text, _ = content.gather(items[s:s + 4096])
-        lengths[s:s + 4096] = text.attention_mask.sum(1).numpy()
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    hidden = int(encoder.hidden_size)
-    data = np.lib.format.open_memmap(out / "hidden.npy", mode="w+", dtype=DTYPES[dtype][1],
-                                     shape=(int(offsets[-1]), hidden))
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding per pass
-    bar = _bar(n, "prefix cache text", progress)
-    with _build_copy(encoder, device) as enc, torch.inference_mode(), _autocast(device, dtype):
-        for s in range(0, n, batch_size):
-            sel = order[s:s + batch_size]
-            text, _ = content.gather(items[sel])
-            h = enc.forward_prefix(text.input_ids.to(device), text.attention_mask.to(device))
-            mask = text.attention_mask.bool()
-            words = to_words(h[mask.to(h.device)], dtype)  # real tokens, row-major
-            dest = offsets[sel][:, None] + np.arange(mask.shape[1])[None, :]
-            data[dest[mask.numpy()]] = words
-            if bar is not None:
-                bar.update(len(sel))
-    if bar is not None:
-        bar.close()
-    data.flush()
-    del data
-    np.save(out / "lengths.npy", lengths.astype(np.int32))
-    np.save(out / "offsets.npy", offsets)
-    per_value = np.dtype(DTYPES[dtype][1]).itemsize
-    return {"hidden": hidden, "tokens": int(offsets[-1]),
-            "mean_tokens": float(lengths.mean()) if n else 0.0,
-            "bytes": int(offsets[-1]) * hidden * per_value + lengths.nbytes + offsets.nbytes}
-
-
-def _build_image(content, encoder, out: Path, items: np.ndarray, *, dtype: str, device: torch.device,
-                 batch_size: int, progress: bool) -> dict:
-    n = len(items)
-    shape = tuple(int(s) for s in encoder.prefix_item_shape)
-    data = np.lib.format.open_memmap(out / "maps.npy", mode="w+", dtype=DTYPES[dtype][1], shape=(n, *shape))
-    bar = _bar(n, "prefix cache image", progress)
-    with _build_copy(encoder, device) as enc, torch.inference_mode(), _autocast(device, dtype):
-        for s in range(0, n, batch_size):
-            _, image = content.gather(items[s:s + batch_size])
-            h = enc.forward_prefix(image.pixels.to(device))
-            if tuple(h.shape[1:]) != shape:
-                raise DataError(f"image prefix of shape {tuple(h.shape[1:])}, expected {shape}: the item "
-                                f"cache's image size differs from model.image.image_size")
-            data[s:s + len(h)] = to_words(h, dtype)
-            if bar is not None:
-                bar.update(len(h))
-    if bar is not None:
-        bar.close()
-    data.flush()
-    del data
-    per_value = np.dtype(DTYPES[dtype][1]).itemsize
-    return {"shape": list(shape), "bytes": int(n * int(np.prod(shape)) * per_value)}
-
-
-def _raw_bytes_per_item(content, modality: int) -> float | None:
-    """Bytes per item of the raw content in the item cache (token ids / pixels), for comparison."""
-    arr = getattr(content, "tokens" if modality == TEXT else "images", None)
-    if arr is None or not len(arr):
-        return None
-    return float(arr.nbytes / len(arr))
-
-
-def build_or_load_prefix_store(content, encoder, modality: int, *, cache_dir: str | Path,
-                               dtype: str = "bf16", device: str | torch.device | None = None,
-                               batch_size: int | None = None, progress: bool = True,
-                               log_fn: LogFn | None = None, lock_timeout: float = 3600.0) -> PrefixStore:
-    """The store of ``encoder``'s frozen-prefix outputs for ``content``'s items of ``modality``
-    (TEXT or IMAGE), built first if it does not exist for the current key.
-
-    ``device``: where the build runs (default: CUDA when available, else the CPU); the encoder is
-    copied there when it lives elsewhere and always runs in eval mode. The disk and memory figures
-    are logged (``log_fn`` or this module's logger) when the store is built.
-    """
-    _check_dtype(dtype)
-    items = np.flatnonzero(np.asarray(content.modality) == modality).astype(np.int64)
-    if not len(items):
-        raise ConfigError(f"no {MODALITY_NAMES[modality]} item to cache")
-    content_id, fhash = content_identity(content), encoder.frozen_hash()
-    key = prefix_key(content_id, modality, fhash, encoder.n_frozen_blocks, dtype)
-    name = MODALITY_NAMES[modality]
-    final = Path(cache_dir) / f"prefix-{name}-{key}"
-    if (final / "meta.json").is_file():
-        return PrefixStore(final)
-    dev = torch.device(device) if device is not None else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if batch_size is None:
-        batch_size = (1024 if modality == TEXT else 256) if dev.type == "cuda" else \
-            (256 if modality == TEXT else 64)
-    with locked_build(final, lock_timeout, f"{name} prefix cache") as tmp:
-        if tmp is not None:
-            t0 = time.perf_counter()
-            build = _build_text if modality == TEXT else _build_image
-            facts = build(content, encoder, tmp, items, dtype=dtype, device=dev, batch_size=int(batch_size),
-                          progress=progress)
-            item_row = np.full(int(content.n_items), -1, dtype=np.int64)
-            item_row[items] = np.arange(len(items))
-            np.save(tmp / "item_row.npy", item_row)
-            facts["bytes"] += item_row.nbytes
-            seconds = time.perf_counter() - t0
-            meta = {
-                "key": key, "format": PREFIX_FORMAT, "modality": name, "dtype": dtype,
-                "content": content_id, "encoder": encoder.describe(),
-                "frozen_blocks": int(encoder.n_frozen_blocks), "blocks": int(encoder.n_blocks),
-                "frozen_hash": fhash, "n_rows": len(items), **facts,
-                "bytes_per_item": facts["bytes"] / len(items),
-                "raw_bytes_per_item": _raw_bytes_per_item(content, modality),
-                "build_seconds": round(seconds, 3), "build_device": str(dev),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-            _emit(_build_line(meta, seconds, final), log_fn)
-    return PrefixStore(final)
-
-
-def _build_line(meta: dict, seconds: float, path: Path) -> str:
-    n, bpi = meta["n_rows"], meta["bytes_per_item"]
-    if meta["modality"] == "text":
-        what = f"{meta['mean_tokens']:.1f} tokens/item x {meta['hidden']} hidden"
-    else:
-        what = "x".join(str(s) for s in meta["shape"]) + " per item"
-    raw = meta.get("raw_bytes_per_item")
-    vs = f" (raw content {_human(raw)}/item)" if raw else ""
-    return (f"prefix cache {meta['modality']}: built {n:,} items in {seconds:.1f}s "
-            f"on {meta['build_device']}, "
-            f"{meta['frozen_blocks']}/{meta['blocks']} blocks frozen, {what}, {meta['dtype']}: "
-            f"{_human(bpi)}/item{vs}, {_human(meta['bytes'])} on disk, memory-mapped "
-            f"(host memory: page cache up to that, per batch {_human(bpi)} x unique items) -> {path}")
+                f"{self.dtype}, {human_bytes(self.nbytes)})")
 
 
 # ----------------------------------------------------------------------------- the content source
@@ -456,113 +387,3 @@ class PrefixCachedContent:
 
     def __repr__(self) -> str:
         return f"PrefixCachedContent({self.inner!r}, {list(self.stores.values())!r})"
-
-
-# ----------------------------------------------------------------------------- engine entry point
-
-def not_cacheable_reason(encoder, cfg=None) -> str | None:
-    """Why ``encoder``'s frozen prefix cannot be cached (one phrase), or None when it can.
-
-    Adds to the encoder's own :meth:`prefix_not_cacheable_reason` (trainable prefix, LoRA in a
-    prefix block, dropout kept active in frozen blocks in training): no frozen block at all (full
-    fine-tuning, or LoRA in every block -- the stem alone is not worth its disk), and augmentation
-    on the frozen path (a truthy ``augment`` on the encoder, its config or ``cfg.data``).
-    """
-    name = encoder.arch
-    reason = encoder.prefix_not_cacheable_reason()
-    if reason is not None:
-        return reason
-    if encoder.n_frozen_blocks == 0 and encoder.n_blocks > 0:  # (a model run whole has no blocks)
-        if getattr(encoder, "lora_layers", 0):
-            return f"{name} encoder has LoRA adapters in every block (trainable='all'): no frozen block"
-        return f"{name} encoder has no frozen block (trainable='all'): full fine-tuning"
-    if encoder.frozen_dropout and encoder._stochastic_prefix():
-        return f"{name} encoder keeps dropout active in its frozen blocks in training (frozen_dropout=True)"
-    for where, obj in (("encoder", encoder), ("encoder config", getattr(encoder, "cfg", None)),
-                       ("data config", getattr(cfg, "data", None))):
-        aug = getattr(obj, "augment", None) if obj is not None else None
-        if aug:
-            return f"{name} encoder input is augmented on the frozen path ({where} augment={aug!r})"
-    return None
-
-
-def _switch(cfg, enabled: bool | None, dtype: str | None) -> tuple[bool, str]:
-    data = getattr(cfg, "data", None)
-    if enabled is None:
-        enabled = bool(getattr(data, "prefix_cache", True))
-    if dtype is None:
-        dtype = str(getattr(data, "prefix_cache_dtype", "bf16"))
-    return enabled, _check_dtype(dtype)
-
-
-def _default_dir(content, cfg) -> Path:
-    p = getattr(content, "path", None)
-    if p is not None and Path(p).is_dir():
-        return Path(p).parent  # beside the item cache
-    d = getattr(getattr(cfg, "data", None), "cache_dir", "")
-    if d:
-        return Path(d)
-    env = os.environ.get("TRANSREC_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "transrec"
-
-
-def maybe_wrap(content, model, cfg=None, cache_dir: str | Path | None = None, log: LogFn | None = None, *,
-               enabled: bool | None = None, dtype: str | None = None,
-               device: str | torch.device | None = None,
-               batch_size: int | None = None, progress: bool = True):
-    """``content`` wrapped in a :class:`PrefixCachedContent` for ``model``, or ``content`` itself.
-
-    Call it once the model's weights are final (after loading pretrained / transferred weights) and
-    before DeepSpeed wraps it. ``cfg`` is the run config: ``data.prefix_cache`` (on/off) and
-    ``data.prefix_cache_dtype`` are read from it when present (``enabled`` / ``dtype`` override).
-    It sets each item encoder's ``serves_cached_prefix`` (whether its content comes from the cache),
-    which decides how an absent modality's dummy runs under ZeRO-3. Logs one line through ``log``
-    (or the ``transrec.prefix_cache`` logger): what is cached, or why it falls back. Stores go to
-    ``cache_dir`` (default: beside the item cache).
-    """
-    net = getattr(model, "module", model)
-    enabled, dtype = _switch(cfg, enabled, dtype)
-    encoders = net.item_encoders() if hasattr(net, "item_encoders") else {}
-    if not enabled:
-        for enc in encoders.values():
-            if hasattr(enc, "serves_cached_prefix"):
-                enc.serves_cached_prefix = False
-        _emit("frozen-prefix cache off (data.prefix_cache=false): item encoders run whole every step", log)
-        return content
-    if not encoders:
-        _emit(f"frozen-prefix cache off: {type(net).__name__} has no content item encoder", log)
-        return content
-    mods = np.asarray(content.modality)
-    reasons, use = {}, {}
-    for mid, name in enumerate(MODALITY_NAMES):
-        enc = encoders.get(name)
-        if enc is None or not (mods == mid).any():
-            continue
-        r = not_cacheable_reason(enc, cfg)
-        if r is None:
-            use[name] = enc
-        else:
-            reasons[name] = r
-    for name, enc in encoders.items():
-        # how an absent modality's dummy runs (tail only or whole): like that modality's real
-        # content, so that every rank runs the same modules under ZeRO-3 (see models.recommender)
-        if hasattr(enc, "serves_cached_prefix"):
-            enc.serves_cached_prefix = name in use
-    if not use:
-        _emit("frozen-prefix cache off, full encoders run every step: " +
-              "; ".join(f"{k}: {v}" for k, v in reasons.items()), log, logging.WARNING)
-        return content
-    root = Path(cache_dir) if cache_dir is not None else _default_dir(content, cfg)
-    stores = {name: build_or_load_prefix_store(content, enc, TEXT if name == "text" else IMAGE,
-                                               cache_dir=root, dtype=dtype, device=device,
-                                               batch_size=batch_size, progress=progress, log_fn=log)
-              for name, enc in use.items()}
-    wrapped = PrefixCachedContent(content, stores.get("text"), stores.get("image"))
-    parts = [f"{n} {use[n].n_frozen_blocks}/{use[n].n_blocks} blocks frozen, "
-             f"{_human(s.bytes_per_item)}/item" for n, s in stores.items()]
-    total = sum(s.nbytes for s in stores.values())
-    line = (f"frozen-prefix cache on ({dtype}, {_human(total)} on disk in {root}): " + "; ".join(parts))
-    if reasons:
-        line += "; not cached: " + "; ".join(f"{k}: {v}" for k, v in reasons.items())
-    _emit(line, log, logging.WARNING if reasons else logging.INFO)
-    return wrapped

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 from transrec.shards.format import DatasetWriter
 
 CATEGORIES = ("shirt", "shoe", "bag", "hat", "lamp", "mug", "book", "chair")
@@ -259,7 +260,6 @@ def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | No
     names = [CATEGORIES, list(COLOURS), PATTERNS, list(STYLES)]
     items = range(n_items)
     if progress:
-        from tqdm import tqdm
         items = tqdm(items, desc=f"synth {domain} items", unit="item")
     for i in items:
         meta = {a: names[k][int(attrs[i, k])] for k, a in enumerate(ATTRIBUTES)}

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 from transrec.engine.trainer import make_loader, open_data
 from transrec.models import build_model
-from transrec.models.text import BUNDLED_TOKENIZER, VOCAB_SIZE, tokenizer_path
-from transrec.shards.cache import default_tokenizer_path, tokenizer_identity
+from transrec.models.text import VOCAB_SIZE, tokenizer_path
+from transrec.shards.cache import BUNDLED_TOKENIZER, default_tokenizer_path, tokenizer_identity
 from transrec.shards.synth import synthesize
 
 from transrec.config import build_config

@@ -1,12 +1,15 @@
 """Frozen-prefix cache: the tail on cached prefixes equals the full encoder (outputs and gradients),
 reuse and rebuild, concurrent builders, the fallback log lines, and training/evaluation with and
-without the cache."""
+without the cache; the store written and read without a model, importing no model code; the
+not-cacheable reason of every case."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,15 +22,14 @@ from transrec.models import (
     UserEncoderConfig,
     build_model,
 )
+from transrec.models import prefix as prefix_build
+from transrec.models.lora import inject_lora
+from transrec.models.prefix import build_or_load_prefix_store, maybe_wrap
 from transrec.shards import prefix_cache as pc
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent, collate_windows
-from transrec.shards.prefix_cache import (
-    PrefixCachedContent,
-    build_or_load_prefix_store,
-    from_words,
-    maybe_wrap,
-    to_words,
-)
+from transrec.shards.prefix_cache import PrefixCachedContent, from_words, to_words
+
+from transrec.errors import DataError
 
 
 def make_content(n_items: int = 48, seed: int = 0, T: int = 12, size: int = 32) -> ArrayContent:
@@ -167,7 +169,7 @@ def test_reuse_when_nothing_changed_rebuild_when_something_did(content, tmp_path
         raise AssertionError("rebuilt although nothing changed")
 
     with monkeypatch.context() as m:
-        m.setattr(pc, "_build_text", no_build)
+        m.setattr(prefix_build, "write_text_prefix", no_build)
         assert store().path == first.path
         with torch.no_grad():  # a trainable (tail) weight changes during training: still reused
             te.backbone.encoder.layer[1].output.dense.weight.add_(0.5)
@@ -252,14 +254,10 @@ def test_fallback_cases_each_log_one_line(content, tmp_path, caplog):
     cfg.text.lora, cfg.image.lora = LoRAConfig(r=2), LoRAConfig(r=2)
     cases.append(("lora-everywhere", build_model(cfg), {}, "LoRA adapters in every block"))
     m = build_model(tiny_cfg(1, "all"))
-    from transrec.models.lora import inject_lora
     inject_lora([m.text_encoder.backbone.encoder.layer[0]], "bert", LoRAConfig(r=2))
     for p in m.text_encoder.backbone.encoder.layer[0].parameters():
         p.requires_grad_(False)
     cases.append(("lora-frozen", m, {}, "LoRA"))
-    m = build_model(tiny_cfg(1, "all"))
-    m.text_encoder.cfg.augment = "token-dropout"  # an augmentation on the frozen path
-    cases.append(("augment", m, {}, "augment"))
     cfg = tiny_cfg(1, "all")
     cfg.text.frozen_dropout = True
     cases.append(("dropout", build_model(cfg).train(), {}, "dropout"))
@@ -348,3 +346,104 @@ def test_training_and_evaluation_same_with_and_without_cache(content, tmp_path, 
     # evaluation encodes the catalogue through the same wrapped source
     a, b = _catalogue(base, content), _catalogue(other, wrapped)
     torch.testing.assert_close(b, a, rtol=tol * 5, atol=tol * 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the store alone, and the policy beside the encoders
+
+
+def test_the_store_imports_no_model_code():
+    """shards holds the storage only: importing it pulls in no model, engine or model library."""
+    code = ("import sys, transrec.shards.prefix_cache; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('transformers', 'peft', 'deepspeed', 'timm', 'torchvision') "
+            "or m.startswith(('transrec.models', 'transrec.engine', 'transrec.kernels')))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [], proc.stdout
+
+
+def test_store_written_and_read_without_a_model(content, tmp_path):
+    """Writers fill a store from any tensors, rows in any order; the reader and the content wrapper
+    give them back (text padded to the batch's width with zeros), no encoder involved."""
+    gen = torch.Generator().manual_seed(0)
+    text_items = np.flatnonzero(content.modality == TEXT)
+    image_items = np.flatnonzero(content.modality == IMAGE)
+    text, image = content.gather(text_items)
+    mask = text.attention_mask.bool()
+    hidden = torch.randn(len(text_items), mask.shape[1], 5, generator=gen)
+    maps = torch.randn(len(image_items), 4, 2, 2, generator=gen)
+    stores = {}
+    for modality, items in ((TEXT, text_items), (IMAGE, image_items)):
+        folder = pc.store_path(tmp_path, modality, f"k{modality}")
+        folder.mkdir()
+        if modality == TEXT:
+            writer = pc.TextStoreWriter(folder, mask.sum(1).numpy(), 5, "fp16")
+            order = np.random.default_rng(1).permutation(len(items))
+            for s in range(0, len(items), 7):  # rows in another order than the store's
+                sel = order[s:s + 7]
+                writer.write(sel, hidden[sel], text.attention_mask[sel])
+        else:
+            writer = pc.ImageStoreWriter(folder, len(items), (4, 2, 2), "bf16")
+            writer.write(0, maps[:10])
+            writer.write(10, maps[10:])
+        facts = writer.close()
+        given = {"key": f"k{modality}", "dtype": writer.dtype, **facts}
+        meta = pc.finish_store(folder, content, modality, items, given)
+        assert pc.is_complete(folder) and meta["n_rows"] == len(items)
+        stores[modality] = pc.PrefixStore(folder)
+    pick = np.array([5, 0, 3])
+    got = stores[TEXT].gather(text_items[pick], width=mask.shape[1])
+    want = (hidden[pick] * mask[pick, :, None]).to(torch.float16)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(stores[IMAGE].gather(image_items[pick]), maps[pick].to(torch.bfloat16),
+                               rtol=0, atol=0)
+    with pytest.raises(DataError, match="has no image prefix"):
+        stores[IMAGE].gather(text_items[:1])
+    wrapped = PrefixCachedContent(content, stores[TEXT], stores[IMAGE])
+    t, i = wrapped.gather(np.array([text_items[3], image_items[2], text_items[0]]))
+    torch.testing.assert_close(t.prefix, (hidden[[3, 0]] * mask[[3, 0], :, None])[:, :t.input_ids.shape[1]]
+                               .to(torch.float16), rtol=0, atol=0)
+    torch.testing.assert_close(i.prefix, maps[[2]].to(torch.bfloat16), rtol=0, atol=0)
+    assert i.pixels.numel() == 0
+
+
+def test_each_not_cacheable_case_has_its_reason():
+    """The encoder's own answer, as the encoder stands and for a run that will train it."""
+
+    def enc(text_trainable=1, image_trainable=1, lora=False, frozen_dropout=False, image="tiny"):
+        cfg = tiny_cfg(text_trainable, image_trainable, image=image)
+        cfg.text.frozen_dropout = cfg.image.frozen_dropout = frozen_dropout
+        if lora:
+            cfg.text.lora = LoRAConfig(r=2)
+        return build_model(cfg)
+
+    def reasons(e):
+        return e.prefix_not_cacheable_reason(), e.prefix_not_cacheable_reason(for_training=True)
+
+    assert reasons(enc().text_encoder) == (None, None)
+    assert reasons(enc(lora=True).text_encoder) == (None, None)  # adapters in the trainable block only
+    full = ("bert encoder is fully fine-tuned (trainable='all'): no frozen prefix",) * 2
+    assert reasons(enc("all").text_encoder) == full
+    assert reasons(enc(2).text_encoder) == (  # every block trains, the stem does not
+        None, "bert encoder has no frozen block (trainable='all'): full fine-tuning")
+    assert reasons(enc("all", lora=True).text_encoder) == (
+        None, "bert encoder has LoRA adapters in every block (trainable='all'): no frozen block")
+    m = enc()
+    m.text_encoder.backbone.embeddings.word_embeddings.weight.requires_grad_(True)
+    assert reasons(m.text_encoder) == ("bert encoder has trainable parameters in its prefix",) * 2
+    m = enc()
+    inject_lora([m.text_encoder.backbone.encoder.layer[0]], "bert", LoRAConfig(r=2))
+    for p in m.text_encoder.backbone.encoder.layer[0].parameters():
+        p.requires_grad_(False)
+    assert reasons(m.text_encoder) == ("bert encoder has LoRA adapters on frozen blocks",) * 2
+    m = enc(frozen_dropout=True)
+    assert reasons(m.train().text_encoder) == (
+        "bert encoder keeps dropout active in its frozen blocks (frozen_dropout=True)",) * 2
+    assert reasons(m.eval().text_encoder) == (
+        None, "bert encoder keeps dropout active in its frozen blocks in training (frozen_dropout=True)")
+    # a ResNet has no dropout: frozen_dropout changes nothing; EfficientNet's drop-connect is random
+    assert reasons(m.train().image_encoder) == (None, None)
+    m = enc(frozen_dropout=True, image="efficientnet-lite0", image_trainable=2)
+    assert reasons(m.eval().image_encoder) == (None, "efficientnet encoder keeps dropout active in its "
+                                                     "frozen blocks in training (frozen_dropout=True)")
