@@ -39,15 +39,15 @@ STAGES = ("fwd", "bwd")
 
 
 def _target():
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import GPUTarget  # lazy: after TRITON_INTERPRET is cleared
 
     return GPUTarget("cuda", CAPABILITY, 32)
 
 
 # ----- what the launchers would launch -----
 def _inputs(dtype, n, m, d):
-    import torch
-    from transrec.kernels.triton_op import canonical_inputs
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_op import canonical_inputs  # lazy: after TRITON_INTERPRET is cleared
 
     q = torch.zeros(n, d, dtype=dtype)
     k = torch.zeros(m, d, dtype=dtype)
@@ -59,10 +59,10 @@ def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
     each launch dtype, each gradient switch the autograd function can set (no bias is a bias of zeros), and M
     a multiple of every BLOCK_N or not (the EVEN_M heuristic). Sizes are otherwise immaterial (the
     kernels do not specialise on them)."""
-    import torch
-    from transrec.kernels.triton_backward import backward_dk_launch
-    from transrec.kernels.triton_config import LAUNCH_DTYPES
-    from transrec.kernels.triton_forward import forward_launch
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_backward import backward_dk_launch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_config import LAUNCH_DTYPES  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_forward import forward_launch  # lazy: after TRITON_INTERPRET is cleared
 
     n = 64
     for dtype, m in itertools.product(dtypes or LAUNCH_DTYPES, ms):
@@ -99,8 +99,10 @@ class Spec:
     """One specialisation as Triton's JIT would build it for an sm_90 card (JITFunction.run's path)."""
 
     def __init__(self, fn, args, kwargs):
-        from triton.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
+        from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
+        from triton.runtime.jit import (
+            create_function_from_signature,  # lazy: after TRITON_INTERPRET is cleared
+        )
 
         backend = make_backend(_target())
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -113,7 +115,7 @@ class Spec:
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def source(self):
-        from triton.compiler import ASTSource
+        from triton.compiler import ASTSource  # lazy: after TRITON_INTERPRET is cleared
 
         return ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
 
@@ -126,9 +128,11 @@ class Spec:
 def shared_bytes(spec: Spec) -> int:
     """Shared memory of one specialisation: the code generator and the TTGIR passes of the backend,
     then the passes of its LLIR stage up to and including shared-memory allocation."""
-    from triton._C.libtriton import ir, nvidia, passes
-    from triton.backends.nvidia.compiler import get_ptx_version_from_options
-    from triton.compiler import make_backend
+    from triton._C.libtriton import ir, nvidia, passes  # lazy: after TRITON_INTERPRET is cleared
+    from triton.backends.nvidia.compiler import (
+        get_ptx_version_from_options,  # lazy: after TRITON_INTERPRET is cleared
+    )
+    from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
 
     target = _target()
     backend = make_backend(target)
@@ -159,7 +163,7 @@ def shared_bytes(spec: Spec) -> int:
 
 def full_compile(spec: Spec) -> dict:
     """The whole pipeline to a cubin: registers and spill stack (cuobjdump), shared memory, wgmma."""
-    import triton
+    import triton  # lazy: after TRITON_INTERPRET is cleared
 
     t0 = time.time()
     k = triton.compile(spec.source(), target=_target(), options=spec.options.__dict__)
@@ -179,7 +183,7 @@ CACHE_VERSION = 1  # bump when shared_bytes changes what it measures
 
 
 def _cache_path():
-    import triton
+    import triton  # lazy: after TRITON_INTERPRET is cleared
 
     root = os.environ.get("TRANSREC_SM90_CACHE") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "sm90")
@@ -220,7 +224,7 @@ def verify(d_values: dict | None = None, jobs: int = 1, dtypes=None, cross_check
     a cubin and compare Triton's figure with the short path's. ``use_cache``: reuse the figures of
     specialisations compiled before (.cache/sm90, or $TRANSREC_SM90_CACHE). Returns rows (key, shared,
     labels)."""
-    from transrec.kernels.triton_config import CHECK_D
+    from transrec.kernels.triton_config import CHECK_D  # lazy: after TRITON_INTERPRET is cleared
 
     d_values = d_values or CHECK_D
     t0 = time.time()
@@ -243,7 +247,7 @@ def verify(d_values: dict | None = None, jobs: int = 1, dtypes=None, cross_check
           flush=True)
     _PENDING[:] = [items[i][0] for i in todo]
     if jobs > 1 and len(todo) > 1:  # forked workers share the specialisations built here
-        import multiprocessing as mp
+        import multiprocessing as mp  # lazy: after TRITON_INTERPRET is cleared
 
         with mp.get_context("fork").Pool(jobs) as pool:
             fresh = pool.map(_shared_of, range(len(todo)), chunksize=4)
@@ -279,7 +283,7 @@ def verify(d_values: dict | None = None, jobs: int = 1, dtypes=None, cross_check
 
 
 def _triton_version() -> str:
-    import triton
+    import triton  # lazy: after TRITON_INTERPRET is cleared
 
     return triton.__version__
 
@@ -288,8 +292,8 @@ def _triton_version() -> str:
 def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False, even_m: bool = True):
     """Full compiles of the launch with bias and every gradient (bf16 by default), per table config or
     over a wider grid (``sweep``): the numbers to choose a table by."""
-    import torch
-    from transrec.kernels.triton_config import config_kwargs
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_config import config_kwargs  # lazy: after TRITON_INTERPRET is cleared
 
     dtype = getattr(torch, dtype_name)
     label, launch = next(iter(launches(stage, d, [dtype], [1024 if even_m else 1000])))
@@ -348,10 +352,13 @@ def main(argv=None):
     if args.what == "verify":
         d_values = None
         if args.d:
-            from transrec.kernels.triton_config import d_class, d_layout
+            from transrec.kernels.triton_config import (  # lazy: after TRITON_INTERPRET is cleared
+                d_class,
+                d_layout,
+            )
 
             d_values = {d_class(*d_layout(args.d)[:2]): (args.d,)}
-        import torch
+        import torch  # lazy: after TRITON_INTERPRET is cleared
 
         dtypes = [getattr(torch, args.dtype)] if args.dtype else None
         rows = verify(d_values, jobs=args.jobs, dtypes=dtypes, use_cache=not args.no_cache)

@@ -144,7 +144,7 @@ def pinned(stage: str, dclass: str, itemsize: int, block_m: int | None, block_n:
 
 def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
     """The autotuned launcher of ``kernel`` for one D class and element size (built once, lazily)."""
-    import triton
+    import triton  # optional: only GPU and interpreter launches need triton
 
     key = (stage, dclass, itemsize)
     if key not in _TUNED:

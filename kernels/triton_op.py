@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 from transrec.kernels.triton_backward import triton_backward_dk
+from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D, d_layout, interpreting
 from transrec.kernels.triton_forward import triton_forward
+from transrec.kernels.validate import KernelInputError
 
 
 class _TritonLinearCE(torch.autograd.Function):
@@ -48,9 +50,6 @@ def canonical_inputs(q, k, target, bias):
     (autograd casts its gradient back; zeros without gradient when there is none), D at most
     ``MAX_D``. Copies happen only for inputs not
     already in that form."""
-    from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D
-    from transrec.kernels.validate import KernelInputError
-
     if q.dtype not in LAUNCH_DTYPES:
         raise KernelInputError(f"impl='triton' takes {', '.join(str(t)[6:] for t in LAUNCH_DTYPES)} inputs, "
                                f"got {str(q.dtype)[6:]} (impl='chunked' takes any floating dtype)")
@@ -73,9 +72,6 @@ def inbatch_softmax_triton_rows(q, k, target, *, bias=None, temperature=1.0, blo
     loop-invariant tile stays in registers on that pinned path; by default they are autotuned on a
     GPU and fixed small under the interpreter. On a GPU pinned tiles must be a row of the autotune
     table (``triton_config.pinned``) and ``block_dc`` the default layout's."""
-    from transrec.kernels.triton_config import d_layout, interpreting
-    from transrec.kernels.validate import KernelInputError
-
     if not q.is_cuda and not interpreting():
         raise KernelInputError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     if block_dc is not None and not interpreting() and block_dc != d_layout(q.shape[1])[0]:

@@ -202,6 +202,17 @@ def test_mixed_dtypes_meet_in_one(impl, reduction, autocast):
         assert e <= e0 + tol, f"{impl} {name}: error {e:.3g} > plain torch {e0:.3g} + {tol}"
 
 
+def test_auto_picks_triton_only_where_a_launch_exists():
+    from transrec.kernels import auto_impl
+    from transrec.kernels.triton_config import MAX_D
+
+    assert auto_impl("cuda", torch.bfloat16, 768) == "triton"
+    assert auto_impl("cuda", torch.float32, MAX_D) == "triton"
+    assert auto_impl("cuda", torch.float64, 64) == "chunked"  # no fp64 launch
+    assert auto_impl("cuda", torch.bfloat16, MAX_D + 1) == "chunked"  # wider than any config
+    assert auto_impl("cpu", torch.bfloat16, 64) == "chunked"
+
+
 def test_masked_rows_may_carry_any_target():
     q, k, t, b, mask = make_inputs(6, 9, 4, mask=True, seed=1)
     t = torch.where(mask, t, torch.full_like(t, 1000))
