@@ -29,6 +29,9 @@ def _build(args) -> int:
     from transrec.shards.build import build_from_tables  # lazy: fast --help
     from transrec.shards.convert import report_line  # lazy: fast --help
 
+    if not args.items and not args.images:
+        raise UserError("shards build: --items FILE is missing (an items table with an item column and a "
+                        "title and/or image column; or --images DIR holding <item>.jpg/.png)")
     report = build_from_tables(args.out, interactions=args.interactions, items=args.items,
                                images=args.images, shard_size=args.shard_size, image_frac=args.image_frac,
                                progress=not args.quiet)
@@ -49,16 +52,39 @@ def _convert(args) -> int:
 
 def _info(args) -> int:
     from transrec.shards.dataset import Dataset  # lazy: fast --help
+    from transrec.shards.info import dataset_stats, format_stats  # lazy: fast --help
 
     ds = Dataset.open(args.data)
     if args.verify:
         ds.verify()
-    m = {k: v for k, v in ds.manifest.items() if k not in ("item_shards", "seq_shards", "item_index")}
-    print(ds)
-    print(json.dumps(m, indent=1))
-    print(f"{len(ds.item_shards)} item shards, {len(ds.seq_shards)} sequence shards"
-          + (", checksums verified" if args.verify else ""))
+    st = dataset_stats(ds)
+    shards = f"{len(ds.item_shards)} item shards, {len(ds.seq_shards)} sequence shards" + (
+        ", checksums verified" if args.verify else "")
+    if args.json:
+        print(json.dumps({**st, "shards": {"items": len(ds.item_shards), "sequences": len(ds.seq_shards),
+                                           "verified": bool(args.verify)}}, indent=1))
+        return 0
+    print(format_stats(st))
+    if args.manifest:
+        m = {k: v for k, v in ds.manifest.items() if k not in ("item_shards", "seq_shards", "item_index")}
+        print(json.dumps(m, indent=1))
+    print(shards)
     return 0
+
+
+def _columns_help() -> str:
+    from transrec.shards.build import (  # lazy: fast --help
+        IMAGE_COLS,
+        ITEM_COLS,
+        TIME_COLS,
+        TITLE_COLS,
+        USER_COLS,
+    )
+
+    rows = (("interactions: user", USER_COLS), ("interactions: item", ITEM_COLS),
+            ("interactions: time (optional)", TIME_COLS), ("items: item", ITEM_COLS),
+            ("items: title", TITLE_COLS), ("items: image path", IMAGE_COLS))
+    return "".join(f"  {name:<30} {', '.join(cols)}\n" for name, cols in rows)
 
 
 def register(subparsers) -> None:
@@ -95,8 +121,9 @@ def register(subparsers) -> None:
                        description="Build a dataset from an interactions table (CSV/TSV/JSONL: user, item, "
                                    "timestamp) and an items table (item, title and/or image path), plus an "
                                    "optional image folder (<item>.jpg). Bad rows are skipped and counted.",
-                       epilog="Example:\n  transrec shards build --interactions inter.csv --items items.csv "
-                              "--images covers/ --out data/mine")
+                       epilog="Accepted column names (any case):\n" + _columns_help() +
+                              "\nExample:\n  transrec shards build --interactions inter.csv "
+                              "--items items.csv --images covers/ --out data/mine")
     b.add_argument("--interactions", required=True, help="CSV/TSV/JSONL with user, item, timestamp")
     b.add_argument("--items", default=None, help="CSV/TSV/JSONL with item and title and/or image")
     b.add_argument("--images", default=None, help="image folder (paths in the items table are relative "
@@ -123,8 +150,13 @@ def register(subparsers) -> None:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_convert)
 
-    i = sub.add_parser("info", formatter_class=fmt, help="print a dataset's manifest summary",
-                       epilog="Example:\n  transrec shards info data/source --verify")
+    i = sub.add_parser("info", formatter_class=fmt, help="print a dataset's statistics",
+                       description="Users, items, interactions, density, sequence-length quantiles, "
+                                   "popularity skew (top-1%% share, Gini), modality mix, split counts.",
+                       epilog="Examples:\n  transrec shards info data/source --verify\n"
+                              "  transrec shards info data/source --json")
     i.add_argument("data", help="dataset folder")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.add_argument("--json", action="store_true", help="the statistics as one JSON object")
+    i.add_argument("--manifest", action="store_true", help="also print the manifest's fields")
     i.set_defaults(func=_info)
