@@ -4,6 +4,8 @@ import contextlib
 import io
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,12 @@ def test_readme_python_api_snippet_runs(tmp_path):
     assert lines[3].startswith("Recommendations([") and "5 in all" not in lines[3]
     assert lines[3].count(":") == 5 and lines[4].startswith("[") and len(lines[4].split()) == 2
     assert all(len(x) < 200 for x in lines), lines
+
+
+def test_import_transrec_is_light():
+    code = ("import sys, transrec; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert sorted(transrec.__all__) == "
+            "['Recommender', 'build_config', 'evaluate', 'export', 'train']; "
+            "print(transrec.build_config('tiny').preset)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "tiny", out.stderr
