@@ -35,6 +35,19 @@ def _quiet_deepspeed() -> None:
     os.environ.setdefault("DEEPSPEED_LOG_LEVEL", "warning")
 
 
+def _exit_code(run):
+    """``run()``; an error that carries its own exit code (a diverged run: 3) is printed as one line
+    and returned as that code, others go up to the root's handler (exit 2)."""
+    try:
+        return run()
+    except UserError as exc:
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        print(f"transrec: error: {exc}", file=sys.stderr)
+        return code
+
+
 # ----------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
@@ -49,7 +62,9 @@ def cmd_train(args) -> int:
         overrides.append(f"run.out={args.out}")
     cfg = build_config(args.preset, args.config, overrides)
     _quiet_deepspeed()
-    res = train(cfg)
+    res = _exit_code(lambda: train(cfg))
+    if isinstance(res, int):
+        return res
     if D.is_main():
         print(json.dumps({"run": str(res.run_dir), "step": res.step, **{
             f"{s}_{k}": round(v, 5) for s, m in res.metrics.items() for k, v in m.items() if k != "users"}}))
@@ -85,7 +100,10 @@ def cmd_transfer(args) -> int:
     overrides = list(args.overrides)
     if args.steps:
         overrides.append(f"optim.steps={args.steps}")
-    row = run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk, overrides=overrides)
+    row = _exit_code(lambda: run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk,
+                                          overrides=overrides))
+    if isinstance(row, int):
+        return row
     if D.is_main():
         print(format_table([row]))
     return 0

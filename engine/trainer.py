@@ -33,6 +33,7 @@ from transrec.engine import distributed as D
 from transrec.engine.checkpoint import CheckpointManager, ClientState
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
+from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.tracking import Tracker, progress
 from transrec.models import build_model
@@ -131,6 +132,9 @@ class Trainer:
                                                     lr_scheduler=self.scheduler, config=self.ds_config)
         if flat and self.world == 1:
             _single_process_fast_path(self.engine)
+        self.guard = FiniteGuard(self.engine, world=self.world, device=self.device)
+        self.bad_in_row = 0  # skipped steps since the last applied one
+        self.skipped = 0  # skipped steps in this process's life
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
         self.after_step: list = []
@@ -187,18 +191,49 @@ class Trainer:
             self.state.epoch += 1
             self.state.cursor = 0
 
-    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step over its micro-batches; returns (this rank's loss sum, the global
-        target count), both on the device."""
+        target count), both on the device, or None when the step was skipped: its loss or gradient
+        norm was not finite on some rank (:mod:`~transrec.engine.guard`). A skipped step leaves
+        the weights, the optimizer, the schedule and the buffers as they were and does not count;
+        its batches are consumed."""
         count, scale = self.step_scale(micro_batches)
+        saved = [b.detach().clone() for b in self.engine.module.buffers()]
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss_sum += self.backward(batch, scale)
+            if i == len(micro_batches) - 1:
+                self.guard.loss_check(loss_sum)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+        if not self.guard.applied():
+            for b, v in zip(self.engine.module.buffers(), saved):
+                b.data.copy_(v)
+            self._skip(loss_sum)
+            return None
+        self.bad_in_row = 0
         self.sync_buffers()
         self.state.step += 1
         self.state.samples += self.cfg.data.batch_size
         return loss_sum, count
+
+    def _skip(self, loss_sum: torch.Tensor) -> None:
+        """Count a skipped step; stop the run after ``run.max_bad_steps`` of them in a row."""
+        self.bad_in_row += 1
+        self.skipped += 1
+        limit = self.cfg.run.max_bad_steps
+        what = "loss" if self.guard.loss_bad else "gradient norm"
+        self.tracker.log("skip", self.state.step + 1, reason=f"non-finite {what}", in_row=self.bad_in_row,
+                         loss=float(loss_sum))
+        if self.rank == 0:
+            print(f"step {self.state.step + 1} skipped: non-finite {what} ({self.bad_in_row} in a row, "
+                  f"{self.skipped} in all; the run stops at {limit} in a row)", flush=True)
+        if self.bad_in_row >= limit:
+            latest = self.ckpt.latest()
+            kept = (f"the latest checkpoint is {self.ckpt.dir / latest}" if latest
+                    else "no checkpoint was written")
+            raise Diverged(f"training diverged: {self.bad_in_row} steps in a row had a non-finite loss or "
+                           f"gradient norm after step {self.state.step}; {kept}; lower optim.lr / "
+                           f"optim.encoder_lr (or raise run.max_bad_steps)")
 
     def step_scale(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """(global target count of the step, the factor each micro-batch's loss sum is scaled by).
@@ -266,7 +301,10 @@ class Trainer:
             batches = self.micro_batches()
             self.window = {"seq": 0, "items": 0, "t": time.time()}
             while self.state.step < total:
-                self.pending.append(self.train_step([next(batches) for _ in range(self.accum)]))
+                done = self.train_step([next(batches) for _ in range(self.accum)])
+                if done is None:
+                    continue
+                self.pending.append(done)
                 bar.update(1)
                 for hook in self.after_step:
                     hook(self, self.state.step)

@@ -74,6 +74,10 @@ def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool =
 def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict) -> Path:
     """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
     so a killed write never leaves a half export under ``out``."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"export refused: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}): "
+                        "the run diverged; export an earlier checkpoint or retrain with a lower optim.lr")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
