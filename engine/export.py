@@ -3,9 +3,10 @@ trained model without DeepSpeed.
 
 Any ZeRO stage: the checkpoint's partitions are consolidated in one process, on the CPU, with no
 process group (``deepspeed.utils.zero_to_fp32`` for stages 1-3 and bf16; the model-states file for
-fp32 stage 0). A LoRA run that started from an export writes its adapter and the other trained
-tensors only (kind "adapter", a few percent of the model) and names that export as its base;
-``--full`` merges the adapters into the base weights instead.
+fp32 stage 0), every file scanned and loaded weights-only
+(:func:`~transrec.engine.checkpoint.check_no_pickle`). A LoRA run that started from an export
+writes its adapter and the other trained tensors only (kind "adapter", a few percent of the
+model) and names that export as its base; ``--full`` merges the adapters into the base weights instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transrec.engine.checkpoint import CheckpointError, CheckpointManager
+from transrec.engine.checkpoint import CheckpointError, CheckpointManager, check_no_pickle, weights_only_loads
 from transrec.models import SequentialRecommender, build_model
 from transrec.models.lora import has_lora, merge_lora
 
@@ -33,15 +34,23 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> tupl
     ck._verify(tag)
     man = ck.manifest(tag)
     folder = ck.dir / tag
+    check_no_pickle(folder)
     zero_files = list(folder.glob("*zero_pp_rank_*optim_states.pt"))
-    if zero_files:
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ck.dir), tag=tag)
-    else:
-        states = folder / "mp_rank_00_model_states.pt"
-        if not states.is_file():
-            raise CheckpointError(f"{folder}: no model states file to export from")
-        sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    with weights_only_loads(folder):
+        if zero_files:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ck.dir), tag=tag)
+            states = folder / "mp_rank_00_model_states.pt"
+            if states.is_file():
+                # ZeRO-1 records no frozen parameters for zero_to_fp32 (ZeRO-2 does); its model-states
+                # file holds the whole module, frozen weights included (ZeRO-3 writes partitions instead).
+                module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+                sd.update({k: v for k, v in module.items() if k not in sd})
+        else:
+            states = folder / "mp_rank_00_model_states.pt"
+            if not states.is_file():
+                raise CheckpointError(f"{folder}: no model states file to export from")
+            sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
     sd = {k.removeprefix("module."): v.detach().float().cpu().contiguous() if v.is_floating_point()
           else v.detach().cpu().contiguous() for k, v in sd.items()}
     return sd, man
