@@ -85,7 +85,7 @@ def cmd_export(args) -> int:
     from transrec.engine.export import export_run  # lazy: fast --help
     from transrec.models.export import read_export  # lazy: fast --help
 
-    out = export_run(args.run, args.out, full=args.full)
+    out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite)
     meta = read_export(out)
     print(f"exported {meta['kind']} weights of {args.run} (step {meta['step']}) to {out}")
     return 0
@@ -182,7 +182,10 @@ def register(sub) -> None:
                     "config.yaml and export.json.",
         epilog="example:\n  transrec export --run runs/a --out exports/a")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--out", required=True, help="export folder (replaced)")
+    p.add_argument("--out", required=True,
+                   help="export folder: new, empty or an earlier export (replaced once the new one is whole)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty folder that is not an export (never a run or dataset folder)")
     p.add_argument("--full", action="store_true", help="LoRA runs: merge adapters into full weights")
     p.set_defaults(func=cmd_export)
 

@@ -18,6 +18,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transrec.engine.checkpoint import CheckpointError, CheckpointManager, check_no_pickle, weights_only_loads
 from transrec.models import SequentialRecommender, build_model
+from transrec.models.export import check_export_target, write_export
 from transrec.models.lora import has_lora, merge_lora
 
 from transrec.config import Config, from_dict, load_yaml
@@ -73,8 +74,15 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> tuple[Config, Seque
     return cfg, model, man
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None) -> Path:
-    """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``."""
+def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``.
+    ``out`` is never the run folder, its dataset or a folder holding them; a non-empty folder that is
+    not an earlier export is replaced only with ``overwrite``."""
+    protect = {"run folder": run_dir}
+    if (Path(run_dir) / "config.yaml").is_file():
+        protect["dataset folder"] = load_yaml(Path(run_dir) / "config.yaml").get("data", {}).get("path", "")
+    check_export_target(out, overwrite=overwrite, protect=protect)
     cfg, model, man = load_run(run_dir, tag)
     meta = {"kind": "full", "step": man["client"]["step"], "source_run": str(run_dir),
             "n_items": man.get("n_items"), "zero_stage": man["zero_stage"]}
@@ -88,4 +96,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag:
             merge_lora(model)
             cfg.model.text.lora = cfg.model.image.lora = None
         cfg.run.init_from = ""
-    return model.save_export(out, cfg, meta, tensors=tensors)
+    if tensors is None:  # as model.save_export
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
+                   for k, v in model.state_dict().items()}
+    return write_export(out, tensors, cfg, {"model_kind": model.cfg.kind, **meta}, overwrite=overwrite,
+                        protect=protect)

@@ -20,6 +20,7 @@ from transrec.models import SequentialRecommender
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
+from transrec.errors import UserError
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",
@@ -137,3 +138,34 @@ def test_every_stage_exports_a_model_with_frozen_weights(runs, stage, tmp_path):
     # frozen weights never train: every stage exports the same ones (same seed, same init)
     for n in frozen:
         assert torch.equal(model.state_dict()[n], ref.state_dict()[n])
+
+
+def _tree(p: Path) -> dict:
+    return {str(f.relative_to(p)): f.stat().st_size for f in sorted(p.rglob("*"))}
+
+
+def test_export_never_destroys_what_is_at_out(runs, tmp_path):
+    data, run = runs[0]
+    before = {p: _tree(p) for p in (run, data)}
+    refused = {
+        run: "is, holds or lies in the run folder",
+        data: "is, holds or lies in the dataset folder",
+        run.parent: "is, holds or lies in the run folder",
+        run / "checkpoints": "is, holds or lies in the run folder",
+        run / "config.yaml": "exists and is not a folder",
+    }
+    for out, msg in refused.items():
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=msg):
+                export_run(run, out, overwrite=overwrite)
+    assert {p: _tree(p) for p in (run, data)} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not an export; .*--overwrite"):
+        export_run(run, other)
+    assert (other / "notes.txt").read_text() == "keep"
+    export_run(run, other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "export.json", "model.safetensors"]
+    export_run(run, other)  # an earlier export is replaced without --overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no temporary left beside it
