@@ -16,7 +16,8 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "tiny") -> None:
     p.add_argument("--preset", default=preset_default,
-                   help="named preset: tiny, demo-cpu, small-gpu, base-gpu (default: %(default)s)")
+                   help="named preset: tiny, demo-cpu, small-gpu, base-gpu, sasrec, transrec-paper "
+                        "(default: %(default)s)")
     p.add_argument("--config", metavar="FILE", help="YAML file applied on top of the preset")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. optim.lr=3e-4 deepspeed.zero_stage=2")

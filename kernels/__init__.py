@@ -11,7 +11,7 @@ Implementations (``impl``):
             the CPU under TRITON_INTERPRET=1 (slow, for tests)
   "chunked" torch, ``chunk`` rows at a time, peak memory O(chunk x M) (kernels/chunked.py)
   "torch"   the plain reference materialising all logits in float32 (kernels/reference.py)
-  "auto"    triton on CUDA, chunked elsewhere
+  "auto"    triton on CUDA (fp16/bf16/fp32, D <= MAX_D), chunked elsewhere
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transrec.kernels.chunked import inbatch_softmax_chunked_reduced, inbatch_softmax_chunked_rows
 from transrec.kernels.reference import inbatch_softmax_reference
+from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D
 from transrec.kernels.validate import IMPLS, REDUCTIONS, KernelInputError, check_inputs, compute_dtype
 
 
@@ -33,6 +34,12 @@ def reduce_rows(loss: torch.Tensor, row_mask: torch.Tensor | None, reduction: st
     if row_mask is None:
         return loss.sum() / loss.shape[0]
     return loss.sum() / row_mask.sum().clamp_min(1).to(loss.dtype)
+
+
+def auto_impl(device_type: str, dtype: torch.dtype, d: int) -> str:
+    """What ``impl="auto"`` runs: Triton on CUDA where a launch exists for the dtype and width
+    (``LAUNCH_DTYPES``, D <= ``MAX_D``), the chunked torch path everywhere else."""
+    return "triton" if device_type == "cuda" and dtype in LAUNCH_DTYPES and d <= MAX_D else "chunked"
 
 
 def inbatch_softmax(q, k, target, *, bias=None, temperature=1.0, row_mask=None, reduction="mean",
@@ -50,7 +57,7 @@ def inbatch_softmax(q, k, target, *, bias=None, temperature=1.0, row_mask=None, 
     dtype = compute_dtype(q, k)  # mixed dtypes (autocast) meet in one; the casts carry gradients
     q, k = q.to(dtype), k.to(dtype)
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "chunked"
+        impl = auto_impl(q.device.type, q.dtype, q.shape[1])
     # Each implementation sets its own precision (fp32 accumulation, fp32 LSE): autocast stays out.
     with torch.autocast(q.device.type, enabled=False):
         return _dispatch(impl, q, k, target, bias, tau, row_mask, reduction, chunk_size)
@@ -68,11 +75,13 @@ def _dispatch(impl, q, k, target, bias, tau, row_mask, reduction, chunk_size):
         rows = inbatch_softmax_chunked_rows(q, k, target, bias=bias, temperature=tau,
                                             chunk_size=chunk_size)
     else:
-        from transrec.kernels.triton_op import inbatch_softmax_triton_rows  # imports triton lazily
+        from transrec.kernels.triton_op import (
+            inbatch_softmax_triton_rows,  # optional: triton, CUDA paths only
+        )
 
         rows = inbatch_softmax_triton_rows(q, k, target, bias=bias, temperature=tau)
     return reduce_rows(rows, row_mask, reduction)
 
 
-__all__ = ["IMPLS", "REDUCTIONS", "KernelInputError", "inbatch_softmax", "inbatch_softmax_reference",
-           "reduce_rows"]
+__all__ = ["IMPLS", "REDUCTIONS", "KernelInputError", "auto_impl", "inbatch_softmax",
+           "inbatch_softmax_reference", "reduce_rows"]

@@ -1,96 +1,376 @@
-"""Compile the Triton kernels for Hopper (sm_90) on any machine, no GPU needed, and print each
-config's registers, spill stack and shared memory (Triton ships ptxas and cuobjdump).
+"""Compile the Triton kernels for Hopper (sm_90) on any machine, no GPU needed (Triton ships LLVM,
+ptxas and cuobjdump), exactly as the launchers would specialise them on the card.
 
-    .venv/bin/python -m transrec.kernels.sm90_check fwd 256          # stage (fwd|bwd), D: autotune table
-    .venv/bin/python -m transrec.kernels.sm90_check bwd 768 --sweep  # a wider grid, least spill first
+    .venv/bin/python -m transrec.kernels.sm90_check fwd 768          # each table config: REG, STACK, shared
+    .venv/bin/python -m transrec.kernels.sm90_check bwd 256 --sweep  # a wider grid, least spill first
+    .venv/bin/python -m transrec.kernels.sm90_check verify           # every reachable launch fits?
 
-A config over the card's shared memory (227 KB a block on H100) cannot launch: the autotuner skips it.
+What is compiled comes from the launchers themselves: ``triton_op.canonical_inputs`` makes the inputs
+(CPU tensors of each launch dtype), ``forward_launch``/``backward_dk_launch`` build the launch the card
+would run, the autotuner's own config list and the heuristics wrapper give each config's keywords, and
+Triton's own binder turns the arguments into the signature and the specialisation (strides of 1 become
+constants, 16-byte aligned pointers and sizes divisible by 16 are marked so). A check that compiles
+without that specialisation sees scalar loads that cannot be copied asynchronously and reports far
+less shared memory than the card then asks for.
+
+``verify`` enumerates every reachable specialisation (dtype x gradient switches x EVEN_M x
+config, for the D values of ``triton_config.CHECK_D``), compiles each distinct one only as far as
+shared-memory allocation (TTGIR plus the allocation pass: no LLVM, no ptxas), and exits 1 if any
+needs more than the card's 232,448 B. The full compiles of the report modes read the same number from
+Triton's metadata and cross-check the short path.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 
-SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (also triton_config.SMEM_LIMIT)
+CAPABILITY = 90
+STAGES = ("fwd", "bwd")
 
 
-def compile_one(stage: str, d: int, bm: int, bn: int, warps: int, stages: int, resident: bool = True) -> dict:
-    import triton
-    from transrec.kernels.triton_backward import _bwd_dk_kernel
-    from transrec.kernels.triton_config import d_layout
-    from transrec.kernels.triton_forward import _fwd_kernel
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _target():
+    from triton.backends.compiler import GPUTarget  # lazy: after TRITON_INTERPRET is cleared
 
-    bdc, ndc, even = d_layout(d)
-    common = dict(HAS_BIAS=True, EVEN_D=even, NUM_DC=ndc, BLOCK_DC=bdc, BLOCK_M=bm, BLOCK_N=bn,
-                  RESIDENT=resident, DOT_FP32=False, IEEE=False)
-    if stage == "fwd":
-        fn, consts = _fwd_kernel, dict(common, COMPUTE_DQ=True, EVEN_M=False)
-        ptrs = dict(Q="*bf16", K="*bf16", BIAS="*fp32", TGT="*i64", LOSS="*fp32", LSE2="*fp32", A="*fp32")
-    else:
-        fn, consts = _bwd_dk_kernel, dict(common, COMPUTE_DK=True, COMPUTE_DB=True)
-        ptrs = dict(Q="*bf16", K="*bf16", BIAS="*fp32", TGT="*i64", LSE2="*fp32", G="*fp32", DK="*bf16",
-                    DB="*fp32")
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a in ("scale2", "inv_tau") else "i32")
-           for a in fn.arg_names}
+    return GPUTarget("cuda", CAPABILITY, 32)
+
+
+# ----- what the launchers would launch -----
+def _inputs(dtype, n, m, d):
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_op import canonical_inputs  # lazy: after TRITON_INTERPRET is cleared
+
+    q = torch.zeros(n, d, dtype=dtype)
+    k = torch.zeros(m, d, dtype=dtype)
+    return canonical_inputs(q, k, torch.zeros(n, dtype=torch.int64), torch.zeros(m, dtype=dtype))
+
+
+def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
+    """Every launch of ``stage`` at embedding size ``d`` the dispatcher can make, as (label, Launch):
+    each launch dtype, each gradient switch the autograd function can set (no bias is a bias of zeros), and M
+    a multiple of every BLOCK_N or not (the EVEN_M heuristic). Sizes are otherwise immaterial (the
+    kernels do not specialise on them)."""
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_backward import backward_dk_launch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_config import LAUNCH_DTYPES  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_forward import forward_launch  # lazy: after TRITON_INTERPRET is cleared
+
+    n = 64
+    for dtype, m in itertools.product(dtypes or LAUNCH_DTYPES, ms):
+        q, k, t, b = _inputs(dtype, n, m, d)
+        name = str(dtype)[6:]
+        if stage == "fwd":
+            for dq in (True, False):
+                launch, _ = forward_launch(q, k, b, t, 0.05, dq)
+                yield f"{name} M={m} dq={int(dq)}", launch
+        else:
+            lse2, g = torch.zeros(n), torch.zeros(n)
+            for dk, db in [(True, True), (True, False), (False, True)]:  # backward runs if one is needed
+                launch, _ = backward_dk_launch(q, k, b, t, lse2, g, 0.05, dk, db)
+                yield f"{name} M={m} dk={int(dk)} db={int(db)}", launch
+
+
+def configs_of(launch):
+    """(jitted function, keywords) per config the launch may run: the autotuner's configs (or the
+    pinned keywords), then the heuristics, as ``Autotuner.run`` and ``Heuristics.run`` apply them."""
+    kern, variants = launch.kernel, [dict(launch.kwargs)]
+    if hasattr(kern, "configs"):  # triton.runtime.autotuner.Autotuner
+        variants = [dict(launch.kwargs, **c.all_kwargs()) for c in kern.configs]
+        kern = kern.fn
+    if hasattr(kern, "values"):  # triton.runtime.autotuner.Heuristics
+        named = dict(zip(kern.arg_names, launch.args))
+        for kw in variants:
+            for name, rule in kern.values.items():
+                kw[name] = rule({**named, **kw})
+        kern = kern.fn
+    return [(kern, kw) for kw in variants]
+
+
+class Spec:
+    """One specialisation as Triton's JIT would build it for an sm_90 card (JITFunction.run's path)."""
+
+    def __init__(self, fn, args, kwargs):
+        from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
+        from triton.runtime.jit import (
+            create_function_from_signature,  # lazy: after TRITON_INTERPRET is cleared
+        )
+
+        backend = make_backend(_target())
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        self.options, self.signature, self.constexprs, self.attrs = fn._pack_args(
+            backend, kwargs, bound, specialization, options)
+        self.fn, self.kwargs = fn, kwargs
+        text = repr((fn.cache_key, sorted(self.signature.items()), sorted(self.constexprs.items()),
+                     sorted(self.attrs.items()), sorted(self.options.__dict__.items())))
+        self.key = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def source(self):
+        from triton.compiler import ASTSource  # lazy: after TRITON_INTERPRET is cleared
+
+        return ASTSource(self.fn, self.signature, self.constexprs, self.attrs)
+
+    def tiles(self) -> str:
+        kw = self.kwargs
+        return (f"BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']} warps={kw['num_warps']} "
+                f"stages={kw['num_stages']} resident={int(kw['RESIDENT'])}")
+
+
+def shared_bytes(spec: Spec) -> int:
+    """Shared memory of one specialisation: the code generator and the TTGIR passes of the backend,
+    then the passes of its LLIR stage up to and including shared-memory allocation."""
+    from triton._C.libtriton import ir, nvidia, passes  # lazy: after TRITON_INTERPRET is cleared
+    from triton.backends.nvidia.compiler import (
+        get_ptx_version_from_options,  # lazy: after TRITON_INTERPRET is cleared
+    )
+    from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
+
+    target = _target()
+    backend = make_backend(target)
+    options = backend.parse_options(spec.options.__dict__)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    stages = {}
+    backend.add_stages(stages, options, spec.source().language)
+    mod = spec.source().make_ir(target, options, backend.get_codegen_implementation(options),
+                                backend.get_module_map(), context)
+    metadata = {"hash": spec.key, "target": target, **options.__dict__}
+    mod = stages["ttir"](mod, metadata)
+    mod = stages["ttgir"](mod, metadata)
+    pm = ir.pass_manager(mod.context)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    try:
+        passes.ttgpuir.add_allocate_warp_groups(pm)
+    except TypeError:  # newer Triton: (pm, consan)
+        passes.ttgpuir.add_allocate_warp_groups(pm, False)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, CAPABILITY,
+                                                        get_ptx_version_from_options(options, CAPABILITY))
+    pm.run(mod, "sm90_check_shared")
+    return int(mod.get_int_attr("ttg.shared") or 0)
+
+
+def full_compile(spec: Spec) -> dict:
+    """The whole pipeline to a cubin: registers and spill stack (cuobjdump), shared memory, wgmma."""
+    import triton  # lazy: after TRITON_INTERPRET is cleared
+
     t0 = time.time()
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
+    k = triton.compile(spec.source(), target=_target(), options=spec.options.__dict__)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
     num = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", res)) else -1
-    return dict(stage=stage, d=d, bm=bm, bn=bn, warps=warps, stages=stages, resident=resident,
-                reg=num("REG"), stack=num("STACK"), shared=k.metadata.shared,
+    return dict(reg=num("REG"), stack=num("STACK"), shared=k.metadata.shared,
                 wgmma="wgmma" in k.asm.get("ptx", ""), seconds=time.time() - t0)
+
+
+# ----- verify: every reachable specialisation fits -----
+_PENDING: list = []  # specialisations handed to forked workers by index
+CACHE_VERSION = 1  # bump when shared_bytes changes what it measures
+
+
+def _cache_path():
+    import triton  # lazy: after TRITON_INTERPRET is cleared
+
+    root = os.environ.get("TRANSREC_SM90_CACHE") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "sm90")
+    return os.path.join(root, f"shared-v{CACHE_VERSION}-triton{triton.__version__}.json")
+
+
+def _load_cache() -> dict:
+    try:
+        with open(_cache_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(new: dict):
+    """Merge ``new`` (spec key -> bytes) into the cache file (keys hash the kernel source, signature,
+    constants, attributes and options, so an edit to a kernel or a table compiles afresh)."""
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = {**_load_cache(), **new}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only checkout: no cache, same answer
+
+
+def _shared_of(i: int) -> int:
+    return shared_bytes(_PENDING[i])
+
+
+def verify(d_values: dict | None = None, jobs: int = 1, dtypes=None, cross_check: bool = True,
+           use_cache: bool = True, out=sys.stdout) -> list[dict]:
+    """Shared memory of every distinct reachable specialisation; prints one line per over-limit one
+    and a summary per (stage, class, D, dtype). ``cross_check``: compile the largest of each stage to
+    a cubin and compare Triton's figure with the short path's. ``use_cache``: reuse the figures of
+    specialisations compiled before (.cache/sm90, or $TRANSREC_SM90_CACHE). Returns rows (key, shared,
+    labels)."""
+    from transrec.kernels.triton_config import CHECK_D  # lazy: after TRITON_INTERPRET is cleared
+
+    d_values = d_values or CHECK_D
+    t0 = time.time()
+    distinct = {}  # key -> (Spec, labels)
+    combos = 0
+    for dclass, ds in d_values.items():
+        for d, stage in itertools.product(ds, STAGES):
+            for label, launch in launches(stage, d, dtypes):
+                for fn, kw in configs_of(launch):
+                    spec = Spec(fn, launch.args, kw)
+                    combos += 1
+                    distinct.setdefault(spec.key, (spec, []))[1].append(f"{stage} {dclass} D={d} {label} "
+                                                                        + spec.tiles())
+    items = list(distinct.values())
+    print(f"{combos} launch x config combinations, {len(items)} distinct specialisations "
+          f"(Triton {_triton_version()}, sm_{CAPABILITY})", file=out, flush=True)
+    cache = _load_cache() if use_cache else {}
+    todo = [i for i, (spec, _) in enumerate(items) if spec.key not in cache]
+    print(f"{len(items) - len(todo)} from the cache ({_cache_path()}), {len(todo)} to compile", file=out,
+          flush=True)
+    _PENDING[:] = [items[i][0] for i in todo]
+    if jobs > 1 and len(todo) > 1:  # forked workers share the specialisations built here
+        import multiprocessing as mp  # lazy: after TRITON_INTERPRET is cleared
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            fresh = pool.map(_shared_of, range(len(todo)), chunksize=4)
+    else:
+        fresh = [_shared_of(i) for i in range(len(todo))]
+    new = {items[i][0].key: s for i, s in zip(todo, fresh)}
+    if use_cache and new:
+        _save_cache(new)
+    cache.update(new)
+    shared = [cache[spec.key] for spec, _ in items]
+    _PENDING[:] = [spec for spec, _ in items]
+    rows = [dict(key=spec.key, shared=s, labels=labels) for (spec, labels), s in zip(items, shared)]
+    over = [r for r in rows if r["shared"] > SMEM_LIMIT]
+    for r in over:
+        print(f"OVER {r['shared']} B > {SMEM_LIMIT}: {r['labels'][0]}"
+              + (f" (+{len(r['labels']) - 1} more launches)" if len(r["labels"]) > 1 else ""), file=out)
+    summary = {}
+    for r in rows:
+        for lab in r["labels"]:
+            stage, dclass, d, dtype = lab.split()[:4]
+            key = (stage, dclass, d, dtype)
+            summary[key] = max(summary.get(key, 0), r["shared"])
+    for (stage, dclass, d, dtype), s in sorted(summary.items()):
+        print(f"{stage} {dclass:5} {d:7} {dtype:8} max shared {s:7d} B", file=out)
+    for stage in STAGES if cross_check else ():  # the short path against Triton's own figure
+        top = max((r for r in rows if r["labels"][0].startswith(stage)), key=lambda r: r["shared"])
+        full = full_compile(_PENDING[rows.index(top)])["shared"]
+        print(f"cross-check {stage}: full compile {full} B, allocation pass {top['shared']} B", file=out)
+        if full != top["shared"]:
+            raise RuntimeError(f"allocation-only shared memory {top['shared']} != full compile {full}")
+    print(f"{len(over)} over the limit; {time.time() - t0:.0f} s", file=out, flush=True)
+    return rows
+
+
+def _triton_version() -> str:
+    import triton  # lazy: after TRITON_INTERPRET is cleared
+
+    return triton.__version__
+
+
+# ----- report: registers / spills / shared of a table or a sweep, at the main specialisation -----
+def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False, even_m: bool = True):
+    """Full compiles of the launch with bias and every gradient (bf16 by default), per table config or
+    over a wider grid (``sweep``): the numbers to choose a table by."""
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_config import config_kwargs  # lazy: after TRITON_INTERPRET is cleared
+
+    dtype = getattr(torch, dtype_name)
+    label, launch = next(iter(launches(stage, d, [dtype], [1024 if even_m else 1000])))
+    specs = [Spec(fn, launch.args, kw) for fn, kw in configs_of(launch)]
+    if sweep:
+        base = configs_of(launch)[0]
+        fn, kw0 = base
+        specs = []
+        ndc = kw0["NUM_DC"]
+        for c in itertools.product([32, 64, 128], [32, 64, 128], [4, 8, 16], [1, 2, 3, 4],
+                                   [True, False] if ndc == 1 else [True]):
+            kw = dict(kw0, **config_kwargs(c[:4] + (c[4],)))
+            if stage == "fwd" and "EVEN_M" in kw:
+                kw["EVEN_M"] = launch.args[8] % kw["BLOCK_N"] == 0
+            specs.append(Spec(fn, launch.args, kw))
+    results = []
+    print(f"{stage} D={d} {label} (Triton {_triton_version()}, sm_{CAPABILITY})", flush=True)
+    for spec in specs:
+        try:
+            r = full_compile(spec)
+        except Exception as e:  # noqa: BLE001 (a config the compiler refuses is reported, not fatal)
+            print(f"  {spec.tiles()}: compile failed: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        short = shared_bytes(spec)
+        assert short == r["shared"], f"allocation-only shared {short} != full compile {r['shared']}"
+        r["tiles"] = spec.tiles()
+        results.append(r)
+        print("  " + show(r), flush=True)
+    if sweep:
+        print("\nleast spill first (fits in shared memory only):")
+        fit = [r for r in results if r["shared"] <= SMEM_LIMIT]
+        for r in sorted(fit, key=lambda r: (r["stack"], r["reg"])):
+            print("  " + show(r))
+    return results
 
 
 def show(r: dict) -> str:
     fits = "" if r["shared"] <= SMEM_LIMIT else "  (over the shared-memory limit)"
-    return (f"{r['stage']} D={r['d']} BLOCK_M={r['bm']} BLOCK_N={r['bn']} warps={r['warps']} "
-            f"stages={r['stages']} resident={int(r['resident'])}: REG:{r['reg']} STACK:{r['stack']} "
-            f"shared={r['shared']} wgmma={r['wgmma']} ({r['seconds']:.0f} s){fits}")
+    return (f"{r['tiles']}: REG:{r['reg']} STACK:{r['stack']} shared={r['shared']} wgmma={r['wgmma']} "
+            f"({r['seconds']:.1f} s){fits}")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="sm_90 register/spill/shared-memory report of the kernels")
-    ap.add_argument("stage", choices=["fwd", "bwd"])
-    ap.add_argument("d", type=int)
+    ap = argparse.ArgumentParser(description="sm_90 register/spill/shared-memory check of the kernels")
+    ap.add_argument("what", choices=["fwd", "bwd", "verify"])
+    ap.add_argument("d", type=int, nargs="?", help="embedding size (fwd/bwd); verify: triton_config.CHECK_D")
+    ap.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                    help="fwd/bwd: bfloat16 unless given; verify: every launch dtype unless given")
     ap.add_argument("--sweep", action="store_true", help="a wider grid than the autotune table")
+    ap.add_argument("--ragged-m", action="store_true", help="M not a multiple of BLOCK_N (EVEN_M false)")
+    ap.add_argument("--jobs", type=int, default=1, help="verify: compiler processes")
+    ap.add_argument("--json", type=str, default=None, help="verify: write the rows here")
+    ap.add_argument("--no-cache", action="store_true", help="verify: compile everything afresh")
     args = ap.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
-    from transrec.kernels.triton_config import _BWD, _FWD, d_class, d_layout, resident
+    os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
+    if args.what == "verify":
+        d_values = None
+        if args.d:
+            from transrec.kernels.triton_config import (  # lazy: after TRITON_INTERPRET is cleared
+                d_class,
+                d_layout,
+            )
 
-    bdc, ndc, _ = d_layout(args.d)
-    if args.sweep:
-        grid = [c for c in itertools.product([64, 128], [32, 64, 128], [4, 8, 16], [2, 3, 4],
-                                             [True, False] if ndc == 1 else [True])]
-    else:
-        table = (_FWD if args.stage == "fwd" else _BWD)[d_class(bdc, ndc)]
-        grid = [tuple(c[:4]) + (resident(c),) for c in table]
-    results = []
-    for c in grid:
-        try:
-            results.append(compile_one(args.stage, args.d, *c))
-        except Exception as e:  # noqa: BLE001 (a config the compiler refuses is reported, not fatal)
-            print(f"{args.stage} D={args.d} {c}: compile failed: {type(e).__name__}: {str(e)[:160]}")
-            continue
-        print(show(results[-1]), flush=True)
-    if args.sweep:
-        print("\nleast spill first (fits in shared memory only):")
-        fit = [r for r in results if r["shared"] <= SMEM_LIMIT]
-        for r in sorted(fit, key=lambda r: (r["stack"], -r["bm"] * r["bn"])):
-            print(show(r))
+            d_values = {d_class(*d_layout(args.d)[:2]): (args.d,)}
+        import torch  # lazy: after TRITON_INTERPRET is cleared
+
+        dtypes = [getattr(torch, args.dtype)] if args.dtype else None
+        rows = verify(d_values, jobs=args.jobs, dtypes=dtypes, use_cache=not args.no_cache)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(triton=_triton_version(), rows=rows), f)
+        return 1 if any(r["shared"] > SMEM_LIMIT for r in rows) else 0
+    if args.d is None:
+        ap.error("fwd/bwd need D")
+    report(args.what, args.d, args.dtype or "bfloat16", args.sweep, even_m=not args.ragged_m)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

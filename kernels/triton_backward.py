@@ -17,16 +17,25 @@ import torch
 import triton
 import triton.language as tl
 from transrec.kernels.triton_common import LOG2E, load_rows, mma, store_rows
-from transrec.kernels.triton_config import INTERPRET_BLOCK, d_class, d_layout, interpreting, next_pow2, tuned
+from transrec.kernels.triton_config import (
+    INTERPRET_BLOCK,
+    Launch,
+    d_class,
+    d_layout,
+    interpreting,
+    next_pow2,
+    pinned,
+    tuned,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M", "N_KEY", "M_KEY"])  # sizes: see triton_forward.py
 def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
                    N, M, D,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_dkd,
                    scale2, inv_tau,
                    N_KEY, M_KEY,
-                   HAS_BIAS: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   COMPUTE_DK: tl.constexpr, COMPUTE_DB: tl.constexpr,
                    EVEN_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
                    DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
@@ -37,8 +46,7 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
 
     if NUM_DC == 1 and RESIDENT:  # the k tile kept across the q loop (a tuning choice, as in the forward)
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-    if HAS_BIAS:
-        b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) * LOG2E
+    b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0) * LOG2E  # fp32; zeros when the caller has no bias
     if COMPUTE_DK:
         dk0 = tl.zeros([BLOCK_N, BLOCK_DC], tl.float32)
         if NUM_DC > 1:
@@ -72,8 +80,7 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
             st = mma(k3, tl.trans(q3), st, DOT_FP32, IEEE)
 
         st = st * scale2
-        if HAS_BIAS:
-            st = st + b2[:, None]
+        st = st + b2[:, None]
         lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
         g = tl.load(G + rows, mask=row_ok, other=0.0)
         t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)
@@ -106,28 +113,38 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
         tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
 
 
-def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
+def backward_dk_launch(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
                        block_m: int | None = None, block_n: int | None = None, block_dc: int | None = None,
                        resident: bool = True):
-    """Returns (dk [M, D] in k's dtype or None, db [M] in bias's dtype or None)."""
+    """(Launch, (dk [M, D] in k's dtype or None, db [M] in bias's dtype or None)) for inputs made
+    canonical by ``triton_op.canonical_inputs``; tiles as in ``forward_launch``."""
     n, d = q.shape
     m = k.shape[0]
     bdc, ndc, even_d = d_layout(d, block_dc)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if compute_dk else None
     db = torch.empty(m, dtype=bias.dtype, device=k.device) if compute_db else None
     interp = interpreting()
-    args = (q, k, bias if bias is not None else lse2, target, lse2, g,
+    args = (q, k, bias, target, lse2, g,
             dk if dk is not None else lse2, db if db is not None else lse2, n, m, d,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             dk.stride(0) if dk is not None else 0, dk.stride(1) if dk is not None else 0,
             1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
-    consts = dict(HAS_BIAS=bias is not None, COMPUTE_DK=compute_dk, COMPUTE_DB=compute_db, EVEN_D=even_d,
+    consts = dict(COMPUTE_DK=compute_dk, COMPUTE_DB=compute_db, EVEN_D=even_d,
                   NUM_DC=ndc, BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
-    if interp or block_m is not None:
-        bm = block_m or INTERPRET_BLOCK
-        bn = block_n or INTERPRET_BLOCK
-        _bwd_dk_kernel[(triton.cdiv(m, bn),)](*args, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident, **consts)
-    else:
-        kern = tuned(_bwd_dk_kernel, "bwd", d_class(bdc, ndc))
-        kern[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),)](*args, **consts)
-    return dk, db
+    if interp:
+        bm, bn = block_m or INTERPRET_BLOCK, block_n or INTERPRET_BLOCK
+        return Launch(_bwd_dk_kernel, (triton.cdiv(m, bn),), args,
+                      dict(consts, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident)), (dk, db)
+    dclass, size = d_class(bdc, ndc), q.element_size()
+    if block_m is not None or block_n is not None:
+        kw = pinned("bwd", dclass, size, block_m, block_n, resident)
+        return Launch(_bwd_dk_kernel, (triton.cdiv(m, kw["BLOCK_N"]),), args, dict(consts, **kw)), (dk, db)
+    kern = tuned(_bwd_dk_kernel, "bwd", dclass, size)
+    return Launch(kern, lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),), args, consts), (dk, db)
+
+
+def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, **tiles):
+    """Returns (dk [M, D] in k's dtype or None, db [M] in bias's dtype or None)."""
+    launch, outs = backward_dk_launch(q, k, bias, target, lse2, g, tau, compute_dk, compute_db, **tiles)
+    launch()
+    return outs

@@ -1,19 +1,34 @@
-"""Tiling and launch configuration shared by the Triton forward and backward kernels.
+"""Tiling and launch configuration shared by the Triton forward and backward kernels: the single source
+of truth for which kernel specialisations a launch can reach (the launchers and ``sm90_check`` both
+read it).
 
 The embedding dimension is split into NUM_DC <= 4 chunks of BLOCK_DC columns: the fp32
 accumulators (dQ rows in the forward, dK rows in the backward) are one [BLOCK, BLOCK_DC] tile per
 chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile. On a GPU the block sizes are
-autotuned per (kernel, D class) with keys bucketed to powers of two (the number of unique items
-changes every batch; retuning per batch would cost seconds). Under TRITON_INTERPRET=1 one fixed
-small tile is used so CPU tests stay fast.
+autotuned per (kernel, D class, element size) with keys bucketed to powers of two (the number of
+unique items changes every batch; retuning per batch would cost seconds). Under TRITON_INTERPRET=1 one
+fixed small tile is used so CPU tests stay fast.
+
+What a launch can vary, and so what the sm_90 check compiles: the input dtype (``LAUNCH_DTYPES``;
+inputs are made contiguous and 16-byte aligned first, a missing bias becomes zeros, see
+``triton_op.canonical_inputs``), D (its layout below), the gradient switches, EVEN_M, and a config of
+the table of its class. Tiles
+pinned on a GPU must name a config of that table, so the autotuned and the pinned paths reach the
+same set. Sizes (N, M and the autotune keys) are not specialised on.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 MAX_DC = 4
+MAX_BLOCK_DC = 256
+MAX_D = MAX_DC * MAX_BLOCK_DC  # wider rows have no config that fits a block's shared memory
 INTERPRET_BLOCK = 32
+LAUNCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
 
 
 def interpreting() -> bool:
@@ -27,7 +42,7 @@ def next_pow2(x: int) -> int:
 def d_layout(d: int, block_dc: int | None = None) -> tuple[int, int, bool]:
     """(BLOCK_DC, NUM_DC, EVEN_D) for embedding size ``d``."""
     if block_dc is None:
-        block_dc = max(min(next_pow2(d), 256), next_pow2(-(-d // MAX_DC)), 16)
+        block_dc = max(min(next_pow2(d), MAX_BLOCK_DC), next_pow2(-(-d // MAX_DC)), 16)
     num_dc = -(-d // block_dc)
     if num_dc > MAX_DC:
         raise ValueError(f"block_dc={block_dc} splits D={d} into more than {MAX_DC} chunks")
@@ -35,39 +50,67 @@ def d_layout(d: int, block_dc: int | None = None) -> tuple[int, int, bool]:
 
 
 def d_class(block_dc: int, num_dc: int) -> str:
+    """small: one chunk of <= 128 columns; d256: one of 256; large: 2-3 chunks (D <= 768); xl: 4."""
+    if num_dc > 3:
+        return "xl"
     if num_dc > 1:
         return "large"
     return "d256" if block_dc >= 256 else "small"
 
 
+# The D values the sm_90 check compiles per class: the widest row of each class (aligned rows of unit
+# stride, every chunk full: tiles copied asynchronously into shared memory) and a ragged one whose rows
+# are not 16-byte aligned (masked columns, loads pipelined differently: at D = 1000 a config needed
+# 1 KB more than at 1024). A D that is a multiple of 16 but not of BLOCK_DC loads as the widest one
+# does (16-byte aligned rows, masks constant over 16 columns). Each D adds ~126 specialisations, about
+# 15 s of compiling on two cores.
+CHECK_D = {"small": (128, 100), "d256": (256, 200), "large": (768, 520), "xl": (1024, 1000)}
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, resident]): rows of q x rows of k per tile; resident
 # (default True) keeps the loop-invariant tile (q in the forward, k in the backward) in registers when
 # D is one chunk, else it is reloaded every step. Chosen for Hopper: fp32 accumulators of
 # BLOCK x BLOCK_DC per chunk must stay in registers, k/q tiles pipelined in shared memory
-# (<= ~227 KB), wgmma wants tiles of >= 64 rows per warpgroup.
+# (<= 227 KB a block; aligned rows of unit stride are copied asynchronously into num_stages - 1
+# buffers in flight), wgmma wants tiles of >= 64 rows per warpgroup.
+# Keys (D class, bytes per input element). Every row fits in shared memory under Triton 3.6 (the GPU
+# image) and the pinned Triton for every reachable specialisation (tests/test_kernels_sm90.py).
+# Registers and spill stack per thread from `sm90_check fwd|bwd D` (bf16, Triton 3.6 / pinned):
 _FWD = {
-    "small": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
-              (128, 128, 4, 2)],
-    # sm_90 spill stack (Triton 3.6, `sm90_check fwd 256 --sweep`): 0 B at 64x32x8w, 24 B at 64x64x8w/2
-    # stages, 216-1664 B at the others tried; 128-row tiles kept for their larger MMAs.
-    "d256": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2, False),
-             (128, 32, 8, 3), (128, 64, 8, 3)],
-    # D > 256: the fp32 dQ accumulator (BLOCK_M x D) spills in every config (>= 1.75 KB at D = 768);
-    # configs over the 227 KB of shared memory dropped (e.g. 128x64x16w needs 295 KB).
-    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2),
-              (64, 64, 8, 3)],
+    ("small", 2): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+                   (128, 128, 4, 2)],
+    # D = 256: 0-16 B spill at 64x32x8w and 64x64x8w/2, 56-232 B at the 128-row tiles.
+    ("d256", 2): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2, False),
+                  (128, 32, 8, 3), (128, 64, 8, 3)],
+    # D <= 768: the fp32 dQ accumulator (BLOCK_M x D) spills in every config; least at 32x32x4w/3 (200 B,
+    # no wgmma), 64x32x8w/2 (192 / 920 B); 64x64 fits only without pipelining (1 stage, 196,608 B),
+    # spilling 1-1.7 KB. 4-warp 64-row tiles dropped (2.6-3.2 KB).
+    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 8, 1),
+                   (32, 32, 4, 3)],
+    # D <= 1024: only 32- or 64-row tiles with one k tile in flight fit (200-230 KB).
+    ("xl", 2): [(32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 8, 1), (32, 32, 4, 3), (64, 32, 4, 1)],
+    ("small", 4): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 1)],
+    ("d256", 4): [(64, 32, 8, 1), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1)],
+    ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
+    ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
 # Backward dK pass: BLOCK_N rows of k own the dK accumulator, BLOCK_M rows of q stream past.
 _BWD = {
-    "small": [(128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4),
-              (128, 128, 4, 2)],
-    # sm_90 spill stack: 8-16 B at 64x64x8w, 240-250 B at 64x128x8w, 576-976 B at the others tried.
-    "d256": [(64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 8, 3), (64, 64, 8, 2, False), (64, 128, 8, 2),
-             (64, 128, 8, 3), (128, 64, 8, 3)],
-    # D > 256: the dK accumulator spills everywhere; 64x32x16w spills least (440 B) but runs without
-    # wgmma (32-row accumulator), kept for the autotuner to weigh.
-    "large": [(64, 64, 16, 2), (64, 64, 16, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 16, 3)],
+    ("small", 2): [(128, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4),
+                   (128, 128, 4, 2)],
+    # D = 256: 0 B spill under 3.6, 16-128 B under the pinned Triton; 128x64x8w/3 dropped (233,472 B).
+    ("d256", 2): [(64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 8, 3), (64, 64, 8, 2, False), (64, 128, 8, 2),
+                  (64, 128, 8, 3)],
+    # D <= 768: least spill at 64x32x8w/2 (24-32 B, no wgmma: 32-row accumulator), 32x64x8w/2 (24 / 832
+    # B), 32x32x4w/3 (24-120 B); 64x64 only unpipelined (0.9-1.6 KB). 32x64x4w dropped (2-3 KB).
+    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2),
+                   (32, 32, 4, 3)],
+    ("xl", 2): [(64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
+    ("small", 4): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)],
+    ("d256", 4): [(64, 32, 8, 1), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1)],
+    ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
+    ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
+TABLES = {"fwd": _FWD, "bwd": _BWD}
 
 _TUNED: dict = {}
 
@@ -76,16 +119,53 @@ def resident(config: tuple) -> bool:
     return bool(config[4]) if len(config) > 4 else True
 
 
-def tuned(kernel, stage: str, dclass: str):
-    """The autotuned launcher of ``kernel`` for one D class (built once, lazily)."""
-    import triton
+def table(stage: str, dclass: str, itemsize: int = 2) -> list[tuple]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages, resident) rows a launch of ``stage`` may use."""
+    return [tuple(c[:4]) + (resident(c),) for c in TABLES[stage][dclass, 4 if itemsize >= 4 else 2]]
 
-    key = (stage, dclass)
+
+def config_kwargs(row: tuple) -> dict:
+    """Launch keywords of one table row (what ``triton.Config(...).all_kwargs()`` holds)."""
+    return dict(BLOCK_M=row[0], BLOCK_N=row[1], RESIDENT=row[4], num_warps=row[2], num_stages=row[3])
+
+
+def pinned(stage: str, dclass: str, itemsize: int, block_m: int | None, block_n: int | None,
+           resident_: bool) -> dict:
+    """Launch keywords of tiles pinned on a GPU: the first table row with those tiles. Any other tile
+    is refused (it was never compiled by the sm_90 check, and may not fit in shared memory)."""
+    rows = table(stage, dclass, itemsize)
+    for row in rows:
+        if (block_m in (None, row[0])) and (block_n in (None, row[1])) and row[4] == resident_:
+            return config_kwargs(row)
+    raise ValueError(f"tiles block_m={block_m}, block_n={block_n}, resident={resident_} are not in the "
+                     f"{stage} table for D class {dclass!r} ({itemsize}-byte inputs): pick one of "
+                     f"{[(r[0], r[1], r[4]) for r in rows]} (any tile runs under TRITON_INTERPRET=1)")
+
+
+def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
+    """The autotuned launcher of ``kernel`` for one D class and element size (built once, lazily)."""
+    import triton  # optional: only GPU and interpreter launches need triton
+
+    key = (stage, dclass, itemsize)
     if key not in _TUNED:
-        table = _FWD if stage == "fwd" else _BWD
-        configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "RESIDENT": resident(c)}, num_warps=c[2],
-                                 num_stages=c[3]) for c in table[dclass]]
-        keys = ["N_KEY", "M_KEY", "D", "HAS_BIAS"]
+        configs = []
+        for row in table(stage, dclass, itemsize):
+            kw = config_kwargs(row)
+            configs.append(triton.Config({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "RESIDENT")},
+                                         num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
+        keys = ["N_KEY", "M_KEY", "D"]
         keys += ["COMPUTE_DQ"] if stage == "fwd" else ["COMPUTE_DK", "COMPUTE_DB"]
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _TUNED[key]
+
+
+class Launch:
+    """One kernel launch, built before it runs so that the sm_90 check can compile exactly what the
+    launcher would: ``kernel[grid](*args, **kwargs)``. ``kernel`` is an autotuner, the heuristics
+    wrapper or the jitted function itself."""
+
+    def __init__(self, kernel, grid, args: tuple, kwargs: dict):
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)

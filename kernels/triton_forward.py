@@ -22,16 +22,27 @@ import torch
 import triton
 import triton.language as tl
 from transrec.kernels.triton_common import LN2, LOG2E, load_rows, mma, store_rows
-from transrec.kernels.triton_config import INTERPRET_BLOCK, d_class, d_layout, interpreting, next_pow2, tuned
+from transrec.kernels.triton_config import (
+    INTERPRET_BLOCK,
+    Launch,
+    d_class,
+    d_layout,
+    interpreting,
+    next_pow2,
+    pinned,
+    tuned,
+)
 
 
-@triton.jit
+# N, M and the autotune keys are sizes: not specialised on (divisible by 16 or not, or 1), so a launch's
+# compiled code depends on D, the dtype, the switches and the tiles alone.
+@triton.jit(do_not_specialize=["N", "M", "N_KEY", "M_KEY"])
 def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
                 N, M, D,
                 stride_qn, stride_qd, stride_kn, stride_kd, stride_an, stride_ad,
                 scale2, inv_tau,
                 N_KEY, M_KEY,
-                HAS_BIAS: tl.constexpr, COMPUTE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
+                COMPUTE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
                 EVEN_M: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
@@ -80,9 +91,8 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
             s = mma(q3, tl.trans(k3), s, DOT_FP32, IEEE)
 
         s = s * scale2
-        if HAS_BIAS:
-            b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
-            s = s + b[None, :] * LOG2E
+        b = tl.load(BIAS + cols, mask=col_ok, other=0.0)  # fp32; zeros when the caller has no bias
+        s = s + b[None, :] * LOG2E
         pos2 += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), 1)
         if not EVEN_M:
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -128,11 +138,12 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
 _fwd = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_fwd_kernel)
 
 
-def triton_forward(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+def forward_launch(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                    tau: float, compute_dq: bool, *, block_m: int | None = None, block_n: int | None = None,
                    block_dc: int | None = None, resident: bool = True):
-    """Returns (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None). Tiles pinned by
-    ``block_m``/``block_n`` (and ``resident``) skip the autotuner."""
+    """(Launch, (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None)) for inputs made
+    canonical by ``triton_op.canonical_inputs``. Tiles pinned by ``block_m``/``block_n`` (and
+    ``resident``) skip the autotuner; on a GPU they must name a row of the table."""
     n, d = q.shape
     m = k.shape[0]
     bdc, ndc, even_d = d_layout(d, block_dc)
@@ -140,17 +151,27 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
     lse2 = torch.empty(n, dtype=torch.float32, device=q.device)
     a = torch.empty((n, d), dtype=torch.float32, device=q.device) if compute_dq else loss
     interp = interpreting()
-    args = (q, k, bias if bias is not None else loss, target, loss, lse2, a, n, m, d,
+    args = (q, k, bias, target, loss, lse2, a, n, m, d,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             a.stride(0) if compute_dq else 0, a.stride(1) if compute_dq else 0,
             1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
-    consts = dict(HAS_BIAS=bias is not None, COMPUTE_DQ=compute_dq, EVEN_D=even_d, NUM_DC=ndc,
+    consts = dict(COMPUTE_DQ=compute_dq, EVEN_D=even_d, NUM_DC=ndc,
                   BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
-    if interp or block_m is not None:
-        bm = block_m or INTERPRET_BLOCK
-        bn = block_n or INTERPRET_BLOCK
-        _fwd[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident, **consts)
-    else:
-        kern = tuned(_fwd, "fwd", d_class(bdc, ndc))
-        kern[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **consts)
-    return loss, lse2, (a if compute_dq else None)
+    outs = (loss, lse2, (a if compute_dq else None))
+    if interp:
+        bm, bn = block_m or INTERPRET_BLOCK, block_n or INTERPRET_BLOCK
+        return Launch(_fwd, (triton.cdiv(n, bm),), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn,
+                                                              RESIDENT=resident)), outs
+    dclass, size = d_class(bdc, ndc), q.element_size()
+    if block_m is not None or block_n is not None:
+        kw = pinned("fwd", dclass, size, block_m, block_n, resident)
+        return Launch(_fwd, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), outs
+    kern = tuned(_fwd, "fwd", dclass, size)
+    return Launch(kern, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, consts), outs
+
+
+def triton_forward(q, k, bias, target, tau: float, compute_dq: bool, **tiles):
+    """Returns (loss [N] fp32, lse2 [N] fp32 (log2 domain), A [N, D] fp32 or None)."""
+    launch, outs = forward_launch(q, k, bias, target, tau, compute_dq, **tiles)
+    launch()
+    return outs

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 from transrec.kernels.triton_backward import triton_backward_dk
+from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D, d_layout, interpreting
 from transrec.kernels.triton_forward import triton_forward
+from transrec.kernels.validate import KernelInputError
 
 
 class _TritonLinearCE(torch.autograd.Function):
@@ -36,21 +38,45 @@ class _TritonLinearCE(torch.autograd.Function):
         return dq, dk, db, None, None, None
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def canonical_inputs(q, k, target, bias):
+    """The one form in which the kernels receive their inputs, so that the set of compiled
+    specialisations is small and known (``sm90_check`` builds its inputs with this function too):
+    q and k contiguous and 16-byte aligned in one of ``LAUNCH_DTYPES``, target int64, bias float32
+    (autograd casts its gradient back; zeros without gradient when there is none), D at most
+    ``MAX_D``. Copies happen only for inputs not
+    already in that form."""
+    if q.dtype not in LAUNCH_DTYPES:
+        raise KernelInputError(f"impl='triton' takes {', '.join(str(t)[6:] for t in LAUNCH_DTYPES)} inputs, "
+                               f"got {str(q.dtype)[6:]} (impl='chunked' takes any floating dtype)")
+    if q.shape[1] > MAX_D:
+        raise KernelInputError(f"impl='triton' takes embeddings of at most {MAX_D} columns, got "
+                               f"{q.shape[1]} (impl='chunked' takes any size)")
+    target = _aligned(target.to(torch.int64))
+    # No bias is a bias of zeros: one [BLOCK_N] load per tile, and no switch (half the specialisations).
+    if bias is None:
+        bias = q.new_zeros(k.shape[0], dtype=torch.float32)
+    bias = _aligned(bias.to(torch.float32))
+    return _aligned(q), _aligned(k), target, bias
+
+
 def inbatch_softmax_triton_rows(q, k, target, *, bias=None, temperature=1.0, block_m=None, block_n=None,
                                 block_dc=None, resident=True):
     """Per-row loss [N] float32 by the fused Triton kernels (CUDA, or TRITON_INTERPRET=1).
 
     ``block_m``/``block_n``/``block_dc`` pin the tiles (tests), ``resident`` whether the
     loop-invariant tile stays in registers on that pinned path; by default they are autotuned on a
-    GPU and fixed small under the interpreter."""
-    if not q.is_cuda:
-        from transrec.kernels.triton_config import interpreting
-
-        if not interpreting():
-            from transrec.kernels.validate import KernelInputError
-
-            raise KernelInputError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    target = target.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    GPU and fixed small under the interpreter. On a GPU pinned tiles must be a row of the autotune
+    table (``triton_config.pinned``) and ``block_dc`` the default layout's."""
+    if not q.is_cuda and not interpreting():
+        raise KernelInputError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    if block_dc is not None and not interpreting() and block_dc != d_layout(q.shape[1])[0]:
+        raise KernelInputError(f"block_dc={block_dc} is not the layout of D={q.shape[1]} "
+                               "(other D chunks are for TRITON_INTERPRET=1 tests)")
+    q, k, target, bias = canonical_inputs(q, k, target, bias)
     tiles = dict(block_m=block_m, block_n=block_n, block_dc=block_dc, resident=resident)
     return _TritonLinearCE.apply(q, k, bias, target, float(temperature), tiles)

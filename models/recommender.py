@@ -24,6 +24,7 @@ it runs exactly the modules real content of that modality would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
 
 from transrec.config import Config
-from transrec.config.model import ModelConfig, validate_model_config
+from transrec.config.model import ModelConfig, user_kind, validate_model_config
 from transrec.errors import ConfigError
 
 
@@ -63,7 +64,7 @@ class SequentialRecommender(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dim = int(cfg.dim)
-        self.user = UserEncoder(cfg.user, self.dim)
+        self.user = UserEncoder(dataclasses.replace(cfg.user, kind=user_kind(cfg)), self.dim)
         self.criterion = Criterion(cfg.loss)
 
     # -- the export folder ----------------------------------------------------------------------
@@ -120,6 +121,10 @@ class SequentialRecommender(nn.Module):
         return groups
 
     # -- training -------------------------------------------------------------------------------
+    def catalogue_keys(self) -> torch.Tensor:
+        """Every item's embedding [n_items, d], for a full softmax (``negatives=catalogue``)."""
+        raise ConfigError(f"{type(self).__name__} has no item table for catalogue negatives")
+
     def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(target row of ``unique_items``, valid) for each trained user state: every position with a
         next item (causal), or the last position only (bidirectional)."""
@@ -148,8 +153,13 @@ class SequentialRecommender(nn.Module):
         out = self.user(inputs, in_mask)
         q = out.reshape(-1, out.shape[-1]) if self.user.causal else out[:, -1]
         target, row_mask = self.targets(batch)
-        log_q = batch.unique_log_q.to(table.device)
-        loss, metrics = self.criterion(q, table, target, row_mask, log_q, batch.unique_items)
+        keys, items, log_q = table, batch.unique_items, batch.unique_log_q.to(table.device)
+        if self.cfg.loss.negatives == "catalogue":  # a full softmax: every item, no sampling correction
+            keys = self.catalogue_keys()
+            items = torch.arange(keys.shape[0], device=keys.device)
+            target = batch.unique_items.to(keys.device)[target]
+            log_q = torch.zeros(keys.shape[0], device=keys.device)
+        loss, metrics = self.criterion(q, keys, target, row_mask, log_q, items)
         metrics["num_unique"] = torch.tensor(float(table.shape[0]), device=table.device)
         return loss, metrics
 
@@ -256,6 +266,9 @@ class IDSASRec(SequentialRecommender):
 
     def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
         return self.item_emb(unique_items.to(self.item_emb.weight.device))
+
+    def catalogue_keys(self) -> torch.Tensor:
+        return self.item_emb.weight
 
 
 def content_spec(cfg: ModelConfig) -> dict:

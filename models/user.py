@@ -46,6 +46,9 @@ class _Block(nn.Module):
 class UserEncoder(nn.Module):
     def __init__(self, cfg: UserEncoderConfig, dim: int):
         super().__init__()
+        if cfg.kind not in ("bidirectional", "causal"):
+            raise ConfigError(f"the user encoder needs a resolved kind (bidirectional or causal), got "
+                              f"{cfg.kind!r}; see transrec.config.model.user_kind")
         self.cfg = cfg
         self.causal = cfg.kind == "causal"
         self.max_len = int(cfg.max_len)

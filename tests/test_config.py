@@ -137,3 +137,21 @@ def test_choices_are_checked_in_python_built_configs_too():
     cfg = build_config("tiny")
     with pytest.raises(ConfigError, match="data.policy"):
         set_key(cfg, "data.policy", "shuffle")
+
+
+def test_sequence_lengths_are_checked_together():
+    cfg = build_config("tiny", overrides=["data.max_len=30"])  # the user encoder has 20 positions
+    with pytest.raises(ConfigError, match="data.max_len=30 is longer than model.user.max_len=20"):
+        validate(cfg)
+
+
+def test_sasrec_preset_is_the_standard_id_recipe():
+    from transrec.config.model import user_kind
+
+    cfg = build_config("sasrec")
+    validate(cfg)
+    m = cfg.model
+    assert m.kind == "id" and user_kind(m) == "causal" and m.loss.negatives == "catalogue"
+    assert (m.user.layers, m.user.heads, m.user.dropout, m.user.max_len, m.dim) == (2, 2, 0.5, 50, 64)
+    o = cfg.optim
+    assert (o.lr, o.warmup_steps, o.min_lr_ratio, o.weight_decay) == (1e-3, 0, 1.0, 0.0)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transrec.models import (
     ImageEncoderConfig,
     LoRAConfig,
@@ -633,3 +634,37 @@ def test_export_round_trip_is_exact(content, kind, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_catalogue_negatives_are_a_full_softmax_over_the_item_table(content):
+    """negatives=catalogue on the ID model: cross-entropy over every item (no logQ), against a
+    float64 reference; gradients reach table rows that are not in the batch."""
+    torch.manual_seed(0)
+    user = UserEncoderConfig(layers=1, heads=2, dropout=0.0, max_len=8)
+    cfg = ModelConfig(kind="id", dim=16, user=user, loss=LossConfig(negatives="catalogue", temperature=0.5))
+    model = build_model(cfg, n_items=content.n_items).double()
+    assert model.user.causal  # the ID model's "auto" user encoder is SASRec's
+    batch = make_batch(content, B=5, L=7, seed=2, min_len=3)
+    loss, metrics = model(batch)
+    table = model.item_emb.weight
+    out = model.user(table[batch.seq.clamp_min(0)[:, :-1]], batch.mask[:, :-1])
+    q = out.reshape(-1, 16)
+    target, valid = model.targets(batch)
+    logits = (q @ table.T) / 0.5
+    ref = F.cross_entropy(logits[valid], batch.unique_items[target][valid], reduction="mean")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    assert int(metrics["count"]) == int(valid.sum()) and int(metrics["num_keys"]) == content.n_items
+    loss.backward()
+    outside = torch.ones(content.n_items, dtype=torch.bool)
+    outside[batch.unique_items] = False
+    assert outside.any() and table.grad[outside].abs().sum() > 0  # negatives beyond the batch
+
+
+def test_user_kind_auto_and_catalogue_checks():
+    from transrec.config.model import user_kind
+
+    assert user_kind(ModelConfig(kind="id")) == "causal"
+    assert user_kind(ModelConfig(kind="transrec")) == "bidirectional"
+    assert user_kind(ModelConfig(kind="id", user=UserEncoderConfig(kind="bidirectional"))) == "bidirectional"
+    with pytest.raises(ConfigError, match="catalogue needs model.kind=id"):
+        build_model(ModelConfig(loss=LossConfig(negatives="catalogue")))

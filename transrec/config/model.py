@@ -20,10 +20,10 @@ TEXT_PRESETS = ("tiny", "small", "base", "minilm")
 IMAGE_PRESETS = ("tiny", "resnet18", "vit-small", "efficientnet-lite0")
 Pooling = Literal["cls", "mean", "attn"]
 ModelKind = Literal["transrec", "id"]
-UserKind = Literal["bidirectional", "causal"]
+UserKind = Literal["auto", "bidirectional", "causal"]
 LossKind = Literal["inbatch", "bce"]
 KernelImpl = Literal["auto", "triton", "torch", "chunked"]  # the in-batch softmax implementations
-Negatives = Literal["local", "global"]
+Negatives = Literal["local", "global", "catalogue"]
 POOLINGS = typing.get_args(Pooling)
 
 
@@ -90,12 +90,13 @@ class ImageEncoderConfig:
 class UserEncoderConfig:
     """Transformer over a user's item embeddings.
 
-    kind "bidirectional" (the paper: read at the last position, trained at the last position) or
-    "causal" (SASRec: trained at every position). Positions are learned and right-aligned (the
+    kind "bidirectional" (the paper: read at the last position, trained at the last position),
+    "causal" (SASRec: trained at every position), or "auto": causal for the ID model, bidirectional
+    for TransRec (:func:`user_kind`). Positions are learned and right-aligned (the
     newest item always gets the last position), max_len is the longest history it reads.
     """
 
-    kind: UserKind = "bidirectional"
+    kind: UserKind = "auto"
     layers: int = 2
     heads: int = 2
     dropout: float = 0.1
@@ -110,8 +111,9 @@ class LossConfig:
     kind "inbatch": softmax over the batch's unique items (temperature, logQ correction with
     b = -log q); "bce": binary cross-entropy with ``num_negatives`` negatives sampled per row from the
     batch's unique items (never the row's own positive). impl picks the in-batch softmax kernel.
-    negatives "local" (this rank's items) or "global" (items of every rank, gathered with
-    gradient; duplicates across ranks masked).
+    negatives "local" (this rank's items), "global" (items of every rank, gathered with
+    gradient; duplicates across ranks masked) or "catalogue" (the ID model's whole item table: a
+    full softmax, which needs no logQ correction; kind "inbatch" only).
     """
 
     kind: LossKind = "inbatch"
@@ -158,6 +160,14 @@ def parse_trainable(value, where: str):
     raise ConfigError(f"{where}.trainable must be 'all', 'none' or a block count, got {value!r}")
 
 
+def user_kind(cfg: ModelConfig) -> str:
+    """The user encoder's kind with "auto" resolved: causal for the ID model (SASRec), bidirectional
+    for TransRec (the paper)."""
+    if cfg.user.kind != "auto":
+        return cfg.user.kind
+    return "causal" if cfg.kind == "id" else "bidirectional"
+
+
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ConfigError (one line naming the field) for an invalid value."""
     check_choices(cfg, "model")
@@ -172,6 +182,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _check(math.isfinite(lo.temperature) and lo.temperature > 0,
            f"model.loss.temperature must be finite and > 0, got {lo.temperature}")
     _check(lo.num_negatives >= 1, f"model.loss.num_negatives must be >= 1, got {lo.num_negatives}")
+    if lo.negatives == "catalogue":
+        _check(cfg.kind == "id" and lo.kind == "inbatch",
+               "model.loss.negatives=catalogue needs model.kind=id and model.loss.kind=inbatch (a full "
+               "softmax over the ID model's item table); content models use local or global negatives")
     if cfg.kind == "id":
         return
     t, im = cfg.text, cfg.image

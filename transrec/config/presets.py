@@ -94,11 +94,42 @@ def preset_base_gpu() -> Config:
     return cfg
 
 
+def preset_sasrec() -> Config:
+    """The well-known ID-based SASRec recipe: causal user encoder trained at every position, cross-
+    entropy over the whole catalogue, 2 layers x 2 heads, 64 dimensions, dropout 0.5, length 50,
+    batch 256, constant lr 1e-3 (no warmup, no decay, no weight decay, no clipping)."""
+    m = ModelConfig(kind="id", dim=64)
+    m.user.kind, m.user.layers, m.user.heads, m.user.dropout, m.user.max_len = "causal", 2, 2, 0.5, 50
+    m.loss.negatives, m.loss.temperature, m.loss.logq = "catalogue", 1.0, False
+    cfg = Config(preset="sasrec", model=m)
+    cfg.data = DataConfig(batch_size=256, max_len=50)
+    cfg.optim = OptimConfig(steps=2000, lr=1e-3, encoder_lr=0.0, weight_decay=0.0, warmup_steps=0,
+                            min_lr_ratio=1.0, grad_clip=0.0)
+    cfg.eval = EvalConfig(every=500, batch_size=256, item_chunk=4096)
+    return cfg
+
+
+def preset_transrec_paper() -> Config:
+    """The TransRec paper's settings on the offline encoders: pretrained MiniLM titles and
+    EfficientNet-Lite0 covers with their top 2 blocks trained, a bidirectional user encoder read at
+    the last position, binary cross-entropy with a sampled negative per positive."""
+    cfg = Config(preset="transrec-paper", model=model_pretrained())
+    m = cfg.model
+    m.user.kind = "bidirectional"
+    m.loss.kind, m.loss.num_negatives, m.loss.temperature, m.loss.l2_normalize = "bce", 1, 1.0, False
+    cfg.data = DataConfig(batch_size=64, max_len=20)
+    cfg.optim = OptimConfig(steps=3000, lr=1e-4, encoder_lr=1e-4, warmup_steps=100)
+    cfg.eval = EvalConfig(every=500, batch_size=256, item_chunk=1024)
+    return cfg
+
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "tiny": preset_tiny,
     "demo-cpu": preset_demo_cpu,
     "small-gpu": preset_small_gpu,
     "base-gpu": preset_base_gpu,
+    "sasrec": preset_sasrec,
+    "transrec-paper": preset_transrec_paper,
 }
 
 

@@ -126,6 +126,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {value(key)}")
     batch_layout(cfg, world_size)
+    if cfg.data.max_len > cfg.model.user.max_len:
+        raise ConfigError(f"data.max_len={cfg.data.max_len} is longer than model.user.max_len="
+                          f"{cfg.model.user.max_len}, the positions the user encoder has; raise "
+                          "model.user.max_len or lower data.max_len")
     o = cfg.optim
     for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip"):
         if not math.isfinite(getattr(o, key)):

@@ -1,0 +1,122 @@
+"""The Triton kernels compiled for Hopper (sm_90) on the CPU: every specialisation a launch can reach
+fits in one block's shared memory (232,448 B), so the autotuner never meets a config that cannot
+launch and a pinned tile never asks for one.
+
+The launches come from the launchers themselves (``kernels/sm90_check.py``): each launch dtype, D
+class (``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, and every config
+of the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
+subprocess without TRITON_INTERPRET (the kernels must be imported as compiled kernels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_backend_missing() -> str | None:
+    try:
+        import triton
+        from triton.backends import backends
+    except ImportError as e:
+        return f"triton not importable ({e})"
+    if "nvidia" not in backends:
+        return "triton has no CUDA backend"
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return None if ptxas.exists() else f"no ptxas at {ptxas}"
+
+
+pytestmark = pytest.mark.skipif(_cuda_backend_missing() is not None, reason=str(_cuda_backend_missing()))
+
+
+def _python(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
+    from transrec.kernels.triton_config import CHECK_D, LAUNCH_DTYPES, SMEM_LIMIT, table
+
+    out = tmp_path / "sm90.json"
+    res = _python("-m", "transrec.kernels.sm90_check", "verify", "--jobs", "2", "--json", str(out))
+    report = res.stdout + res.stderr[-3000:]
+    assert res.returncode == 0, f"sm90_check verify failed:\n{report}"
+    rows = json.loads(out.read_text())["rows"]
+    over = [(r["shared"], r["labels"][0]) for r in rows if r["shared"] > SMEM_LIMIT]
+    assert not over, f"specialisations over {SMEM_LIMIT} B of shared memory: {over[:5]}"
+    assert "cross-check fwd" in res.stdout and "cross-check bwd" in res.stdout
+
+    # Coverage: every stage x D x dtype x switch x EVEN_M x table config was compiled.
+    labels = [lab.split() for r in rows for lab in r["labels"]]
+    for dclass, ds in CHECK_D.items():
+        for d in ds:
+            for dtype in LAUNCH_DTYPES:
+                name = str(dtype)[6:]
+                for stage, switches in (("fwd", 2 * 2), ("bwd", 2 * 3)):  # x EVEN_M / x the two M
+                    mine = [x for x in labels if x[:4] == [stage, dclass, f"D={d}", name]]
+                    tiles = {tuple(int(v.split("=")[1]) for v in x[-5:]) for x in mine}
+                    want = {(r[0], r[1], r[2], r[3], int(r[4])) for r in table(stage, dclass, dtype.itemsize)}
+                    assert tiles == want, f"{stage} {dclass} D={d} {name}: compiled {tiles}, table {want}"
+                    assert len(mine) == switches * len(want), (stage, dclass, d, name, len(mine))
+
+
+def test_check_sees_the_launch_specialisation():
+    """The check compiles what the card would: a backward config at D = 768 whose q tiles are copied
+    asynchronously into shared memory (unit strides, aligned rows) needs more than the limit, and the
+    allocation-only figure equals the full compile's."""
+    code = """
+import torch
+from transrec.kernels import sm90_check as c
+from transrec.kernels.triton_config import config_kwargs
+label, launch = next(iter(c.launches("bwd", 768, [torch.bfloat16], [1024])))
+fn, kw = c.configs_of(launch)[0]
+spec = c.Spec(fn, launch.args, dict(kw, **config_kwargs((64, 64, 8, 3, True))))
+assert spec.signature["stride_qd"] == "constexpr" and spec.constexprs, spec.signature
+short, full = c.shared_bytes(spec), c.full_compile(spec)["shared"]
+print(short, full)
+assert short == full > c.SMEM_LIMIT, (short, full)
+"""
+    res = _python("-c", code, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+
+
+def test_pinned_tiles_come_from_the_table():
+    from transrec.kernels.triton_config import pinned, table
+
+    for stage in ("fwd", "bwd"):
+        for dclass in ("small", "d256", "large"):
+            for size in (2, 4):
+                for row in table(stage, dclass, size):
+                    kw = pinned(stage, dclass, size, row[0], row[1], row[4])
+                    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["RESIDENT"]) == (row[0], row[1], row[4])
+                    same_tiles = [r for r in table(stage, dclass, size) if (r[:2], r[4]) == (row[:2], row[4])]
+                    assert (kw["num_warps"], kw["num_stages"]) == same_tiles[0][2:4]
+    with pytest.raises(ValueError, match="not in the"):
+        pinned("bwd", "large", 2, 128, 128, True)
+
+
+def test_canonical_inputs():
+    from transrec.kernels import KernelInputError
+    from transrec.kernels.triton_config import MAX_D
+    from transrec.kernels.triton_op import canonical_inputs
+
+    q = torch.randn(9, 40, dtype=torch.bfloat16)[1:]  # a view whose data starts 80 B in
+    k = torch.randn(40, 7).t()  # not contiguous
+    q2, k2, t2, b2 = canonical_inputs(q, k.to(torch.bfloat16), torch.zeros(8, dtype=torch.int16),
+                                      torch.randn(40, dtype=torch.float16))
+    for x in (q2, k2, t2, b2):
+        assert x.is_contiguous() and x.data_ptr() % 16 == 0
+    assert t2.dtype == torch.int64 and b2.dtype == torch.float32 and q2.dtype == torch.bfloat16
+    torch.testing.assert_close(q2, q, rtol=0, atol=0)
+    with pytest.raises(KernelInputError, match="float64"):
+        canonical_inputs(q.double(), q.double(), t2, None)
+    with pytest.raises(KernelInputError, match="at most"):
+        canonical_inputs(torch.zeros(2, MAX_D + 1), torch.zeros(3, MAX_D + 1), t2[:2], None)
