@@ -40,7 +40,17 @@ from transrec.models import build_model
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
 
-from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
+from transrec.config import (
+    Config,
+    batch_layout,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_deepspeed,
+    to_dict,
+    validate,
+)
+from transrec.config.model import user_kind
 from transrec.errors import ConfigError, UserError
 
 
@@ -88,6 +98,25 @@ def _single_process_fast_path(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """One line instead of a traceback later: the run folder must be (or become) a writable folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; pass a folder to --out")
+    probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{run_dir}: cannot write there ({probe} is not writable)")
+
+
 class Trainer:
     """Owns one DeepSpeed engine. ``Trainer(cfg).fit()`` is ``transrec train``.
 
@@ -109,6 +138,7 @@ class Trainer:
         if not cfg.run.out:
             raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
         self.run_dir = Path(cfg.run.out)
+        _check_run_dir(self.run_dir)
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
         self.model = self._build_model()
@@ -161,11 +191,28 @@ class Trainer:
         tag = self.ckpt.latest()
         if tag is None:
             return False
+        self._check_same_model()
         self.state = self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
                                     run_dir=self.run_dir)
         if self.rank == 0 and self.show:
             print(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})", flush=True)
         return True
+
+    def _check_same_model(self) -> None:
+        """A resumed run must build the model its checkpoint holds: ConfigError naming the ``model.*``
+        keys that differ from the run folder's config.yaml (other sections may change on resume)."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        old_cfg = from_dict(load_yaml(saved))
+        old = {**_flat(to_dict(old_cfg)["model"], "model"), "model.user.kind": user_kind(old_cfg.model)}
+        new = {**_flat(to_dict(self.cfg)["model"], "model"), "model.user.kind": user_kind(self.cfg.model)}
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            raise ConfigError(f"{self.run_dir} holds a checkpoint of another model ({shown}"
+                              f"{', ...' if len(diff) > 4 else ''}); resume with the run's own model "
+                              "settings, or start a new --out (run.init_from=EXPORT starts from its weights)")
 
     def save(self) -> str:
         return self.ckpt.save(self.engine, self.state, world_size=self.world, zero_stage=self.zero_stage,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -169,3 +170,26 @@ def test_export_never_destroys_what_is_at_out(runs, tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "export.json", "model.safetensors"]
     export_run(run, other)  # an earlier export is replaced without --overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no temporary left beside it
+
+
+def test_train_refusals_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    data, run = runs[0]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    changed = ["train", "--data", str(data), "--out", str(run), *COMMON, "optim.steps=2", "model.dim=32"]
+    cases = {
+        "exists and is not a folder": ["train", "--data", str(data), "--out", str(afile), *COMMON],
+        "must be a finite number, got nan": ["train", "--data", str(data), "--out", str(tmp_path / "n"),
+                                             *COMMON, "optim.lr=nan"],
+        "holds a checkpoint of another model .model.dim: 64 -> 32.": changed,
+    }
+    for msg, argv in cases.items():
+        code = cli_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and re.search(msg, err[-1]) and not any("Traceback" in e for e in err), (msg, err)
+    # a folder the process may not write (simulated: the tests may run as root, which writes anywhere)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if "ro" in str(p) else real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert cli_main(["train", "--data", str(data), "--out", str(tmp_path / "ro" / "r"), *COMMON]) == 2
+    assert "cannot write there" in capsys.readouterr().err
