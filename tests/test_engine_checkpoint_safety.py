@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.serialization import get_unsafe_globals_in_checkpoint
 from transrec.engine.checkpoint import CheckpointError, CheckpointManager, weights_only_loads
 from transrec.engine.export import export_run
@@ -39,14 +38,7 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    saved = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
 
 @pytest.fixture(scope="module")

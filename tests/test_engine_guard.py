@@ -25,15 +25,7 @@ COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "mode
 NAN = float("nan")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    """In-process trainers make a process group of one rank; undone afterwards (see test_engine_steps)."""
-    saved = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
 
 @pytest.fixture(scope="module")
