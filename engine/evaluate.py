@@ -84,8 +84,13 @@ def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
-             max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None) -> dict:
-    """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader)."""
+             max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
+             exclude_history: bool = True) -> dict:
+    """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).
+
+    ``exclude_history``: items the user already interacted with are removed from the ranking (this
+    project's default), or ranked like any other item (the protocol RecBole uses for sequential
+    models); the two give different numbers, so every result records which."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -101,7 +106,8 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
             batch = batch.to(device)
             scores = score_users(model, batch, item_emb)
             nonfinite += (~torch.isfinite(scores)).sum()
-            r = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
+            hist = (batch.hist_rows, batch.hist_items) if exclude_history else (None, None)
+            r = target_ranks(scores, batch.seq[:, -1], *hist)
             if valid is not None:
                 valid = valid.to(device)
                 r, u = r[valid], batch.users[valid]

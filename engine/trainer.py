@@ -428,7 +428,7 @@ class Trainer:
         loader.set_epoch(0)
         return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
-                        show=self.show, item_emb=item_emb)
+                        show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history)
 
     def final_evaluation(self) -> dict:
         net = self.engine.module
@@ -445,7 +445,9 @@ class Trainer:
             self.tracker.log("eval", self.state.step, split=split, **m)
             out[split] = m
         if self.rank == 0:
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, **out}, indent=1))
+            protocol = {"exclude_history": self.cfg.eval.exclude_history}
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, "protocol": protocol,
+                                                                **out}, indent=1))
         return out
 
     def close(self) -> None:

@@ -78,6 +78,8 @@ class EvalConfig:
     item_chunk: int = 1024  # items per encoder pass when encoding the catalogue
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     max_users: int = 0  # evaluate on the first N users of the split (0 = all)
+    # remove the user's earlier items from the ranking (True), or rank them too (RecBole's protocol)
+    exclude_history: bool = True
 
 
 @dataclass
