@@ -14,6 +14,12 @@ the folder to ``<tag>``, replaces ``latest`` and prunes beyond ``keep_last``. A 
 point leaves the previous checkpoint as the latest. (Several nodes need the run folder on a shared
 file system, as DeepSpeed's own checkpoints do.)
 
+Nothing is unpickled: every ``*.pt`` of a checkpoint is first scanned (the pickle is disassembled,
+not run) and refused with one line if it names any Python callable or class beyond torch's tensor
+types and the few plain DeepSpeed types its states hold (:data:`DEEPSPEED_SAFE`); the load itself
+then runs with ``weights_only=True`` forced on every ``torch.load``, DeepSpeed's own included
+(:func:`weights_only_loads`).
+
 Resuming needs the world size and the ZeRO stage the checkpoint was written with; anything else
 is refused with the supported path: export consolidated weights (``transrec export``) and start a
 new run from them (``run.init_from=EXPORT``).
@@ -23,14 +29,22 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 from transrec.engine import distributed as D
 
 from transrec.errors import UserError
@@ -43,6 +57,47 @@ TMP_PREFIX = ".tmp-"
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used for what was asked (named, with the way forward)."""
+
+
+# Plain-data types DeepSpeed's ZeRO optimizer states pickle (loss scaler settings, the stage enum,
+# fragment addresses): attribute holders without code of their own on load.
+DEEPSPEED_SAFE = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def check_no_pickle(folder: str | Path) -> None:
+    """CheckpointError naming the first ``*.pt`` under ``folder`` whose pickle names a callable or
+    class outside torch's weights-only set and :data:`DEEPSPEED_SAFE` (a static scan: nothing runs)."""
+    with safe_globals(DEEPSPEED_SAFE):
+        for f in sorted(Path(folder).rglob("*.pt")):
+            try:
+                unsafe = get_unsafe_globals_in_checkpoint(f)
+            except (ValueError, RuntimeError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+                raise CheckpointError(f"{f}: not a readable torch checkpoint file ({exc})") from None
+            if unsafe:
+                raise CheckpointError(
+                    f"{f}: refused to load: it would run Python code ({', '.join(sorted(unsafe)[:3])}); "
+                    "a checkpoint holds tensors and DeepSpeed's plain states only (crafted or foreign?)")
+
+
+@contextmanager
+def weights_only_loads(what: str | Path) -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True``, DeepSpeed's explicit
+    ``weights_only=False`` included (torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with
+    :data:`DEEPSPEED_SAFE` allowed; a refused object is one CheckpointError naming ``what``."""
+    old = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        with safe_globals(DEEPSPEED_SAFE):
+            yield
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what}: refused to load a checkpoint file: {first}") from None
+    finally:
+        if old is None:
+            os.environ.pop(_FORCE, None)
+        else:
+            os.environ[_FORCE] = old
 
 
 def tag_for(step: int) -> str:
@@ -211,12 +266,14 @@ class CheckpointManager:
     def load(self, engine, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> ClientState:
         """Collective: restores DeepSpeed states (model, optimizer, scheduler) and this rank's RNG."""
         man = self.check_compatible(tag, world_size=world_size, zero_stage=zero_stage, run_dir=run_dir)
-        path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        rank = D.rank()
-        set_rng_state(torch.load(self.dir / tag / f"rng-rank{rank:05d}.pt", weights_only=True))
+        check_no_pickle(self.dir / tag)
+        with weights_only_loads(self.dir / tag):
+            path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            rank = D.rank()
+            set_rng_state(torch.load(self.dir / tag / f"rng-rank{rank:05d}.pt", weights_only=True))
         return ClientState(**man["client"])
 
 

@@ -36,6 +36,19 @@ def _quiet_deepspeed() -> None:
     os.environ.setdefault("DEEPSPEED_LOG_LEVEL", "warning")
 
 
+def _exit_code(run):
+    """``run()``; an error that carries its own exit code (a diverged run: 3) is printed as one line
+    and returned as that code, others go up to the root's handler (exit 2)."""
+    try:
+        return run()
+    except UserError as exc:
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        print(f"transrec: error: {exc}", file=sys.stderr)
+        return code
+
+
 # ----------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
@@ -50,7 +63,9 @@ def cmd_train(args) -> int:
         overrides.append(f"run.out={args.out}")
     cfg = build_config(args.preset, args.config, overrides)
     _quiet_deepspeed()
-    res = train(cfg)
+    res = _exit_code(lambda: train(cfg))
+    if isinstance(res, int):
+        return res
     if D.is_main():
         print(json.dumps({"run": str(res.run_dir), "step": res.step, **{
             f"{s}_{k}": round(v, 5) for s, m in res.metrics.items() for k, v in m.items() if k != "users"}}))
@@ -71,7 +86,7 @@ def cmd_export(args) -> int:
     from transrec.engine.export import export_run  # lazy: fast --help
     from transrec.models.export import read_export  # lazy: fast --help
 
-    out = export_run(args.run, args.out, full=args.full)
+    out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite)
     meta = read_export(out)
     print(f"exported {meta['kind']} weights of {args.run} (step {meta['step']}) to {out}")
     return 0
@@ -86,7 +101,10 @@ def cmd_transfer(args) -> int:
     overrides = list(args.overrides)
     if args.steps:
         overrides.append(f"optim.steps={args.steps}")
-    row = run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk, overrides=overrides)
+    row = _exit_code(lambda: run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk,
+                                          overrides=overrides))
+    if isinstance(row, int):
+        return row
     if D.is_main():
         print(format_table([row]))
     return 0
@@ -200,7 +218,10 @@ def register(sub) -> None:
                     "config.yaml and export.json.",
         epilog="example:\n  transrec export --run runs/a --out exports/a")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--out", required=True, help="export folder (replaced)")
+    p.add_argument("--out", required=True,
+                   help="export folder: new, empty or an earlier export (replaced once the new one is whole)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty folder that is not an export (never a run or dataset folder)")
     p.add_argument("--full", action="store_true", help="LoRA runs: merge adapters into full weights")
     p.set_defaults(func=cmd_export)
 

@@ -6,7 +6,8 @@
    parameters collectively), and the embeddings are all-gathered: ``[n_items, d]`` on every rank.
 2. Each evaluation batch holds a user's history and the held-out target in the last column; the
    user encoder reads the history, scores ``[B, n_items]`` stay on the device, the history is masked
-   and ``rank = 1 + #strictly higher`` (:mod:`transrec.engine.metrics`).
+   and ``rank = 1 + #strictly higher`` (:mod:`transrec.engine.metrics`). A non-finite score
+   (NaN compares false, so it would rank first) stops the evaluation with one line on every rank.
 3. Ranks are gathered with their user ids and each user is counted once (a loader that repeats
    samples to give every rank the same number of batches would otherwise count some twice).
 """
@@ -20,6 +21,8 @@ from transrec.engine import distributed as D
 from transrec.engine.metrics import DEFAULT_KS, finalize, metric_sums, target_ranks
 from transrec.engine.tracking import progress
 from transrec.models.global_negatives import gather_ragged
+
+from transrec.errors import UserError
 
 
 def _unwrap(model):
@@ -81,8 +84,13 @@ def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
-             max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None) -> dict:
-    """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader)."""
+             max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
+             exclude_history: bool = True) -> dict:
+    """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).
+
+    ``exclude_history``: items the user already interacted with are removed from the ranking (this
+    project's default), or ranked like any other item (the protocol RecBole uses for sequential
+    models); the two give different numbers, so every result records which."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -92,11 +100,14 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         rank, world = D.rank(), D.world_size()
         users, ranks = [], []
         seen = 0
+        nonfinite = torch.zeros((), device=device)  # scores that are NaN/inf, checked once at the end
         for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
             valid = getattr(batch, "row_valid", None)  # filler rows that pad the last batches
             batch = batch.to(device)
             scores = score_users(model, batch, item_emb)
-            r = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
+            nonfinite += (~torch.isfinite(scores)).sum()
+            hist = (batch.hist_rows, batch.hist_items) if exclude_history else (None, None)
+            r = target_ranks(scores, batch.seq[:, -1], *hist)
             if valid is not None:
                 valid = valid.to(device)
                 r, u = r[valid], batch.users[valid]
@@ -109,6 +120,12 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
                 break
         users_t = torch.cat(users) if users else torch.zeros(0, dtype=torch.long, device=device)
         ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
+        if world > 1:
+            dist.all_reduce(nonfinite)
+        if nonfinite.item():
+            raise UserError(f"evaluation refused: {int(nonfinite.item())} scores are not finite "
+                            "(NaN or inf): the model's weights have diverged; evaluate an earlier checkpoint "
+                            "or retrain with a lower optim.lr")
         if world > 1:
             users_t, ranks_t = gather_ragged(users_t), gather_ragged(ranks_t)
         # Each user once (the first occurrence), whatever padding the loader used.

@@ -3,9 +3,10 @@ trained model without DeepSpeed.
 
 Any ZeRO stage: the checkpoint's partitions are consolidated in one process, on the CPU, with no
 process group (``deepspeed.utils.zero_to_fp32`` for stages 1-3 and bf16; the model-states file for
-fp32 stage 0). A LoRA run that started from an export writes its adapter and the other trained
-tensors only (kind "adapter", a few percent of the model) and names that export as its base;
-``--full`` merges the adapters into the base weights instead.
+fp32 stage 0), every file scanned and loaded weights-only
+(:func:`~transrec.engine.checkpoint.check_no_pickle`). A LoRA run that started from an export
+writes its adapter and the other trained tensors only (kind "adapter", a few percent of the
+model) and names that export as its base; ``--full`` merges the adapters into the base weights instead.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transrec.engine.checkpoint import CheckpointError, CheckpointManager
+from transrec.engine.checkpoint import CheckpointError, CheckpointManager, check_no_pickle, weights_only_loads
 from transrec.models import SequentialRecommender, build_model
+from transrec.models.export import check_export_target, write_export
 from transrec.models.lora import has_lora, merge_lora
 
 from transrec.config import Config, from_dict, load_yaml
@@ -33,15 +35,23 @@ def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> tupl
     ck._verify(tag)
     man = ck.manifest(tag)
     folder = ck.dir / tag
+    check_no_pickle(folder)
     zero_files = list(folder.glob("*zero_pp_rank_*optim_states.pt"))
-    if zero_files:
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ck.dir), tag=tag)
-    else:
-        states = folder / "mp_rank_00_model_states.pt"
-        if not states.is_file():
-            raise CheckpointError(f"{folder}: no model states file to export from")
-        sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    with weights_only_loads(folder):
+        if zero_files:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ck.dir), tag=tag)
+            states = folder / "mp_rank_00_model_states.pt"
+            if states.is_file():
+                # ZeRO-1 records no frozen parameters for zero_to_fp32 (ZeRO-2 does); its model-states
+                # file holds the whole module, frozen weights included (ZeRO-3 writes partitions instead).
+                module = torch.load(states, map_location="cpu", weights_only=True)["module"]
+                sd.update({k: v for k, v in module.items() if k not in sd})
+        else:
+            states = folder / "mp_rank_00_model_states.pt"
+            if not states.is_file():
+                raise CheckpointError(f"{folder}: no model states file to export from")
+            sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
     sd = {k.removeprefix("module."): v.detach().float().cpu().contiguous() if v.is_floating_point()
           else v.detach().cpu().contiguous() for k, v in sd.items()}
     return sd, man
@@ -64,8 +74,15 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> tuple[Config, Seque
     return cfg, model, man
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None) -> Path:
-    """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``."""
+def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``.
+    ``out`` is never the run folder, its dataset or a folder holding them; a non-empty folder that is
+    not an earlier export is replaced only with ``overwrite``."""
+    protect = {"run folder": run_dir}
+    if (Path(run_dir) / "config.yaml").is_file():
+        protect["dataset folder"] = load_yaml(Path(run_dir) / "config.yaml").get("data", {}).get("path", "")
+    check_export_target(out, overwrite=overwrite, protect=protect)
     cfg, model, man = load_run(run_dir, tag)
     meta = {"kind": "full", "step": man["client"]["step"], "source_run": str(run_dir),
             "n_items": man.get("n_items"), "zero_stage": man["zero_stage"]}
@@ -79,4 +96,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag:
             merge_lora(model)
             cfg.model.text.lora = cfg.model.image.lora = None
         cfg.run.init_from = ""
-    return model.save_export(out, cfg, meta, tensors=tensors)
+    if tensors is None:  # as model.save_export
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
+                   for k, v in model.state_dict().items()}
+    return write_export(out, tensors, cfg, {"model_kind": model.cfg.kind, **meta}, overwrite=overwrite,
+                        protect=protect)

@@ -33,11 +33,13 @@ def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "val
                         f"has {ds.n_items}; ID models evaluate on their own catalogue only")
     chunk = item_chunk or cfg.eval.item_chunk
     emb = encode_catalogue(model, content, chunk=chunk, device=device, show=show)
-    out = {"run": str(run), "step": man["client"]["step"], "data": str(data or cfg.data.path)}
+    out = {"run": str(run), "step": man["client"]["step"], "data": str(data or cfg.data.path),
+           "protocol": {"exclude_history": cfg.eval.exclude_history}}
     for split in [s.strip() for s in splits.split(",") if s.strip()]:
         if split not in ("valid", "test"):
             raise UserError(f"--split: {split!r} is not valid or test")
         loader = make_loader(cfg, ds, content, split, batch_size=cfg.eval.batch_size, rank=0, world=1, seed=0)
         out[split] = evaluate(model, loader, content, ks=tuple(cfg.eval.ks), item_chunk=chunk, device=device,
-                              max_users=cfg.eval.max_users, show=show, item_emb=emb)
+                              max_users=cfg.eval.max_users, show=show, item_emb=emb,
+                              exclude_history=cfg.eval.exclude_history)
     return out

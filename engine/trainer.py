@@ -33,13 +33,24 @@ from transrec.engine import distributed as D
 from transrec.engine.checkpoint import CheckpointManager, ClientState
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
+from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.tracking import Tracker, progress
 from transrec.models import build_model
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
 
-from transrec.config import Config, batch_layout, save_yaml, to_deepspeed, validate
+from transrec.config import (
+    Config,
+    batch_layout,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_deepspeed,
+    to_dict,
+    validate,
+)
+from transrec.config.model import user_kind
 from transrec.errors import ConfigError, UserError
 
 
@@ -93,6 +104,25 @@ def _single_process_fast_path(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """One line instead of a traceback later: the run folder must be (or become) a writable folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; pass a folder to --out")
+    probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{run_dir}: cannot write there ({probe} is not writable)")
+
+
 class Trainer:
     """Owns one DeepSpeed engine. ``Trainer(cfg).fit()`` is ``transrec train``.
 
@@ -114,6 +144,7 @@ class Trainer:
         if not cfg.run.out:
             raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
         self.run_dir = Path(cfg.run.out)
+        _check_run_dir(self.run_dir)
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
         self.model = self._build_model()
@@ -137,6 +168,9 @@ class Trainer:
                                                     lr_scheduler=self.scheduler, config=self.ds_config)
         if flat and self.world == 1:
             _single_process_fast_path(self.engine)
+        self.guard = FiniteGuard(self.engine, world=self.world, device=self.device)
+        self.bad_in_row = 0  # skipped steps since the last applied one
+        self.skipped = 0  # skipped steps in this process's life
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
         self.after_step: list = []
@@ -163,11 +197,28 @@ class Trainer:
         tag = self.ckpt.latest()
         if tag is None:
             return False
+        self._check_same_model()
         self.state = self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
                                     run_dir=self.run_dir)
         if self.rank == 0 and self.show:
             print(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})", flush=True)
         return True
+
+    def _check_same_model(self) -> None:
+        """A resumed run must build the model its checkpoint holds: ConfigError naming the ``model.*``
+        keys that differ from the run folder's config.yaml (other sections may change on resume)."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        old_cfg = from_dict(load_yaml(saved))
+        old = {**_flat(to_dict(old_cfg)["model"], "model"), "model.user.kind": user_kind(old_cfg.model)}
+        new = {**_flat(to_dict(self.cfg)["model"], "model"), "model.user.kind": user_kind(self.cfg.model)}
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            raise ConfigError(f"{self.run_dir} holds a checkpoint of another model ({shown}"
+                              f"{', ...' if len(diff) > 4 else ''}); resume with the run's own model "
+                              "settings, or start a new --out (run.init_from=EXPORT starts from its weights)")
 
     def save(self) -> str:
         return self.ckpt.save(self.engine, self.state, world_size=self.world, zero_stage=self.zero_stage,
@@ -193,18 +244,49 @@ class Trainer:
             self.state.epoch += 1
             self.state.cursor = 0
 
-    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step over its micro-batches; returns (this rank's loss sum, the global
-        target count), both on the device."""
+        target count), both on the device, or None when the step was skipped: its loss or gradient
+        norm was not finite on some rank (:mod:`~transrec.engine.guard`). A skipped step leaves
+        the weights, the optimizer, the schedule and the buffers as they were and does not count;
+        its batches are consumed."""
         count, scale = self.step_scale(micro_batches)
+        saved = [b.detach().clone() for b in self.engine.module.buffers()]
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss_sum += self.backward(batch, scale)
+            if i == len(micro_batches) - 1:
+                self.guard.loss_check(loss_sum)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+        if not self.guard.applied():
+            for b, v in zip(self.engine.module.buffers(), saved):
+                b.data.copy_(v)
+            self._skip(loss_sum)
+            return None
+        self.bad_in_row = 0
         self.sync_buffers()
         self.state.step += 1
         self.state.samples += self.cfg.data.batch_size
         return loss_sum, count
+
+    def _skip(self, loss_sum: torch.Tensor) -> None:
+        """Count a skipped step; stop the run after ``run.max_bad_steps`` of them in a row."""
+        self.bad_in_row += 1
+        self.skipped += 1
+        limit = self.cfg.run.max_bad_steps
+        what = "loss" if self.guard.loss_bad else "gradient norm"
+        self.tracker.log("skip", self.state.step + 1, reason=f"non-finite {what}", in_row=self.bad_in_row,
+                         loss=float(loss_sum))
+        if self.rank == 0:
+            print(f"step {self.state.step + 1} skipped: non-finite {what} ({self.bad_in_row} in a row, "
+                  f"{self.skipped} in all; the run stops at {limit} in a row)", flush=True)
+        if self.bad_in_row >= limit:
+            latest = self.ckpt.latest()
+            kept = (f"the latest checkpoint is {self.ckpt.dir / latest}" if latest
+                    else "no checkpoint was written")
+            raise Diverged(f"training diverged: {self.bad_in_row} steps in a row had a non-finite loss or "
+                           f"gradient norm after step {self.state.step}; {kept}; lower optim.lr / "
+                           f"optim.encoder_lr (or raise run.max_bad_steps)")
 
     def step_scale(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """(global target count of the step, the factor each micro-batch's loss sum is scaled by).
@@ -272,7 +354,10 @@ class Trainer:
             batches = self.micro_batches()
             self.window = {"seq": 0, "items": 0, "t": time.time()}
             while self.state.step < total:
-                self.pending.append(self.train_step([next(batches) for _ in range(self.accum)]))
+                done = self.train_step([next(batches) for _ in range(self.accum)])
+                if done is None:
+                    continue
+                self.pending.append(done)
                 bar.update(1)
                 for hook in self.after_step:
                     hook(self, self.state.step)
@@ -349,7 +434,7 @@ class Trainer:
         loader.set_epoch(0)
         return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
-                        show=self.show, item_emb=item_emb)
+                        show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history)
 
     def final_evaluation(self) -> dict:
         net = self.engine.module
@@ -366,7 +451,9 @@ class Trainer:
             self.tracker.log("eval", self.state.step, split=split, **m)
             out[split] = m
         if self.rank == 0:
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, **out}, indent=1))
+            protocol = {"exclude_history": self.cfg.eval.exclude_history}
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, "protocol": protocol,
+                                                                **out}, indent=1))
         return out
 
     def close(self) -> None:

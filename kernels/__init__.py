@@ -75,9 +75,7 @@ def _dispatch(impl, q, k, target, bias, tau, row_mask, reduction, chunk_size):
         rows = inbatch_softmax_chunked_rows(q, k, target, bias=bias, temperature=tau,
                                             chunk_size=chunk_size)
     else:
-        from transrec.kernels.triton_op import (
-            inbatch_softmax_triton_rows,  # optional: triton, CUDA paths only
-        )
+        from transrec.kernels.triton_op import inbatch_softmax_triton_rows  # optional: triton
 
         rows = inbatch_softmax_triton_rows(q, k, target, bias=bias, temperature=tau)
     return reduce_rows(rows, row_mask, reduction)

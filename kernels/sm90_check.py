@@ -100,9 +100,7 @@ class Spec:
 
     def __init__(self, fn, args, kwargs):
         from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
-        from triton.runtime.jit import (
-            create_function_from_signature,  # lazy: after TRITON_INTERPRET is cleared
-        )
+        from triton.runtime.jit import create_function_from_signature  # lazy: see main()
 
         backend = make_backend(_target())
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -129,9 +127,7 @@ def shared_bytes(spec: Spec) -> int:
     """Shared memory of one specialisation: the code generator and the TTGIR passes of the backend,
     then the passes of its LLIR stage up to and including shared-memory allocation."""
     from triton._C.libtriton import ir, nvidia, passes  # lazy: after TRITON_INTERPRET is cleared
-    from triton.backends.nvidia.compiler import (
-        get_ptx_version_from_options,  # lazy: after TRITON_INTERPRET is cleared
-    )
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options  # lazy: see main()
     from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
 
     target = _target()

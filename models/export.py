@@ -71,19 +71,58 @@ def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool =
     load_base_weights(model, sd, strict=strict)
 
 
-def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict) -> Path:
-    """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
-    so a killed write never leaves a half export under ``out``."""
+def check_export_target(out: str | Path, *, overwrite: bool = False,
+                        protect: dict[str, str | Path] | None = None) -> None:
+    """UserError (one line) unless ``out`` may receive an export: a new or empty folder, or an earlier
+    export; any other folder only with ``overwrite``; never a file, a run folder, a dataset folder or
+    a folder holding one of ``protect`` ({what: path}, e.g. the run and data folders of the export)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; pass a folder to --out")
+    where = out.resolve()
+    filled = out.is_dir() and any(out.iterdir())
+    for what, p in (protect or {}).items():
+        if not p:
+            continue
+        pr = Path(p).resolve()
+        inside = pr in where.parents and filled and not (out / META).is_file()  # e.g. RUN/checkpoints
+        if where == pr or where in pr.parents or inside:
+            raise UserError(f"{out}: refused: it is, holds or lies in the {what} {p}; pick another --out")
+    if not filled:
+        return
+    if (out / "checkpoints").is_dir() or (out / "manifest.json").is_file():
+        raise UserError(f"{out}: refused: it holds a run or a dataset; pick another --out")
+    if not (out / META).is_file() and not overwrite:
+        raise UserError(f"{out}: exists, is not empty and is not an export; pick another --out "
+                        "(or pass --overwrite to replace it)")
+
+
+def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict, *,
+                 overwrite: bool = False, protect: dict[str, str | Path] | None = None) -> Path:
+    """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
+    so a killed write never leaves a half export under ``out``. What ``out`` may be:
+    :func:`check_export_target`; an earlier export there is replaced only once the new one is whole."""
+    check_export_target(out, overwrite=overwrite, protect=protect)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"export refused: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}): "
+                        "the run diverged; export an earlier checkpoint or retrain with a lower optim.lr")
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the export there ({exc.strerror or exc})") from None
     save_file(tensors, str(tmp / WEIGHTS))
     save_yaml(cfg, tmp / "config.yaml")
     (tmp / META).write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        os.rename(out, old)  # the previous export stays whole until the new one is in place
+    os.rename(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
     return out

@@ -14,3 +14,17 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inprocess_group():
+    """For modules that build trainers in the pytest process (a process group of one rank): the
+    launcher variables they set are undone afterwards, so later tests' subprocesses do not inherit
+    them. The group itself stays for the session: DeepSpeed keeps handles to the first one, and a
+    trainer built after it was destroyed and made anew fails ("group is not registered")."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -5,12 +5,10 @@ FlatAdamW steps as torch's AdamW does (checkpoints interchangeable)."""
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from transrec.engine import trainer as trainer_mod
 from transrec.engine.optim import FlatAdamW
 from transrec.engine.trainer import Trainer
@@ -21,16 +19,7 @@ COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "mode
           "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false", "eval.max_users=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_process_group():
-    """The trainers here run in the pytest process: one process group of one rank, and the launcher
-    variables it sets, are undone afterwards so later tests' subprocesses do not inherit them."""
-    saved = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ def _eval_world(tmp_path):
     return synthesize(tmp_path / "w", domain="target", n_users=70, n_items=40, seed=5, min_len=4, max_len=9)
 
 
-def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path):
+@pytest.mark.parametrize("exclude_history", [True, False], ids=["history-removed", "history-ranked"])
+def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path, exclude_history):
     from transrec.engine.data import NoContent, make_loader
     from transrec.engine.evaluate import evaluate
     from transrec.models import build_model
@@ -95,10 +96,11 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
     model.encode_users = lambda emb, mask: torch.round(encode_users(emb, mask) * 8) / 8
     content = NoContent(ds)
     loader = make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0)
-    got = evaluate(model, loader, content, ks=(1, 5, 10), item_chunk=7, show=False)
+    got = evaluate(model, loader, content, ks=(1, 5, 10), item_chunk=7, show=False,
+                   exclude_history=exclude_history)
 
     table = model.item_emb.weight.detach().numpy().astype(np.float64)
-    ranks, seen_users, ties = [], set(), 0
+    ranks, seen_users, ties, history_above = [], set(), 0, 0
     for batch in make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0):
         with torch.no_grad():
             emb = model.item_emb.weight[batch.seq[:, :-1].clamp(min=0)]
@@ -108,12 +110,14 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
                 continue
             seen_users.add(int(batch.users[b]))
             target = int(batch.seq[b, -1])
-            hist = set(batch.hist_items[batch.hist_rows == b].tolist()) - {target}
+            seen_before = set(batch.hist_items[batch.hist_rows == b].tolist()) - {target}
+            hist = seen_before if exclude_history else set()
             s = table @ user[b].double().numpy()
             above = [j for j in range(ds.n_items) if j not in hist and j != target and s[j] > s[target]]
             ties += sum(1 for j in range(ds.n_items) if j != target and s[j] == s[target])
+            history_above += any(s[j] > s[target] for j in seen_before)  # where the protocols differ
             ranks.append(1 + len(above))
-    assert ties > 0 and got["users"] == len(ranks) > 20
+    assert ties > 0 and history_above > 0 and got["users"] == len(ranks) > 20
     for k in (1, 5, 10):
         assert got[f"hr@{k}"] == pytest.approx(np.mean([r <= k for r in ranks]), abs=1e-9)
         ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks])

@@ -78,6 +78,8 @@ class EvalConfig:
     item_chunk: int = 1024  # items per encoder pass when encoding the catalogue
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     max_users: int = 0  # evaluate on the first N users of the split (0 = all)
+    # remove the user's earlier items from the ranking (True), or rank them too (RecBole's protocol)
+    exclude_history: bool = True
 
 
 @dataclass
@@ -88,6 +90,7 @@ class RunConfig:
     ckpt_every: int = 0  # steps between checkpoints (0 = at the end only)
     keep_last: int = 2  # checkpoints kept
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
+    max_bad_steps: int = 5  # optimizer steps in a row with a non-finite loss/gradient before the run stops
     init_from: str = ""  # an export folder whose weights start this run (transfer)
     progress: bool = True  # tqdm bars
     tensorboard: bool = True
@@ -117,7 +120,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         return getattr(getattr(cfg, sec), name)
 
     for key in ("data.batch_size", "data.max_len", "optim.steps", "eval.batch_size", "eval.item_chunk",
-                "run.log_every", "run.keep_last"):
+                "run.log_every", "run.keep_last", "run.max_bad_steps"):
         if value(key) <= 0:
             raise ConfigError(f"{key} must be positive, got {value(key)}")
     for key in ("data.num_workers", "data.micro_batch_size", "run.ckpt_every", "eval.every",
