@@ -23,6 +23,7 @@ def _snippet() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("inprocess_group")  # the snippet trains in this process; see conftest
 def test_readme_python_api_snippet_runs(tmp_path):
     synthesize(tmp_path / "data" / "target", domain="target")  # `transrec shards synth --domain target`
     out = io.StringIO()
