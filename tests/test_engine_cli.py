@@ -1,5 +1,6 @@
 """Engine CLI: every subcommand has help with an example; bad input is one line and exit 2."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,12 @@ def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "transrec.cli", "train", "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and "deepspeed --num_gpus 2" in proc.stdout
+
+
+def test_importing_the_engine_prints_nothing_on_stdout():
+    """Commands print their results on stdout; loading DeepSpeed must not add a line there."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", "import transrec.engine.trainer"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == ""
