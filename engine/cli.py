@@ -12,6 +12,7 @@ from transrec.config import build_config
 from transrec.errors import UserError
 
 _RAW = argparse.RawDescriptionHelpFormatter
+PROGRESS = ("auto", "on", "off")  # run.progress
 
 
 def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "tiny") -> None:
@@ -76,7 +77,8 @@ def cmd_eval(args) -> int:
     _env()
     from transrec.engine.standalone import evaluate_run  # lazy: fast --help
 
-    res = evaluate_run(args.run, data=args.data, splits=args.split, item_chunk=args.item_chunk)
+    res = evaluate_run(args.run, data=args.data, splits=args.split, item_chunk=args.item_chunk,
+                       progress=args.progress)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -135,7 +137,7 @@ def cmd_demo(args) -> int:
     _quiet_deepspeed()
     from transrec.engine.demo import run_demo  # lazy: fast --help
 
-    run_demo(args.out, seed=args.seed, size=args.size)
+    run_demo(args.out, seed=args.seed, size=args.size, progress=args.progress)
     return 0
 
 
@@ -210,6 +212,8 @@ def register(sub) -> None:
     p.add_argument("--data", help="dataset folder (default: the run's data.path)")
     p.add_argument("--split", default="valid,test", help="valid, test or valid,test (default: %(default)s)")
     p.add_argument("--item-chunk", type=int, default=None, help="items per encoder pass")
+    p.add_argument("--progress", choices=PROGRESS, default=None,
+                   help="bars: on, off, or auto (when stderr is a terminal); default: the run's run.progress")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -266,6 +270,9 @@ def register(sub) -> None:
         epilog="example:\n  transrec demo --out demo_out")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", choices=PROGRESS, default="auto",
+                   help="run.progress of every training: bars (on), plain lines on stderr (off), or bars "
+                        "when stderr is a terminal (auto, the default)")
     p.add_argument("--size", default="full", choices=["full", "reduced"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 

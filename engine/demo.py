@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transrec.engine.export import export_run
 from transrec.engine.plot import plot_runs
+from transrec.engine.tracking import say as log_line
 from transrec.engine.trainer import Trainer
 from transrec.engine.transfer import compare, format_table
 from transrec.shards.synth import synthesize
@@ -67,7 +68,10 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full", show: bool = True) -> dict:
+def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full", show: bool = True,
+             progress: str = "auto") -> dict:
+    """``show``: the narration and the final table (False: silent); ``progress``: ``run.progress`` of
+    every training (bars, or plain lines on stderr)."""
     if size not in SIZES:
         raise UserError(f"demo size must be one of {', '.join(SIZES)}, got {size!r}")
     sz = SIZES[size]
@@ -77,7 +81,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
 
     def say(msg: str) -> None:
         if show:
-            print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+            log_line(f"[{time.time() - t0:6.1f}s] {msg}")
 
     say(f"synthesising source ({sz.source_users} users, {sz.source_items} items) and target "
         f"({sz.target_users} users, {sz.target_items} items) worlds, seed {seed}")
@@ -93,9 +97,9 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     cfg.optim.warmup_steps = max(sz.pretrain_steps // 10, 1)
     cfg.run.log_every = max(sz.pretrain_steps // 12, 1)
     cfg.eval.every = max(sz.pretrain_steps // 2, 1) if size == "full" else 0
-    cfg.run.progress = show
+    cfg.run.progress = progress if show else "off"
     say(f"pretraining TransRec on the source: {sz.pretrain_steps} steps of {sz.batch_size} sequences")
-    trainer = Trainer(cfg, show=show)
+    trainer = Trainer(cfg)
     try:
         pre = trainer.fit()
     finally:
@@ -106,11 +110,11 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     target_overrides = [f"optim.steps={sz.target_steps}", f"data.batch_size={sz.target_batch_size}",
                         f"optim.warmup_steps={max(sz.target_steps // 10, 1)}",
                         f"run.log_every={max(sz.target_steps // 10, 1)}", "eval.every=0",
-                        f"run.seed={seed}", f"run.progress={str(show).lower()}"]
+                        f"run.seed={seed}", f"run.progress={cfg.run.progress}"]
     say(f"transfer to the target: scratch, pretrained full, pretrained LoRA, ID SASRec "
         f"({sz.target_steps} steps each)")
     rows = compare(export, tgt, out / "target", modes=("scratch", "full", "lora"), id_baseline=True,
-                   overrides=target_overrides, id_overrides=["optim.lr=0.005"], show=show)
+                   overrides=target_overrides, id_overrides=["optim.lr=0.005"], show=None if show else False)
     plot_runs([out / "pretrain"], out / "pretrain.png")
     elapsed = time.time() - t0
     table = format_table(rows)

@@ -12,6 +12,7 @@ import torch
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.export import load_run
+from transrec.engine.tracking import bars_enabled
 
 from transrec.errors import UserError
 
@@ -23,8 +24,13 @@ def load_run_model(run: str | Path):
 
 
 def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "valid,test",
-                 item_chunk: int | None = None, show: bool = True) -> dict:
+                 item_chunk: int | None = None, show: bool | None = None,
+                 progress: str | None = None) -> dict:
+    """``show``: tqdm bars or not; None follows ``progress`` (``auto``|``on``|``off``), by default the
+    run's ``run.progress``."""
     cfg, model, man = load_run_model(run)
+    if show is None:
+        show = bars_enabled(progress or cfg.run.progress)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     ds, content = open_data(cfg, data, show=show)

@@ -1,4 +1,5 @@
-"""Run observability: one JSON line per logged step or evaluation, TensorBoard events, tqdm bars.
+"""Run observability: one JSON line per logged step or evaluation, TensorBoard events, tqdm bars or
+plain log lines.
 
 Only rank 0 writes. ``RUN/metrics.jsonl`` holds records such as::
 
@@ -7,11 +8,21 @@ Only rank 0 writes. ``RUN/metrics.jsonl`` holds records such as::
     {"kind": "eval", "step": 100, "split": "valid", "ndcg@10": 0.071, "hr@10": 0.14, ...}
 
 ``transrec plot RUN`` reads it back (:mod:`transrec.engine.plot`).
+
+On the console, ``run.progress`` (``auto`` | ``on`` | ``off``) picks between tqdm bars and plain lines,
+both on stderr (stdout holds a command's results alone). ``auto`` shows bars when stderr is a
+terminal; without bars, rank 0 writes one line every ``run.log_every`` steps and one per
+evaluation, which read well in a file (nohup, a scheduler, CI)::
+
+    step 20/100  loss 3.9120  lr 3.00e-03  seq/s 410.2  eta 0:00:04
+    eval valid step 50  ndcg@10 0.0712  hr@10 0.1400  mrr 0.0513
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,3 +89,49 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def progress(iterable=None, *, enabled: bool = True, **kw):
     """tqdm on stderr when enabled (rank 0 and run.progress), a plain iterator otherwise."""
     return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
+
+
+def bars_enabled(mode: str | bool, stream=None) -> bool:
+    """Whether ``run.progress`` shows tqdm bars: ``on``; ``auto`` when ``stream`` (stderr) is a terminal."""
+    if isinstance(mode, bool):  # a config built in Python before the setting had three values
+        mode = "on" if mode else "off"
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def say(msg: str) -> None:
+    """One line on stderr (below any open tqdm bar), flushed: console output that is not a result."""
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def step_line(step: int, total: int, *, loss: float, lr: float, seq_per_s: float, eta_s: float,
+              skipped_rows: int = 0, skipped_steps: int = 0) -> str:
+    """The plain console line of a logged training step."""
+    parts = [f"step {step}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"seq/s {seq_per_s:.1f}",
+             f"eta {_eta(eta_s)}"]
+    if skipped_rows:
+        parts.append(f"skipped rows {skipped_rows}")
+    if skipped_steps:
+        parts.append(f"skipped steps {skipped_steps}")
+    return "  ".join(parts)
+
+
+def eval_line(split: str, step: int, metrics: dict) -> str:
+    """The plain console line of one evaluation: ndcg@10, hr@10 and mrr (those present)."""
+    parts = [f"eval {split} step {step}"]
+    for k in ("ndcg@10", "hr@10", "mrr"):
+        if k in metrics:
+            parts.append(f"{k} {float(metrics[k]):.4f}")
+    return "  ".join(parts)

@@ -35,10 +35,11 @@ from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
-from transrec.engine.tracking import Tracker, progress
+from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
 from transrec.models import build_model
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
+from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
 
 from transrec.config import (
     Config,
@@ -135,11 +136,13 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, data=None, show: bool | None = None):
+        """``show``: tqdm bars (True) or plain lines on stderr (False); None follows ``run.progress``."""
         self.cfg = cfg
         self.rank, self.local_rank, self.world = D.init(cfg.deepspeed.backend)
         validate(cfg, self.world)
         self.micro, self.accum = batch_layout(cfg, self.world)
-        self.show = (cfg.run.progress if show is None else show) and self.rank == 0
+        self.show = (bars_enabled(cfg.run.progress) if show is None else show) and self.rank == 0
+        self.lines = self.rank == 0 and not self.show  # plain log lines instead of bars
         self.device = D.device()
         if not cfg.run.out:
             raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
@@ -151,7 +154,8 @@ class Trainer:
         # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
         # partitioning; training and evaluation then gather items through the same wrapper.
         self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
-                                  log=print if self.rank == 0 else (lambda _msg: None))
+                                  log=say if self.rank == 0 else (lambda _msg: None))
+        self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
@@ -200,8 +204,8 @@ class Trainer:
         self._check_same_model()
         self.state = self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
                                     run_dir=self.run_dir)
-        if self.rank == 0 and self.show:
-            print(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})", flush=True)
+        if self.rank == 0:
+            say(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})")
         return True
 
     def _check_same_model(self) -> None:
@@ -278,8 +282,8 @@ class Trainer:
         self.tracker.log("skip", self.state.step + 1, reason=f"non-finite {what}", in_row=self.bad_in_row,
                          loss=float(loss_sum))
         if self.rank == 0:
-            print(f"step {self.state.step + 1} skipped: non-finite {what} ({self.bad_in_row} in a row, "
-                  f"{self.skipped} in all; the run stops at {limit} in a row)", flush=True)
+            say(f"step {self.state.step + 1} skipped: non-finite {what} ({self.bad_in_row} in a row, "
+                f"{self.skipped} in all; the run stops at {limit} in a row)")
         if self.bad_in_row >= limit:
             latest = self.ckpt.latest()
             kept = (f"the latest checkpoint is {self.ckpt.dir / latest}" if latest
@@ -399,7 +403,9 @@ class Trainer:
         self.pending.clear()
 
     def log(self, total: int, result: TrainResult, bar) -> None:
-        """A metrics line every ``run.log_every`` steps and at the last step."""
+        """A metrics record every ``run.log_every`` steps and at the last step; on the console the
+        bar's postfix, or without bars one plain line on stderr
+        (:func:`~transrec.engine.tracking.step_line`)."""
         step = self.state.step
         if step % self.cfg.run.log_every and step != total:
             return
@@ -413,7 +419,12 @@ class Trainer:
         if not math.isnan(enc):
             rec["lr_encoder"] = enc
         self.tracker.log("train", step, **rec)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}")
+        if self.lines:
+            seq_s = rec["seq_per_s"]
+            eta = (total - step) * self.cfg.data.batch_size / seq_s if seq_s > 0 else math.inf
+            say(step_line(step, total, loss=step_loss, lr=lr, seq_per_s=seq_s, eta_s=eta,
+                          skipped_rows=SKIPPED_INPUT.total - self.skipped_rows0, skipped_steps=self.skipped))
         self.window = {"seq": 0, "items": 0, "t": time.time()}
 
     def maybe_eval(self, total: int) -> None:
@@ -428,13 +439,17 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, split: str = "valid", item_emb=None) -> dict:
+        """Full-ranking metrics of ``split``; rank 0 writes one line of them on stderr."""
         cfg = self.cfg
         loader = make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size,
                              rank=self.rank, world=self.world, seed=0)
         loader.set_epoch(0)
-        return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
+        metrics = evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
                         show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history)
+        if self.rank == 0:
+            say(eval_line(split, self.state.step, metrics))
+        return metrics
 
     def final_evaluation(self) -> dict:
         net = self.engine.module

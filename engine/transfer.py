@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from transrec.engine.plot import plot_comparison
+from transrec.engine.tracking import say
 from transrec.engine.trainer import Trainer
 from transrec.models.export import export_config, read_export
 
@@ -67,8 +68,9 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
 
 
 def run_transfer(pretrained, data, mode: str, out, *, topk: int = 2, overrides: Iterable[str] = (),
-                 show: bool = True) -> dict:
-    """Train one mode on the target; returns a row of the comparison table."""
+                 show: bool | None = None) -> dict:
+    """Train one mode on the target; returns a row of the comparison table. ``show``: bars (True) or
+    plain lines (False); None follows the config's ``run.progress``."""
     cfg = transfer_config(pretrained, data, mode, out, topk=topk, overrides=overrides)
     t0 = time.time()
     trainer = Trainer(cfg, show=show)
@@ -132,14 +134,15 @@ def write_comparison(rows: list[dict], out: str | Path, title: str = "") -> None
 def compare(pretrained, data, out, *, modes: Iterable[str] = ("scratch", "full", "lora"),
             id_baseline: bool = True,
             topk: int = 2, overrides: Iterable[str] = (), id_overrides: Iterable[str] = (),
-            show: bool = True) -> list[dict]:
-    """Each mode (and the ID baseline) on the target; one row each, table files in ``out``."""
+            show: bool | None = None) -> list[dict]:
+    """Each mode (and the ID baseline) on the target; one row each, table files in ``out``. ``show`` as
+    in :func:`run_transfer`; False also drops the line on stderr that starts each mode."""
     out = Path(out)
     rows = []
     todo = list(modes) + (["id"] if id_baseline else [])
     for mode in todo:
-        if show:
-            print(f"== {mode if mode != 'id' else 'id-sasrec'} on {data}", flush=True)
+        if show is not False:
+            say(f"== {mode if mode != 'id' else 'id-sasrec'} on {data}")
         extra = list(overrides) + (list(id_overrides) if mode == "id" else [])
         rows.append(run_transfer(pretrained, data, mode, out / (mode if mode != "id" else "id-sasrec"),
                                  topk=topk, overrides=extra, show=show))

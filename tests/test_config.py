@@ -155,3 +155,19 @@ def test_sasrec_preset_is_the_standard_id_recipe():
     assert (m.user.layers, m.user.heads, m.user.dropout, m.user.max_len, m.dim) == (2, 2, 0.5, 50, 64)
     o = cfg.optim
     assert (o.lr, o.warmup_steps, o.min_lr_ratio, o.weight_decay) == (1e-3, 0, 1.0, 0.0)
+
+
+def test_run_progress_takes_auto_on_off_and_reads_old_booleans(tmp_path):
+    assert build_config("tiny").run.progress == "auto"
+    assert build_config("tiny", overrides=["run.progress=off"]).run.progress == "off"
+    assert build_config("tiny", overrides=["run.progress=on"]).run.progress == "on"
+    assert build_config("tiny", overrides=["run.progress=false"]).run.progress == "off"
+    assert build_config("tiny", overrides=["run.progress=true"]).run.progress == "on"
+    # an older run folder's config.yaml holds a boolean
+    old = to_dict(build_config("tiny"))
+    old["run"]["progress"] = False
+    assert from_dict(old).run.progress == "off"
+    (tmp_path / "c.yaml").write_text("run:\n  progress: true\n")
+    assert build_config("tiny", file=tmp_path / "c.yaml").run.progress == "on"
+    with pytest.raises(ConfigError, match="run.progress"):
+        build_config("tiny", overrides=["run.progress=sometimes"])

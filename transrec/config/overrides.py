@@ -48,6 +48,9 @@ def coerce(value: Any, tp, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        on_off = {"on", "off"} <= set(args) and not any(isinstance(a, bool) for a in args)
+        if on_off and isinstance(value, bool):
+            return "on" if value else "off"  # YAML reads on/off/true/false as booleans
         if value in args:
             return value
         raise bad

@@ -65,7 +65,6 @@ def preset_demo_cpu() -> Config:
     cfg.preset = "demo-cpu"
     cfg.data = DataConfig(batch_size=64, max_len=10)
     cfg.optim = OptimConfig(steps=200, lr=3e-3, encoder_lr=1e-3, warmup_steps=20)
-    cfg.run.progress = True
     return cfg
 
 

@@ -92,7 +92,9 @@ class RunConfig:
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
     max_bad_steps: int = 5  # optimizer steps in a row with a non-finite loss/gradient before the run stops
     init_from: str = ""  # an export folder whose weights start this run (transfer)
-    progress: bool = True  # tqdm bars
+    # tqdm bars (on), plain log lines on stderr (off), or bars when stderr is a terminal (auto);
+    # true/false (older run folders' config.yaml) read as on/off
+    progress: Literal["auto", "on", "off"] = "auto"
     tensorboard: bool = True
 
 
