@@ -8,9 +8,12 @@ Layout of ``RUN/checkpoints/``::
         ...DeepSpeed files    model states, ZeRO partitions of the optimizer (all ranks)
     .tmp-step-00000200/       a save in progress (or killed): never read
     latest                    the tag of the newest complete checkpoint (replaced atomically)
+    best                      the tag of the checkpoint with the best monitored validation metric
+                              (``run.monitor``; replaced atomically, kept by pruning)
 
 A save: every rank writes into ``.tmp-<tag>``, a barrier, then rank 0 writes the manifest, renames
-the folder to ``<tag>``, replaces ``latest`` and prunes beyond ``keep_last``. A save killed at any
+the folder to ``<tag>``, replaces ``latest`` (and ``best`` when the save is the new best) and prunes
+beyond ``keep_last``, keeping the best. A save killed at any
 point leaves the previous checkpoint as the latest. (Several nodes need the run folder on a shared
 file system, as DeepSpeed's own checkpoints do.)
 
@@ -52,6 +55,7 @@ from transrec.errors import UserError
 SCHEMA = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best"
 TMP_PREFIX = ".tmp-"
 
 
@@ -147,6 +151,9 @@ class ClientState:
     cursor: int  # global sample cursor within that epoch (loader start_cursor)
     seed: int
     samples: int = 0  # sequences trained on in total (all ranks)
+    best_step: int = -1  # step of the best monitored validation value so far (-1: none yet)
+    best_value: float | None = None  # that value
+    bad_evals: int = 0  # validation evaluations since the last improvement (early stopping)
 
 
 class CheckpointManager:
@@ -181,6 +188,44 @@ class CheckpointManager:
                 return tag
         return None
 
+    def best(self) -> str | None:
+        """The checkpoint the ``best`` pointer names, when it is complete; else None."""
+        pointer = self.dir / BEST
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if tag and self._verify(tag, raise_error=False):
+                return tag
+        return None
+
+    def resolve(self, which: str | int | None = None) -> str:
+        """A checkpoint tag from ``last``, ``best`` or a step number; None: the best when there is
+        one, else the last. CheckpointError naming the checkpoints there are."""
+        which = None if which is None else str(which).strip()
+        if which in (None, "", "best"):
+            tag = self.best()
+            if tag is not None or which == "best":
+                if tag is None:
+                    raise CheckpointError(f"{self.dir.parent}: no best checkpoint (the run has no "
+                                          "run.monitor evaluation yet); use --step last")
+                return tag
+        if which in (None, "", "last", "best"):
+            tag = self.latest()
+        elif which.isdigit():
+            tag = tag_for(int(which))
+            if tag not in self.complete():
+                tag = None
+        else:
+            raise CheckpointError(f"--step must be last, best or a step number, got {which!r}")
+        if tag is None:
+            have = ", ".join(str(int(t.removeprefix("step-"))) for t in self.complete()) or "none"
+            raise CheckpointError(f"{self.dir.parent}: no complete checkpoint for step {which or 'last'} "
+                                  f"(steps with a checkpoint: {have})")
+        return tag
+
+    def mark_best(self, tag: str) -> None:
+        """Rank 0: point ``best`` at ``tag`` (atomically)."""
+        _write_atomic(self.dir / BEST, tag)
+
     def manifest(self, tag: str) -> dict:
         return json.loads((self.dir / tag / MANIFEST).read_text())
 
@@ -208,8 +253,8 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------
     def save(self, engine, client: ClientState, *, world_size: int, zero_stage: int, precision: str,
-             extra: dict | None = None, _fail_after_write: bool = False) -> str:
-        """Collective: every rank calls it. Returns the tag written."""
+             extra: dict | None = None, best: bool = False, _fail_after_write: bool = False) -> str:
+        """Collective: every rank calls it. Returns the tag written; ``best``: it becomes the best."""
         rank = D.rank()
         tag = tag_for(client.step)
         tmp_tag = TMP_PREFIX + tag
@@ -238,14 +283,19 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _write_atomic(self.dir / LATEST, tag)
+            if best:
+                self.mark_best(tag)
             self._prune(keep=tag)
         D.barrier()
         return tag
 
     def _prune(self, keep: str) -> None:
+        """Keep ``keep``, the ``keep_last - 1`` newest others and the best; remove the rest."""
+        best = self.best()
         tags = [t for t in self.complete() if t != keep]
         for t in tags[: max(len(tags) - (self.keep_last - 1), 0)]:
-            shutil.rmtree(self.dir / t, ignore_errors=True)
+            if t != best:
+                shutil.rmtree(self.dir / t, ignore_errors=True)
         for p in self.dir.iterdir():  # stale temporaries of killed saves
             if p.is_dir() and p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)

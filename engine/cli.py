@@ -68,8 +68,12 @@ def cmd_train(args) -> int:
     if isinstance(res, int):
         return res
     if D.is_main():
+        best = res.metrics.get("best", {})
         print(json.dumps({"run": str(res.run_dir), "step": res.step, **{
-            f"{s}_{k}": round(v, 5) for s, m in res.metrics.items() for k, v in m.items() if k != "users"}}))
+            f"{s}_{k}": round(v, 5) for s in ("valid", "test") for k, v in res.metrics.get(s, {}).items()
+            if k != "users"}, **({"best_step": best["step"], **{
+                f"best_{s}_{k}": round(v, 5) for s in ("valid", "test") for k, v in best.get(s, {}).items()
+                if k != "users"}} if best else {})}))
     return 0
 
 
@@ -88,7 +92,7 @@ def cmd_export(args) -> int:
     from transrec.engine.export import export_run  # lazy: fast --help
     from transrec.models.export import read_export  # lazy: fast --help
 
-    out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite)
+    out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite, step=args.step)
     meta = read_export(out)
     print(f"exported {meta['kind']} weights of {args.run} (step {meta['step']}) to {out}")
     return 0
@@ -218,15 +222,20 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "export", help="consolidated weights to safetensors (adapter-only for LoRA)", formatter_class=_RAW,
-        description="Consolidate the latest checkpoint (any ZeRO stage) into EXPORT/model.safetensors with "
-                    "config.yaml and export.json.",
-        epilog="example:\n  transrec export --run runs/a --out exports/a")
+        description="Consolidate a checkpoint (any ZeRO stage) into EXPORT/model.safetensors with "
+                    "config.yaml and export.json: the best one (run.monitor) when the run has one, else "
+                    "the latest.",
+        epilog="examples:\n  transrec export --run runs/a --out exports/a\n"
+               "  transrec export --run runs/a --out exports/a-last --step last")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True,
                    help="export folder: new, empty or an earlier export (replaced once the new one is whole)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty folder that is not an export (never a run or dataset folder)")
     p.add_argument("--full", action="store_true", help="LoRA runs: merge adapters into full weights")
+    p.add_argument("--step", default=None, metavar="last|best|N",
+                   help="which checkpoint: last, best or a step number (default: best when the run "
+                        "has one, else last)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -75,14 +75,20 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> tuple[Config, Seque
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, step: str | int | None = None) -> Path:
     """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``.
+    The checkpoint: ``tag``, else ``step`` (``last``, ``best`` or a step number), else the best one
+    when the run has one (``run.monitor``), else the latest.
     ``out`` is never the run folder, its dataset or a folder holding them; a non-empty folder that is
     not an earlier export is replaced only with ``overwrite``."""
     protect = {"run folder": run_dir}
     if (Path(run_dir) / "config.yaml").is_file():
         protect["dataset folder"] = load_yaml(Path(run_dir) / "config.yaml").get("data", {}).get("path", "")
     check_export_target(out, overwrite=overwrite, protect=protect)
+    if tag is None:
+        if not (Path(run_dir) / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
+        tag = CheckpointManager(run_dir).resolve(step)
     cfg, model, man = load_run(run_dir, tag)
     meta = {"kind": "full", "step": man["client"]["step"], "source_run": str(run_dir),
             "n_items": man.get("n_items"), "zero_stage": man["zero_stage"]}

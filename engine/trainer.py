@@ -11,6 +11,13 @@ What a resumed run needs to continue exactly lives in the checkpoint: DeepSpeed'
 optimizer moments, schedule) plus ours (:class:`~transrec.engine.checkpoint.ClientState`: step,
 epoch, the global sample cursor of the loader, the seed) and every rank's RNG. The loader's order is
 a pure function of (seed, epoch, cursor), so the resumed run sees the same batches.
+
+Validation-driven training: with ``run.monitor`` (``valid/ndcg@10`` by default) every validation
+evaluation (every ``eval.every`` steps and at the last step) is compared with the best so far; an
+improvement saves a checkpoint and points ``checkpoints/best`` at it, and ``run.patience``
+evaluations without one stop the run early. The best so far and the count since it are part of the
+client state, so a resumed run goes on with them. The final evaluation reports valid and test at the
+last step and at the best one (``eval.json`` ``"best"``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transrec.engine import distributed as D
-from transrec.engine.checkpoint import CheckpointManager, ClientState
+from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
@@ -46,6 +53,7 @@ from transrec.config import (
     batch_layout,
     from_dict,
     load_yaml,
+    monitor_metric,
     save_yaml,
     to_deepspeed,
     to_dict,
@@ -177,6 +185,9 @@ class Trainer:
         self.skipped = 0  # skipped steps in this process's life
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
+        self.monitor = monitor_metric(cfg)  # metric name watched on valid ("" = off)
+        self.saved_step = -1  # step of the checkpoint this process wrote last
+        self.valid_at: tuple[int, dict] | None = None  # (step, metrics) of the last valid evaluation
         self.after_step: list = []
         self.items_encoded = 0  # unique items through the encoders (throughput accounting)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, count) of unlogged steps
@@ -224,10 +235,20 @@ class Trainer:
                               f"{', ...' if len(diff) > 4 else ''}); resume with the run's own model "
                               "settings, or start a new --out (run.init_from=EXPORT starts from its weights)")
 
-    def save(self) -> str:
-        return self.ckpt.save(self.engine, self.state, world_size=self.world, zero_stage=self.zero_stage,
-                              precision=self.cfg.deepspeed.precision,
-                              extra={"model_kind": self.cfg.model.kind, "n_items": self.ds.n_items})
+    def save(self, best: bool = False) -> str:
+        """Checkpoint the current step (once per step: a second call only moves the ``best`` pointer
+        when ``best``)."""
+        tag = tag_for(self.state.step)
+        if self.saved_step == self.state.step:
+            if best and self.rank == 0:
+                self.ckpt.mark_best(tag)
+            D.barrier()
+            return tag
+        tag = self.ckpt.save(self.engine, self.state, world_size=self.world, zero_stage=self.zero_stage,
+                             precision=self.cfg.deepspeed.precision, best=best,
+                             extra={"model_kind": self.cfg.model.kind, "n_items": self.ds.n_items})
+        self.saved_step = self.state.step
+        return tag
 
     # -- steps ----------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[Batch]:
@@ -353,7 +374,7 @@ class Trainer:
         self._write_run_files()
         result = TrainResult(self.run_dir, self.state.step)
         start_time = time.time()
-        if self.state.step < total:
+        if self.state.step < total and not self.patience_spent():
             bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
             batches = self.micro_batches()
             self.window = {"seq": 0, "items": 0, "t": time.time()}
@@ -366,7 +387,9 @@ class Trainer:
                 for hook in self.after_step:
                     hook(self, self.state.step)
                 self.log(total, result, bar)
-                self.maybe_eval(total)
+                if self.maybe_eval(total, last=final_eval):
+                    self.say_early_stop()
+                    break
                 self.maybe_save(total)
                 if stop_after is not None and self.state.step >= stop_after:
                     self.flush_losses(result)
@@ -427,10 +450,44 @@ class Trainer:
                           skipped_rows=SKIPPED_INPUT.total - self.skipped_rows0, skipped_steps=self.skipped))
         self.window = {"seq": 0, "items": 0, "t": time.time()}
 
-    def maybe_eval(self, total: int) -> None:
+    def maybe_eval(self, total: int, last: bool = True) -> bool:
+        """Validation every ``eval.every`` steps and, with a monitored metric and ``last``, at the
+        last step (the final evaluation reuses it); True when the run should stop early
+        (:meth:`update_best`)."""
         step, every = self.state.step, self.cfg.eval.every
-        if every and step % every == 0 and step < total:
-            self.tracker.log("eval", step, split="valid", **self.evaluate("valid"))
+        due = bool(every) and step % every == 0 and step < total
+        if not due and not (self.monitor and last and step >= total):
+            return False
+        metrics = self.evaluate("valid")
+        self.tracker.log("eval", step, split="valid", **metrics)
+        self.valid_at = (step, metrics)
+        return self.update_best(metrics)
+
+    def update_best(self, metrics: dict) -> bool:
+        """Compare the monitored metric with the best so far: an improvement saves the step's
+        checkpoint as the best; True once ``run.patience`` evaluations in a row brought none."""
+        if not self.monitor:
+            return False
+        s = self.state
+        value = float(metrics[self.monitor])
+        if math.isfinite(value) and (s.best_value is None or value > s.best_value):
+            s.best_step, s.best_value, s.bad_evals = s.step, value, 0
+            self.save(best=True)
+            return False
+        s.bad_evals += 1
+        return self.patience_spent()
+
+    def patience_spent(self) -> bool:
+        return bool(self.monitor) and 0 < self.cfg.run.patience <= self.state.bad_evals
+
+    def say_early_stop(self) -> None:
+        s = self.state
+        self.tracker.log("early_stop", s.step, best_step=s.best_step, best_value=s.best_value,
+                         bad_evals=s.bad_evals)
+        if self.rank == 0:
+            best = f"{s.best_value:.4f} at step {s.best_step}" if s.best_value is not None else "none"
+            print(f"early stop at step {s.step}: {self.cfg.run.monitor} did not improve for {s.bad_evals} "
+                  f"evaluations (run.patience={self.cfg.run.patience}; best {best})", flush=True)
 
     def maybe_save(self, total: int) -> None:
         step, every = self.state.step, self.cfg.run.ckpt_every
@@ -451,7 +508,9 @@ class Trainer:
             say(eval_line(split, self.state.step, metrics))
         return metrics
 
-    def final_evaluation(self) -> dict:
+    def _evaluate_splits(self, step: int, kind: str = "eval") -> dict:
+        """valid and test metrics of the weights the engine holds (the catalogue encoded once); a
+        valid evaluation already done at ``step`` is reused."""
         net = self.engine.module
         was = net.training
         net.eval()
@@ -462,12 +521,39 @@ class Trainer:
             net.train(was)
         out = {}
         for split in ("valid", "test"):
+            if split == "valid" and kind == "eval" and self.valid_at and self.valid_at[0] == step:
+                out[split] = self.valid_at[1]
+                continue
             m = self.evaluate(split, item_emb=emb)
-            self.tracker.log("eval", self.state.step, split=split, **m)
+            self.tracker.log(kind, step, split=split, **m)
             out[split] = m
+        return out
+
+    def final_evaluation(self) -> dict:
+        """valid and test at the last step and, with ``run.monitor``, at the best one (``"best"``:
+        step, metric, valid, test). When the best is an earlier step its checkpoint is loaded into
+        the engine for that (the engine then holds the best weights)."""
+        step = self.state.step
+        out = self._evaluate_splits(step)
+        if self.monitor:
+            s = self.state
+            if s.best_value is None:  # no monitored evaluation yet: the last step is the best
+                s.best_step, s.best_value = step, float(out["valid"][self.monitor])
+                if self.rank == 0 and self.ckpt.latest() == tag_for(step):
+                    self.ckpt.mark_best(tag_for(step))
+            best = {"step": s.best_step, "metric": self.cfg.run.monitor, "value": s.best_value}
+            if s.best_step == step:
+                best.update(valid=out["valid"], test=out["test"])
+            elif self.ckpt.best() == tag_for(s.best_step):
+                self.ckpt.load(self.engine, tag_for(s.best_step), world_size=self.world,
+                               zero_stage=self.zero_stage, run_dir=self.run_dir)
+                best.update(self._evaluate_splits(s.best_step, kind="eval_best"))
+            else:
+                best["missing"] = f"no checkpoint of step {s.best_step} in {self.ckpt.dir}"
+            out["best"] = best
         if self.rank == 0:
             protocol = {"exclude_history": self.cfg.eval.exclude_history}
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": self.state.step, "protocol": protocol,
+            (self.run_dir / "eval.json").write_text(json.dumps({"step": step, "protocol": protocol,
                                                                 **out}, indent=1))
         return out
 

@@ -12,7 +12,8 @@ Modes (``transrec transfer --mode``):
 
 ``compare`` runs several modes and the ID-based SASRec baseline (item embeddings cannot transfer to
 a catalogue with other items, so it always starts from scratch) with the same optimisation settings,
-evaluates each on the target's validation and test splits, prints one table and writes
+evaluates each on the target's validation and test splits (at the run's best step by ``run.monitor``,
+named in the ``eval_step`` column), prints one table and writes
 ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png``.
 """
 
@@ -82,8 +83,12 @@ def run_transfer(pretrained, data, mode: str, out, *, topk: int = 2, overrides: 
     row = {"mode": mode if mode != "id" else "id-sasrec", "trainable_params": trainable,
            "steps": res.step, "seconds": round(time.time() - t0, 1),
            "final_loss": round(res.losses[-1], 4) if res.losses else None}
+    # the best step's metrics (run.monitor) when the run has them, else the last step's
+    best = res.metrics.get("best", {})
+    picked = best if "test" in best else res.metrics
+    row["eval_step"] = best.get("step", res.step) if picked is best else res.step
     for split in ("valid", "test"):
-        for k, v in res.metrics.get(split, {}).items():
+        for k, v in picked.get(split, {}).items():
             if k != "users":
                 row[f"{split}_{k}"] = round(float(v), 5)
     row["run"] = str(out)
@@ -97,12 +102,13 @@ def _numel(p) -> int:
 
 
 TABLE_COLUMNS = (("mode", "mode"), ("trainable_params", "trainable"), ("seconds", "time s"),
+                 ("eval_step", "step"),
                  ("test_hr@10", "HR@10"), ("test_ndcg@10", "NDCG@10"), ("test_hr@20", "HR@20"),
                  ("test_ndcg@20", "NDCG@20"), ("test_mrr", "MRR"), ("valid_ndcg@10", "val NDCG@10"))
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of the comparison (test metrics unless marked 'val')."""
+    """A markdown table of the comparison (test metrics unless marked 'val', at the step named)."""
     head = [t for _, t in TABLE_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:

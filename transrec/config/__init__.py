@@ -47,6 +47,7 @@ from transrec.config.schema import (
     OptimConfig,
     RunConfig,
     batch_layout,
+    monitor_metric,
     validate,
 )
 
@@ -54,7 +55,7 @@ __all__ = [
     "Config", "DataConfig", "DeepSpeedSection", "EvalConfig", "ImageEncoderConfig", "LoRAConfig",
     "LossConfig", "ModelConfig", "OptimConfig", "PRESETS", "RunConfig", "TextEncoderConfig",
     "UserEncoderConfig", "apply_dict", "batch_layout", "build_config", "coerce", "from_dict",
-    "load_yaml", "model_pretrained", "model_tiny", "parse_override", "preset", "preset_base_gpu",
-    "preset_demo_cpu", "preset_small_gpu", "preset_tiny", "save_yaml", "set_key", "to_deepspeed",
-    "to_dict", "valid_keys", "validate", "validate_model_config",
+    "load_yaml", "model_pretrained", "model_tiny", "monitor_metric", "parse_override", "preset",
+    "preset_base_gpu", "preset_demo_cpu", "preset_small_gpu", "preset_tiny", "save_yaml", "set_key",
+    "to_deepspeed", "to_dict", "valid_keys", "validate", "validate_model_config",
 ]

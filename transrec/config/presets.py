@@ -54,7 +54,9 @@ def preset_tiny() -> Config:
     _tiny_model(cfg)
     cfg.data = DataConfig(batch_size=32, max_len=10)
     cfg.optim = OptimConfig(steps=100, lr=3e-3, encoder_lr=1e-3, warmup_steps=10)
-    cfg.eval = EvalConfig(batch_size=128, item_chunk=512)
+    # validation every 50 steps: the best checkpoint (run.monitor) is picked from these evaluations
+    # and the final one
+    cfg.eval = EvalConfig(every=50, batch_size=128, item_chunk=512)
     cfg.run = RunConfig(log_every=10, keep_last=2)
     return cfg
 

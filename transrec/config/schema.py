@@ -91,6 +91,10 @@ class RunConfig:
     keep_last: int = 2  # checkpoints kept
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
     max_bad_steps: int = 5  # optimizer steps in a row with a non-finite loss/gradient before the run stops
+    # validation metric that picks the best checkpoint (higher is better), "valid/NAME" with NAME one of
+    # hr@K / ndcg@K (K in eval.ks) or mrr; "" = no best checkpoint, no early stop
+    monitor: str = "valid/ndcg@10"
+    patience: int = 0  # validation evaluations without improvement before the run stops (0 = never)
     init_from: str = ""  # an export folder whose weights start this run (transfer)
     # tqdm bars (on), plain log lines on stderr (off), or bars when stderr is a terminal (auto);
     # true/false (older run folders' config.yaml) read as on/off
@@ -126,7 +130,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if value(key) <= 0:
             raise ConfigError(f"{key} must be positive, got {value(key)}")
     for key in ("data.num_workers", "data.micro_batch_size", "run.ckpt_every", "eval.every",
-                "eval.max_users"):
+                "eval.max_users", "run.patience"):
         if value(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {value(key)}")
     batch_layout(cfg, world_size)
@@ -146,6 +150,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
         raise ConfigError(f"eval.ks must be positive cut-offs, got {cfg.eval.ks}")
+    monitor_metric(cfg)
+
+
+def monitor_metric(cfg: Config) -> str:
+    """The metric name ``run.monitor`` watches on the validation split ("" when it is off); ConfigError
+    for a name the evaluation does not report."""
+    mon = cfg.run.monitor.strip()
+    if not mon:
+        if cfg.run.patience:
+            raise ConfigError("run.patience needs run.monitor (e.g. run.monitor=valid/ndcg@10)")
+        return ""
+    names = [f"{m}@{k}" for k in cfg.eval.ks for m in ("hr", "ndcg")] + ["mrr"]
+    split, _, name = mon.partition("/")
+    if split != "valid" or name not in names:
+        raise ConfigError(f"run.monitor must be valid/NAME with NAME one of {', '.join(names)} "
+                          f"(or empty), got {mon!r}")
+    return name
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
