@@ -131,6 +131,7 @@ def test_bad_sequences_never_stop_an_epoch(bad, tmp_path, caplog):
         assert s["unknown_item"] >= 1 and s["duplicate_user"] == once and s["corrupt_sequence"] >= 1
         assert s["unreadable_shard"] >= 1 and s["item_without_content"] >= 1
     assert "[unreadable_shard]" in caplog.text and "[unknown_item]" in caplog.text
+    assert "'no-such-item'" in caplog.text  # the warning names the offending id
     # with two workers the counts travel back from the worker processes
     ld = SequenceLoader(ds, c, split="test", batch_size=2, max_len=4, num_workers=2)
     assert len(list(ld)) == len(ld)
