@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from transrec.engine.tracking import read_metrics
 
 from transrec.errors import UserError
@@ -18,27 +19,61 @@ def _plt():
     return plt
 
 
+def run_label(run: str | Path) -> str:
+    """A legend entry that tells runs apart: the folder's last two path parts, then what was trained
+    (the ID model, LoRA, a start from an export, else the preset) from its config.yaml."""
+    run = Path(run)
+    tail = "/".join(run.resolve().parts[-2:])
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        return tail
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    model, run_cfg = cfg.get("model") or {}, cfg.get("run") or {}
+    if model.get("kind") == "id":
+        what = "id"
+    elif (model.get("text") or {}).get("lora") or (model.get("image") or {}).get("lora"):
+        what = "lora"
+    elif run_cfg.get("init_from"):
+        what = "from " + Path(run_cfg["init_from"]).name
+    else:
+        what = cfg.get("preset") or "transrec"
+    return f"{tail} ({what})"
+
+
+def validation_note(points: dict[str, int]) -> str | None:
+    """What the validation panel says instead of dots when no run has a curve (two or more points)."""
+    if any(n >= 2 for n in points.values()):
+        return None
+    return ("no validation curve: each run has at most one validation evaluation\n"
+            "(set eval.every to evaluate during training)")
+
+
 def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "ndcg@10") -> Path:
     """Training loss (left) and validation ``metric`` (right) against steps, one line per run."""
     plt = _plt()
     fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     any_data = False
+    points: dict[str, int] = {}
     for run in runs:
         recs = read_metrics(run)
         if not recs:
             raise UserError(f"{run}: no metrics.jsonl (not a run folder, or nothing logged yet)")
-        name = Path(run).name
+        name = run_label(run)
         tr = [r for r in recs if r["kind"] == "train" and "loss" in r]
         if tr:
             ax_l.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name)
             any_data = True
         ev = [r for r in recs if r["kind"] == "eval" and r.get("split") == "valid" and metric in r]
-        if ev:
+        points[name] = len(ev)
+        if len(ev) >= 2:
             ax_m.plot([r["step"] for r in ev], [r[metric] for r in ev], marker="o", label=name)
     if not any_data:
         raise UserError("no training records to plot")
     ax_l.set(xlabel="step", ylabel="training loss", title="loss")
     ax_m.set(xlabel="step", ylabel=f"valid {metric}", title=f"validation {metric}")
+    note = validation_note(points)
+    if note:
+        ax_m.text(0.5, 0.5, note, ha="center", va="center", fontsize=9, transform=ax_m.transAxes)
     for ax in (ax_l, ax_m):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

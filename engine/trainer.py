@@ -48,6 +48,7 @@ from transrec.models import build_model
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
 from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
+from transrec.shards.stats import skip_summary, skip_violation
 
 from transrec.config import (
     Config,
@@ -61,7 +62,7 @@ from transrec.config import (
     validate,
 )
 from transrec.config.model import user_kind
-from transrec.errors import ConfigError, UserError
+from transrec.errors import ConfigError, DataError, UserError
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +189,7 @@ class Trainer:
     def _set_up(self, cfg: Config, data) -> None:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
+        self.check_data()
         self._warn_batch_size()
         self.model = self._build_model()
         # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
@@ -195,6 +197,8 @@ class Trainer:
         self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
                                   log=say if self.rank == 0 else (lambda _msg: None))
         self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
+        self.skip_base = dict(SKIPPED_INPUT.counts)
+        self.sequences_read = 0  # training sequences read by this process (the loader skip rate's base)
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
@@ -224,6 +228,46 @@ class Trainer:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, count) of unlogged steps
         self.window = {"seq": 0, "items": 0, "t": time.time()}  # throughput since the last log line
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
+
+    # -- bad input ------------------------------------------------------------------------
+    def check_data(self) -> None:
+        """The item cache's skipped items: one line on the console, ``data.json`` in the run folder,
+        and a DataError (exit 2) above ``data.max_skip_rate``."""
+        valid = getattr(self.content, "valid", None)
+        self.item_skips = {k: int(v) for k, v in dict(getattr(self.content, "skipped", {}) or {}).items()}
+        self.items_invalid = 0 if valid is None else int((~np.asarray(valid, dtype=bool)).sum())
+        self.skip_base, self.sequences_read = dict(SKIPPED_INPUT.counts), 0
+        summary = self.data_report()
+        if self.items_invalid and self.rank == 0:
+            kinds = ", ".join(f"{k} {v['count']}" for k, v in summary["items"]["by_kind"].items())
+            say(f"data: {self.items_invalid} of {self.ds.n_items} items skipped as bad input "
+                f"({summary['items']['rate']:.1%}: {kinds})")
+        self.check_skip_rate(summary)
+
+    def data_report(self) -> dict:
+        """Skipped input so far (:func:`~transrec.shards.stats.skip_summary`), written to
+        ``data.json`` in the run folder on rank 0."""
+        loader = {k: v - self.skip_base.get(k, 0) for k, v in SKIPPED_INPUT.counts.items()
+                  if v != self.skip_base.get(k, 0)}
+        summary = skip_summary(n_items=self.ds.n_items, items_invalid=self.items_invalid,
+                               item_skips=self.item_skips, sequences_read=self.sequences_read,
+                               loader_skips=loader)
+        summary = {"dataset": str(self.ds.path), "max_skip_rate": self.cfg.data.max_skip_rate, **summary}
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "data.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def check_skip_rate(self, summary: dict, *, collective: bool = False) -> None:
+        """DataError above ``data.max_skip_rate``; ``collective``: every rank stops when one does."""
+        line = skip_violation(summary, self.cfg.data.max_skip_rate)
+        if collective and self.world > 1:
+            flag = torch.tensor([0.0 if line is None else 1.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and line is None:
+                line = "another rank's sequences were skipped above data.max_skip_rate (see its line)"
+        if line is not None:
+            raise DataError(f"{self.ds.path}: {line}")
 
     # -- set-up ---------------------------------------------------------------------------
     def _warn_batch_size(self) -> None:
@@ -307,6 +351,8 @@ class Trainer:
                                 f"sequences per rank; lower data.batch_size")
             for batch in loader:
                 self.state.cursor = int(batch.cursor)
+                rows = batch.row_valid
+                self.sequences_read += self.micro if rows is None else int(rows.sum())
                 yield batch
             self.state.epoch += 1
             self.state.cursor = 0
@@ -491,6 +537,7 @@ class Trainer:
             say(step_line(step, total, loss=step_loss, lr=lr, seq_per_s=seq_s, eta_s=eta,
                           skipped_rows=SKIPPED_INPUT.total - self.skipped_rows0, skipped_steps=self.skipped))
         self.window = {"seq": 0, "items": 0, "t": time.time()}
+        self.check_skip_rate(self.data_report(), collective=True)
 
     def maybe_eval(self, total: int, last: bool = True) -> bool:
         """Validation every ``eval.every`` steps and, with a monitored metric and ``last``, at the
@@ -596,7 +643,7 @@ class Trainer:
         if self.rank == 0:
             protocol = {"exclude_history": self.cfg.eval.exclude_history}
             (self.run_dir / "eval.json").write_text(json.dumps({"step": step, "protocol": protocol,
-                                                                **out}, indent=1))
+                                                                **out, "data": self.data_report()}, indent=1))
         return out
 
     def close(self) -> None:

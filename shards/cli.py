@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from transrec.errors import UserError
@@ -52,19 +53,33 @@ def _convert(args) -> int:
 
 def _info(args) -> int:
     from transrec.shards.dataset import Dataset  # lazy: fast --help
-    from transrec.shards.info import dataset_stats, format_stats  # lazy: fast --help
+    from transrec.shards.info import (  # lazy: fast --help
+        dataset_stats,
+        format_skips,
+        format_stats,
+        recorded_skips,
+    )
 
     ds = Dataset.open(args.data)
     if args.verify:
-        ds.verify()
+        problems = ds.verify()
+        if problems:
+            for line in problems:
+                print(f"transrec: error: {line}", file=sys.stderr)
+            print(f"transrec: error: {ds.path}: {len(problems)} mismatches between the manifest and the "
+                  "shards (rebuild the dataset)", file=sys.stderr)
+            return 2
     st = dataset_stats(ds)
+    skipped = recorded_skips(ds)
     shards = f"{len(ds.item_shards)} item shards, {len(ds.seq_shards)} sequence shards" + (
-        ", checksums verified" if args.verify else "")
+        ", checksums and counts verified" if args.verify else "")
     if args.json:
-        print(json.dumps({**st, "shards": {"items": len(ds.item_shards), "sequences": len(ds.seq_shards),
-                                           "verified": bool(args.verify)}}, indent=1))
+        print(json.dumps({**st, "skipped": skipped,
+                          "shards": {"items": len(ds.item_shards), "sequences": len(ds.seq_shards),
+                                     "verified": bool(args.verify)}}, indent=1))
         return 0
     print(format_stats(st))
+    print(format_skips(skipped, ds.n_items))
     if args.manifest:
         m = {k: v for k, v in ds.manifest.items() if k not in ("item_shards", "seq_shards", "item_index")}
         print(json.dumps(m, indent=1))
@@ -156,7 +171,8 @@ def register(subparsers) -> None:
                        epilog="Examples:\n  transrec shards info data/source --verify\n"
                               "  transrec shards info data/source --json")
     i.add_argument("data", help="dataset folder")
-    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256 and every count "
+                   "of the manifest against the shards (one line per mismatch, exit 2)")
     i.add_argument("--json", action="store_true", help="the statistics as one JSON object")
     i.add_argument("--manifest", action="store_true", help="also print the manifest's fields")
     i.set_defaults(func=_info)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
-from transrec.shards.format import MANIFEST, SCHEMA_VERSION, sha256_file
+from transrec.shards.format import MANIFEST, SCHEMA_VERSION, sha256_file, split_counts
 
 from transrec.errors import DataError
 
@@ -134,8 +135,78 @@ class Dataset:
         return cls(path, manifest, ids, modality, np.asarray(counts, dtype=np.int64), item_shards,
                    seq_shards)
 
-    def verify(self) -> None:
-        """Check every shard's sha256 against the manifest (reads every byte)."""
+    def verify(self) -> list[str]:
+        """Every shard's sha256 and every count of the manifest checked against the shards (reads
+        every byte): per-shard sample counts (and a sequence shard's training and evaluation users),
+        ``n_interactions``, ``n_train_users`` / ``n_eval_users`` and the modality counts. Returns one
+        line per mismatch (empty when all agree)."""
+        problems = []
         for s in self.item_shards + self.seq_shards:
             if sha256_file(s.path) != s.sha256:
-                raise DataError(f"{s.path}: checksum differs from the manifest (corrupt or replaced)")
+                problems.append(f"{s.path}: checksum differs from the manifest (corrupt or replaced)")
+        m, mpath = self.manifest, self.path / MANIFEST
+
+        def differs(what: str, said, found) -> None:
+            if said is not None and int(said) != int(found):
+                problems.append(f"{what}: the manifest says {said}, the shards hold {found}")
+
+        mods = {"text": 0, "image": 0}
+        for s in self.item_shards:
+            samples = _tar_samples(s.path, problems)
+            differs(f"{s.path.name} samples", s.samples, len(samples))
+            for exts in samples.values():
+                if "txt" in exts:
+                    mods["text"] += 1
+                elif exts & {"jpg", "jpeg", "png"}:
+                    mods["image"] += 1
+        n_inter = n_train = n_eval = 0
+        for s in self.seq_shards:
+            samples = _tar_samples(s.path, problems, read="json")
+            tr = ev = 0
+            for key, blob in samples.items():
+                try:
+                    n = len(json.loads(blob)["items"])
+                except (TypeError, KeyError, ValueError):
+                    problems.append(f"{s.path.name}: sequence {key} has no readable item list")
+                    continue
+                t, e = split_counts(n)
+                tr, ev, n_inter = tr + t, ev + e, n_inter + n
+            n_train, n_eval = n_train + tr, n_eval + ev
+            differs(f"{s.path.name} samples", s.samples, len(samples))
+            differs(f"{s.path.name} n_train", s.n_train, tr)
+            differs(f"{s.path.name} n_eval", s.n_eval, ev)
+        differs(f"{mpath.name} n_interactions", m.get("n_interactions"), n_inter)
+        differs(f"{mpath.name} n_train_users", m.get("n_train_users"), n_train)
+        differs(f"{mpath.name} n_eval_users", m.get("n_eval_users"), n_eval)
+        index = {MODALITY_NAMES[TEXT]: int((self.modality == TEXT).sum()),
+                 MODALITY_NAMES[IMAGE]: int((self.modality == IMAGE).sum())}
+        for name in ("text", "image"):
+            differs(f"{mpath.name} modality.{name}", m["modality"].get(name), mods[name])
+            if index.get(name, 0) != mods[name]:
+                problems.append(f"{self.path.name}/item index: {index.get(name, 0)} {name} items, "
+                                f"the shards hold {mods[name]}")
+        return problems
+
+
+def _tar_samples(path: Path, problems: list[str], read: str = "") -> dict:
+    """Samples of a shard, grouped by key as webdataset groups them: key -> set of extensions, or
+    key -> the bytes of the ``read`` member. An unreadable tar adds a line to ``problems``."""
+    out: dict = {}
+    try:
+        with tarfile.open(path) as tf:
+            for mem in tf:
+                if not mem.isfile():
+                    continue
+                base = mem.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                key = mem.name[:len(mem.name) - len(base)] + key
+                if read:
+                    if ext == read:
+                        out[key] = tf.extractfile(mem).read()
+                    else:
+                        out.setdefault(key, None)
+                else:
+                    out.setdefault(key, set()).add(ext)
+    except (OSError, tarfile.TarError) as exc:
+        problems.append(f"{path}: unreadable tar ({exc})")
+    return out

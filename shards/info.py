@@ -9,6 +9,7 @@ import json
 import numpy as np
 import webdataset as wds
 from transrec.shards.batch import IMAGE, TEXT
+from transrec.shards.cache import cache_key
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import EVAL_MIN, train_part
 
@@ -77,3 +78,36 @@ def format_stats(st: dict) -> str:
         f"splits (leave-one-out): {sp['train_interactions']:,} training interactions, {sp['valid']:,} valid "
         f"and {sp['test']:,} test users, {sp['train_only_users']:,} users train only",
     ])
+
+
+def recorded_skips(ds: Dataset) -> dict:
+    """Bad input recorded for this dataset: skipped while writing it (the manifest) and while
+    building each of its current item caches (their meta.json, in the dataset's ``.cache``)."""
+    out = {"while_writing": dict(ds.manifest.get("skipped_while_writing") or {}), "item_caches": {}}
+    for meta_path in sorted((ds.path / ".cache").glob("items-*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            key = cache_key(ds, meta["tokenizer"]["sha256"], meta["max_text_len"], meta["image_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if key == meta.get("key"):  # a cache of older shards would describe other data
+            out["item_caches"][meta_path.parent.name] = {"skipped": dict(meta.get("skipped") or {}),
+                                                         "n_valid": meta.get("n_valid")}
+    return out
+
+
+def format_skips(skipped: dict, n_items: int) -> str:
+    """The recorded skipped input as lines (one when there is none)."""
+    def kinds(counts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+    lines = []
+    if skipped["while_writing"]:
+        lines.append(f"skipped while writing: {kinds(skipped['while_writing'])}")
+    for name, c in skipped["item_caches"].items():
+        if c["skipped"]:
+            bad = n_items - int(c["n_valid"]) if c.get("n_valid") is not None else sum(c["skipped"].values())
+            rate = bad / max(1, n_items)
+            lines.append(f"skipped in item cache {name}: {bad} of {n_items} items ({rate:.1%}; "
+                         f"{kinds(c['skipped'])})")
+    return "\n".join(lines) or "skipped input: none recorded"

@@ -197,7 +197,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
             arr = np.fromiter(idx, dtype=np.int64, count=len(idx))
             bad = arr < 0
             if bad.any():
-                stats.skip("unknown_item", f"user {key}: {int(bad.sum())} unknown item ids", n=int(bad.sum()))
+                named = ", ".join(repr(ids[i]) for i in np.flatnonzero(bad)[:3])
+                stats.skip("unknown_item", f"user {key}: {int(bad.sum())} unknown item ids ({named}"
+                           f"{', ...' if bad.sum() > 3 else ''})", n=int(bad.sum()))
                 arr = arr[~bad]
             if valid is not None and arr.size:
                 ok = valid[arr]

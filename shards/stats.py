@@ -64,3 +64,41 @@ class SkipStats:
 
 
 GLOBAL = SkipStats()
+
+
+# Loader kinds that drop a whole sequence; the others count item ids within a kept sequence.
+SEQUENCE_KINDS = ("unreadable_shard", "missing_sequence_json", "duplicate_user", "corrupt_sequence")
+
+
+def _by_kind(counts: dict[str, int], denom: int) -> dict[str, dict]:
+    return {k: {"count": int(v), "rate": int(v) / max(1, denom)} for k, v in sorted(counts.items()) if v}
+
+
+def skip_summary(*, n_items: int, items_invalid: int, item_skips: dict[str, int], sequences_read: int,
+                 loader_skips: dict[str, int]) -> dict:
+    """Skipped input of a run: item content dropped while building the item cache (rates over the
+    dataset's items) and rows dropped by the sequence loaders (rates over the sequences read)."""
+    seq_dropped = sum(int(v) for k, v in loader_skips.items() if k in SEQUENCE_KINDS)
+    seen = int(sequences_read) + seq_dropped
+    return {
+        "items": {"total": int(n_items), "skipped": int(items_invalid),
+                  "rate": int(items_invalid) / max(1, n_items), "by_kind": _by_kind(item_skips, n_items)},
+        "sequences": {"read": int(sequences_read), "skipped": seq_dropped,
+                      "rate": seq_dropped / max(1, seen), "by_kind": _by_kind(loader_skips, seen)},
+    }
+
+
+def skip_violation(summary: dict, max_rate: float) -> str | None:
+    """One line when the share of skipped items or of skipped sequences is above ``max_rate``
+    (naming the rate, the main kind and the setting that raises the threshold); else None."""
+    for what, kinds in (("items", None), ("sequences", SEQUENCE_KINDS)):
+        s = summary[what]
+        if s["rate"] <= max_rate or not s["skipped"]:
+            continue
+        by_kind = {k: v for k, v in s["by_kind"].items() if kinds is None or k in kinds}
+        kind = max(by_kind, key=lambda k: by_kind[k]["count"]) if by_kind else "unknown"
+        of = s["total"] if what == "items" else s["read"] + s["skipped"]
+        return (f"{s['rate']:.1%} of {what} skipped as bad input ({s['skipped']} of {of}; mostly {kind}: "
+                f"{by_kind.get(kind, {}).get('count', 0)}), above data.max_skip_rate={max_rate:g}; "
+                f"repair the data, or accept it with data.max_skip_rate={min(1.0, s['rate'] + 0.01):.2f}")
+    return None

@@ -157,3 +157,23 @@ def test_metrics_log_and_plot(tmp_path):
     assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard event file
     png = plot_runs([tmp_path / "run"], tmp_path / "curves.png")
     assert png.stat().st_size > 5000
+
+
+def test_plot_legends_tell_runs_apart_and_a_lone_validation_point_is_explained(tmp_path):
+    from transrec.engine.plot import run_label, validation_note
+
+    from transrec.config import build_config, save_yaml
+
+    for parent, mode in (("a", "full"), ("b", "full")):
+        run = tmp_path / parent / mode
+        run.mkdir(parents=True)
+        cfg = build_config("tiny", overrides=[f"run.init_from={tmp_path / 'exports' / 'pre'}"])
+        save_yaml(cfg, run / "config.yaml")
+    labels = {run_label(tmp_path / p / "full") for p in ("a", "b")}
+    assert labels == {"a/full (from pre)", "b/full (from pre)"}  # same base name, told apart
+    lora = tmp_path / "c" / "lora"
+    lora.mkdir(parents=True)
+    save_yaml(build_config("tiny", overrides=["model.text.lora=true"]), lora / "config.yaml")
+    assert run_label(lora) == "c/lora (lora)"
+    assert validation_note({"x": 1, "y": 0}).startswith("no validation curve")
+    assert validation_note({"x": 1, "y": 3}) is None

@@ -131,6 +131,7 @@ def test_bad_sequences_never_stop_an_epoch(bad, tmp_path, caplog):
         assert s["unknown_item"] >= 1 and s["duplicate_user"] == once and s["corrupt_sequence"] >= 1
         assert s["unreadable_shard"] >= 1 and s["item_without_content"] >= 1
     assert "[unreadable_shard]" in caplog.text and "[unknown_item]" in caplog.text
+    assert "'no-such-item'" in caplog.text  # the warning names the offending id
     # with two workers the counts travel back from the worker processes
     ld = SequenceLoader(ds, c, split="test", batch_size=2, max_len=4, num_workers=2)
     assert len(list(ld)) == len(ld)
@@ -190,3 +191,18 @@ def test_checksum_verification_names_the_shard(tmp_path, capsys):
     rc = main(["shards", "info", str(p), "--verify"])
     err = capsys.readouterr().err
     assert rc == 2 and "items-000001.tar: checksum differs" in err
+
+
+def test_skip_rate_names_the_rate_the_kind_and_the_setting():
+    ok = stats_mod.skip_summary(n_items=100, items_invalid=5, item_skips={"corrupt_image": 5},
+                                sequences_read=90, loader_skips={"item_without_content": 40})
+    assert ok["items"]["rate"] == 0.05 and stats_mod.skip_violation(ok, 0.05) is None
+    bad = stats_mod.skip_summary(n_items=100, items_invalid=0, item_skips={}, sequences_read=90,
+                                 loader_skips={"corrupt_sequence": 8, "duplicate_user": 2,
+                                               "unknown_item": 50})
+    assert bad["sequences"]["skipped"] == 10 and bad["sequences"]["rate"] == 0.1
+    line = stats_mod.skip_violation(bad, 0.05)
+    assert line.startswith("10.0% of sequences skipped as bad input (10 of 100; mostly corrupt_sequence: 8)")
+    assert line.endswith("above data.max_skip_rate=0.05; repair the data, or accept it with "
+                         "data.max_skip_rate=0.11")
+    assert stats_mod.skip_violation(bad, 0.11) is None

@@ -4,6 +4,7 @@ help and its missing-items error."""
 import json
 
 import pytest
+from transrec.shards.cache import build_or_load_item_cache
 from transrec.shards.format import DatasetWriter
 from transrec.shards.info import gini
 
@@ -57,3 +58,45 @@ def test_build_help_lists_columns_and_missing_items_is_one_line(tmp_path, capsys
                  str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--items FILE is missing" in err[0]
+
+
+def test_info_shows_skips_recorded_when_writing_and_in_the_item_cache(tmp_path, capsys):
+    w = DatasetWriter(tmp_path / "d", shard_size=2)
+    for i in range(4):
+        w.add_item(f"t{i}", title=f"title {i}")
+    w.add_item("t0", title="again")  # duplicate: skipped while writing
+    w.add_item("p0", image=b"\x89PNG fake", image_ext="png")  # written; the cache cannot decode it
+    w.add_sequence("u0", ["t0", "t1", "p0", "t2"])
+    path = w.close()
+    assert main(["shards", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped while writing: duplicate_item 1" in out and "item cache" not in out
+    build_or_load_item_cache(path, progress=False)
+    assert main(["shards", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped in item cache items-" in out and ": 1 of 5 items (20.0%; corrupt_image 1)" in out
+    assert main(["shards", "info", str(path), "--json"]) == 0
+    caches = json.loads(capsys.readouterr().out)["skipped"]["item_caches"]
+    assert [c["skipped"] for c in caches.values()] == [{"corrupt_image": 1}]
+
+
+def test_verify_reports_every_count_that_contradicts_the_shards(small, capsys):
+    assert main(["shards", "info", str(small), "--verify"]) == 0
+    assert "checksums and counts verified" in capsys.readouterr().out
+    mpath = small / "manifest.json"
+    m = json.loads(mpath.read_text())
+    assert [e["samples"] for e in m["item_shards"]] == [2, 2, 1]
+    m["item_shards"][0]["samples"], m["item_shards"][2]["samples"] = 1, 2  # the sum still agrees
+    m["n_interactions"] += 3
+    m["modality"] = {"text": 3, "image": 2}
+    mpath.write_text(json.dumps(m))
+    assert main(["shards", "info", str(small), "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "transrec: error: items-000000.tar samples: the manifest says 1, the shards hold 2",
+        "transrec: error: items-000002.tar samples: the manifest says 2, the shards hold 1",
+        "transrec: error: manifest.json n_interactions: the manifest says 12, the shards hold 9",
+        "transrec: error: manifest.json modality.text: the manifest says 3, the shards hold 4",
+        "transrec: error: manifest.json modality.image: the manifest says 2, the shards hold 1",
+        f"transrec: error: {small}: 5 mismatches between the manifest and the shards (rebuild the dataset)",
+    ]

@@ -43,6 +43,9 @@ class DataConfig:
     num_workers: int = 0  # loader worker processes per rank
     policy: Literal["repeat", "drop"] = "repeat"  # equal batches on every rank: repeat or drop
     cache_dir: str = ""  # item cache folder; "" = inside the dataset folder
+    # The run stops (exit 2) when more than this share of the items (bad content in the item cache)
+    # or of the sequences read (unreadable or malformed rows) was skipped as bad input.
+    max_skip_rate: float = 0.05
     # Frozen-prefix cache: run an item encoder's frozen bottom blocks once per item and train
     # only the tail on the stored activations (falls back, with one log line, where it cannot apply).
     prefix_cache: bool = True
@@ -138,6 +141,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"data.max_len={cfg.data.max_len} is longer than model.user.max_len="
                           f"{cfg.model.user.max_len}, the positions the user encoder has; raise "
                           "model.user.max_len or lower data.max_len")
+    if not 0 <= cfg.data.max_skip_rate <= 1:
+        raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {cfg.data.max_skip_rate}")
     o = cfg.optim
     for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip"):
         if not math.isfinite(getattr(o, key)):
