@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,23 @@ class Tracker:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records after ``step`` (a resumed run logs those steps again), so every step
+        is in the file once. The file is rewritten under a temporary name and renamed into place;
+        a line cut by a killed run goes too."""
+        if not self.enabled:
+            return
+        path = self.dir / METRICS_FILE
+        self._file.close()
+        kept = [json.dumps(r) + "\n" for r in read_metrics(self.dir) if int(r.get("step", 0)) <= step]
+        tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
 
     def close(self) -> None:
         if self._file is not None:

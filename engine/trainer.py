@@ -42,6 +42,7 @@ from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
+from transrec.engine.runlock import RunFolderBusy, RunLock
 from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
 from transrec.models import build_model
 from transrec.models.prefix import maybe_wrap
@@ -157,9 +158,39 @@ class Trainer:
             raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
         self.run_dir = Path(cfg.run.out)
         _check_run_dir(self.run_dir)
+        self.lock = self._lock_run_dir()
+        try:
+            self._set_up(cfg, data)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> RunLock:
+        """Rank 0 takes the run folder's lock (:mod:`~transrec.engine.runlock`); every rank stops
+        when it could not."""
+        lock = RunLock(self.run_dir)
+        busy = None
+        if self.rank == 0:
+            try:
+                lock.acquire(log=say)
+            except RunFolderBusy as exc:
+                busy = exc
+        if self.world > 1:
+            flag = torch.tensor([float(busy is not None)], device=self.device)
+            dist.all_reduce(flag)
+            if busy is None and flag.item() > 0:
+                lock.release()
+                busy = RunFolderBusy(f"{self.run_dir}: another process writes this run folder "
+                                     "(named on rank 0)")
+        if busy is not None:
+            raise busy
+        return lock
+
+    def _set_up(self, cfg: Config, data) -> None:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
         self.check_data()
+        self._warn_batch_size()
         self.model = self._build_model()
         # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
         # partitioning; training and evaluation then gather items through the same wrapper.
@@ -239,6 +270,16 @@ class Trainer:
             raise DataError(f"{self.ds.path}: {line}")
 
     # -- set-up ---------------------------------------------------------------------------
+    def _warn_batch_size(self) -> None:
+        """One line when a step asks for more sequences than the training split holds."""
+        n_train = sum(int(s.n_train) for s in self.ds.seq_shards)
+        batch = self.cfg.data.batch_size
+        if self.rank == 0 and batch > n_train:
+            repeat = ("policy repeat repeats rows within a step" if self.cfg.data.policy == "repeat"
+                      else f"policy {self.cfg.data.policy} gives no full batch")
+            say(f"warning: data.batch_size={batch} exceeds the {n_train} training sequences of "
+                f"{self.cfg.data.path or self.ds.path}; {repeat}")
+
     def _build_model(self):
         model = build_model(self.cfg.model, n_items=self.ds.n_items)
         if self.cfg.run.init_from:
@@ -260,7 +301,8 @@ class Trainer:
         self.state = self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
                                     run_dir=self.run_dir)
         if self.rank == 0:
-            say(f"resumed from {self.ckpt.dir / tag} (step {self.state.step})")
+            say(f"resuming from step {self.state.step} ({self.ckpt.dir / tag})")
+        self.tracker.keep_until(self.state.step)
         return True
 
     def _check_same_model(self) -> None:
@@ -605,8 +647,11 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.tracker.close()
-        D.barrier()
+        try:
+            self.tracker.close()
+            D.barrier()
+        finally:
+            self.lock.release()
 
 
 def train(cfg: Config, **kw) -> TrainResult:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transrec.models.lora import load_base_weights
+from transrec.shards.locking import pid_alive
 
 from transrec.config import Config, from_dict, load_yaml, save_yaml
 from transrec.errors import ConfigError, UserError
@@ -97,6 +98,15 @@ def check_export_target(out: str | Path, *, overwrite: bool = False,
                         "(or pass --overwrite to replace it)")
 
 
+def _remove_dead_temporaries(out: Path) -> None:
+    """Remove the ``.NAME.tmp-PID`` folders beside ``out`` whose writer (PID, on this host) is no
+    longer running: what a killed export left."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and tmp.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config, meta: dict, *,
                  overwrite: bool = False, protect: dict[str, str | Path] | None = None) -> Path:
     """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
@@ -110,6 +120,7 @@ def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config,
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

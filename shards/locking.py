@@ -1,4 +1,4 @@
-"""Exclusive, atomic building of a cache folder shared by several processes."""
+"""Exclusive, atomic building of a cache folder shared by several processes; whether a pid runs."""
 
 from __future__ import annotations
 
@@ -13,10 +13,24 @@ from pathlib import Path
 from transrec.errors import DataError
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def locked_build(final: Path, lock_timeout: float, what: str):
     """Exclusive build of the folder ``final``: yields a temporary folder to fill, renamed to
-    ``final`` on success; yields None when another process finished it while this one waited."""
+    ``final`` on success; yields None when another process finished it while this one waited.
+    Temporary folders of ``final`` left by a killed builder are removed before a new build."""
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f"{final.name}.lock"
     with open(lock_path, "a+") as lock:
@@ -34,6 +48,11 @@ def locked_build(final: Path, lock_timeout: float, what: str):
             if (final / "meta.json").is_file():
                 yield None
                 return
+            # This process holds the lock, so no other builder of ``final`` is running: a temporary
+            # folder of it that is still here was left by a builder that died.
+            for stale in final.parent.glob(f"{final.name}.tmp*"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp", dir=final.parent))
             try:
                 yield tmp
