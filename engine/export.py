@@ -18,7 +18,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transrec.engine.checkpoint import CheckpointError, CheckpointManager, check_no_pickle, weights_only_loads
 from transrec.models import SequentialRecommender, build_model
-from transrec.models.export import check_export_target, write_export
+from transrec.models.export import check_export_target
 from transrec.models.lora import has_lora, merge_lora
 
 from transrec.config import Config, from_dict, load_yaml
@@ -102,8 +102,4 @@ def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag:
             merge_lora(model)
             cfg.model.text.lora = cfg.model.image.lora = None
         cfg.run.init_from = ""
-    if tensors is None:  # as model.save_export
-        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
-                   for k, v in model.state_dict().items()}
-    return write_export(out, tensors, cfg, {"model_kind": model.cfg.kind, **meta}, overwrite=overwrite,
-                        protect=protect)
+    return model.save_export(out, cfg, meta, tensors=tensors, overwrite=overwrite, protect=protect)

@@ -82,12 +82,13 @@ class SequentialRecommender(nn.Module):
         load_export_into(self, path, strict=strict)
 
     def save_export(self, path: str | Path, cfg: Config, meta: dict,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write this model as an export folder (``tensors``: a subset, for an adapter export)."""
+                    tensors: dict[str, torch.Tensor] | None = None, **write_options) -> Path:
+        """Write this model as an export folder (``tensors``: a subset, for an adapter export;
+        ``write_options``: :func:`~transrec.models.export.write_export`'s ``overwrite``/``protect``)."""
         if tensors is None:
             tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
                        for k, v in self.state_dict().items()}
-        return write_export(path, tensors, cfg, {"model_kind": self.cfg.kind, **meta})
+        return write_export(path, tensors, cfg, {"model_kind": self.cfg.kind, **meta}, **write_options)
 
     # -- interface ------------------------------------------------------------------------------
     def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,
