@@ -176,13 +176,20 @@ class CheckpointManager:
                 tags.append(p.name)
         return tags
 
-    def latest(self) -> str | None:
-        """The newest complete checkpoint: ``latest`` when it names one that verifies, else the scan."""
-        pointer = self.dir / LATEST
+    def _pointed(self, name: str) -> str | None:
+        """The tag a pointer file (``latest``, ``best``) names, when that checkpoint verifies."""
+        pointer = self.dir / name
         if pointer.is_file():
             tag = pointer.read_text().strip()
             if tag and self._verify(tag, raise_error=False):
                 return tag
+        return None
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint: ``latest`` when it names one that verifies, else the scan."""
+        tag = self._pointed(LATEST)
+        if tag is not None:
+            return tag
         for tag in reversed(self.complete()):
             if self._verify(tag, raise_error=False):
                 return tag
@@ -190,12 +197,7 @@ class CheckpointManager:
 
     def best(self) -> str | None:
         """The checkpoint the ``best`` pointer names, when it is complete; else None."""
-        pointer = self.dir / BEST
-        if pointer.is_file():
-            tag = pointer.read_text().strip()
-            if tag and self._verify(tag, raise_error=False):
-                return tag
-        return None
+        return self._pointed(BEST)
 
     def resolve(self, which: str | int | None = None) -> str:
         """A checkpoint tag from ``last``, ``best`` or a step number; None: the best when there is

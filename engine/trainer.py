@@ -115,6 +115,13 @@ def _single_process_fast_path(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training step updates: BatchNorm running statistics of modules in training mode
+    (a skipped step puts them back; the other buffers are constants)."""
+    return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+            for b in m.buffers(recurse=False)]
+
+
 def _flat(d: dict, prefix: str) -> dict:
     out = {}
     for k, v in d.items():
@@ -364,7 +371,8 @@ class Trainer:
         the weights, the optimizer, the schedule and the buffers as they were and does not count;
         its batches are consumed."""
         count, scale = self.step_scale(micro_batches)
-        saved = [b.detach().clone() for b in self.engine.module.buffers()]
+        stats = _running_stats(self.engine.module)  # the only buffers a step changes
+        saved = [b.detach().clone() for b in stats]
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             loss_sum += self.backward(batch, scale)
@@ -372,7 +380,7 @@ class Trainer:
                 self.guard.loss_check(loss_sum)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         if not self.guard.applied():
-            for b, v in zip(self.engine.module.buffers(), saved):
+            for b, v in zip(stats, saved):
                 b.data.copy_(v)
             self._skip(loss_sum)
             return None
