@@ -45,6 +45,7 @@ from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.runlock import RunFolderBusy, RunLock
 from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
 from transrec.models import build_model
+from transrec.models.negatives import step_buffers
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
 from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
@@ -115,11 +116,16 @@ def _single_process_fast_path(engine) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The buffers a training step updates: BatchNorm running statistics of modules in training mode
-    (a skipped step puts them back; the other buffers are constants)."""
+def _bn_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """BatchNorm running statistics of modules in training mode."""
     return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
             for b in m.buffers(recurse=False)]
+
+
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training step updates: BatchNorm running statistics and the loss's negative
+    memory (a skipped step puts them back; the other buffers are constants)."""
+    return _bn_stats(module) + step_buffers(module)
 
 
 def _flat(d: dict, prefix: str) -> dict:
@@ -203,6 +209,8 @@ class Trainer:
         # partitioning; training and evaluation then gather items through the same wrapper.
         self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
                                   log=say if self.rank == 0 else (lambda _msg: None))
+        if hasattr(self.model, "set_catalogue_content"):  # negatives=catalogue, exact (catalogue_refresh 0)
+            self.model.set_catalogue_content(self.content)
         self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
         self.skip_base = dict(SKIPPED_INPUT.counts)
         self.sequences_read = 0  # training sequences read by this process (the loader skip rate's base)
@@ -371,6 +379,7 @@ class Trainer:
         the weights, the optimizer, the schedule and the buffers as they were and does not count;
         its batches are consumed."""
         count, scale = self.step_scale(micro_batches)
+        self.refresh_catalogue()
         stats = _running_stats(self.engine.module)  # the only buffers a step changes
         saved = [b.detach().clone() for b in stats]
         loss_sum = torch.zeros((), device=self.device)
@@ -389,6 +398,20 @@ class Trainer:
         self.state.step += 1
         self.state.samples += self.cfg.data.batch_size
         return loss_sum, count
+
+    def refresh_catalogue(self) -> None:
+        """Re-encode every item (eval mode, no gradient, sharded over ranks) for a content model's
+        catalogue softmax when its table is due (``model.loss.catalogue_refresh``)."""
+        net = self.engine.module
+        if not net.catalogue_due(self.state.step):
+            return
+        net.eval()
+        try:
+            emb = encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
+                                   device=self.device, show=False)
+        finally:
+            net.train()
+        net.refresh_catalogue(emb, self.state.step)
 
     def _skip(self, loss_sum: torch.Tensor) -> None:
         """Count a skipped step; stop the run after ``run.max_bad_steps`` of them in a row."""
@@ -442,7 +465,8 @@ class Trainer:
         """
         if self.world == 1:
             return
-        bufs = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        own = {id(b) for b in step_buffers(self.engine.module)}  # the same on every rank already
+        bufs = [b for b in self.engine.module.buffers() if b.is_floating_point() and id(b) not in own]
         if not bufs:
             return
         flat = _flatten_dense_tensors([b.data.float() for b in bufs])

@@ -18,6 +18,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transrec.models.negatives import STATE_PREFIX
 
 from transrec.errors import ConfigError
 
@@ -128,12 +129,13 @@ def load_base_weights(model: nn.Module, state: dict[str, torch.Tensor], strict: 
     """Load a plain state dict (e.g. a full-weights export) into a model that may carry LoRA.
 
     Keys of wrapped layers (``x.base_layer.weight``) are filled from ``x.weight``; adapter weights
-    keep their initialisation. With ``strict`` every non-adapter key must be present.
+    keep their initialisation; the loss's training state (``STATE_PREFIX``) is not a weight and
+    keeps its own. With ``strict`` every non-adapter key must be present.
     """
     own = model.state_dict()
     out, missing = {}, []
     for k in own:
-        if is_lora_param(k):
+        if is_lora_param(k) or k.startswith(STATE_PREFIX):
             continue
         src = k if k in state else k.replace(".base_layer", "")
         if src in state:

@@ -35,7 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transrec.kernels import inbatch_softmax
-from transrec.models.global_negatives import gather_keys
+from transrec.models.global_negatives import gather_keys, gather_ragged
+from transrec.models.negatives import NegativeMemory
+
+from transrec.errors import ConfigError
 
 # gather_fn(keys [U, d], items [U], log_q [U]) -> (keys_all [M, d], items_all [M], log_q_all [M], offset)
 GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]
@@ -83,22 +86,45 @@ def bce_sampled(user: torch.Tensor, keys: torch.Tensor, target: torch.Tensor, ne
     return loss
 
 
-class Criterion(torch.nn.Module):
-    """The configured loss; see the module docstring."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def __init__(self, cfg):
+
+class Criterion(torch.nn.Module):
+    """The configured loss; see the module docstring. ``dim`` (the embedding size) sizes the
+    negative memory of ``negatives=memory``."""
+
+    def __init__(self, cfg, dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.gather_fn: GatherFn | None = None
+        self.memory: NegativeMemory | None = None
+        if cfg.negatives == "memory":
+            if dim is None:
+                raise ConfigError("model.loss.negatives=memory needs the embedding size (Criterion(cfg, dim))")
+            self.memory = NegativeMemory(cfg.memory_size, dim)
 
     def _global(self) -> GatherFn | None:
         if self.cfg.negatives != "global":
             return None
         if self.gather_fn is not None:
             return self.gather_fn
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             return gather_keys
         return None
+
+    def _with_memory(self, keys, log_q, items):
+        """The batch's keys followed by the memory's (detached) entries of items not in the batch;
+        then (training only) the batch's items, every rank's, go into the memory."""
+        mem_keys, mem_log_q = self.memory.candidates(items)
+        if self.training:
+            new_keys, new_items, new_log_q = keys.detach(), items, log_q.detach()
+            if _distributed():
+                new_keys, new_items, new_log_q = (gather_ragged(new_keys), gather_ragged(new_items),
+                                                  gather_ragged(new_log_q))
+            self.memory.push(new_keys, new_items, new_log_q)
+        return (torch.cat([keys, mem_keys.to(keys.dtype)]),
+                torch.cat([log_q, mem_log_q.to(log_q.dtype)]))
 
     def forward(self, user, keys, target, row_mask, log_q, items):
         cfg = self.cfg
@@ -112,8 +138,10 @@ class Criterion(torch.nn.Module):
             new_index = torch.cumsum(keep.long(), 0) - 1  # column of each first copy once deduplicated
             target = new_index[first[target + offset]]
             keys, log_q = keys[keep], log_q[keep]
+        if self.memory is not None:
+            keys, log_q = self._with_memory(keys, log_q, items)
         count = row_mask.sum().to(torch.float32)
-        if cfg.kind == "inbatch":
+        if cfg.kind == "softmax":
             bias = -log_q if cfg.logq else None
             total = inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
                                     row_mask=row_mask, reduction="sum", impl=cfg.impl)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numpy as np
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 from transrec.models.export import export_config, load_export_into, read_export, write_export
 from transrec.models.image import ImageItemEncoder
 from transrec.models.losses import Criterion, GatherFn
+from transrec.models.negatives import STATE_PREFIX, CatalogueTable
 from transrec.models.text import TextItemEncoder, tokenizer_path
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
@@ -65,7 +67,7 @@ class SequentialRecommender(nn.Module):
         self.cfg = cfg
         self.dim = int(cfg.dim)
         self.user = UserEncoder(dataclasses.replace(cfg.user, kind=user_kind(cfg)), self.dim)
-        self.criterion = Criterion(cfg.loss)
+        self.criterion = Criterion(cfg.loss, self.dim)
 
     # -- the export folder ----------------------------------------------------------------------
     @staticmethod
@@ -85,9 +87,9 @@ class SequentialRecommender(nn.Module):
                     tensors: dict[str, torch.Tensor] | None = None, **write_options) -> Path:
         """Write this model as an export folder (``tensors``: a subset, for an adapter export;
         ``write_options``: :func:`~transrec.models.export.write_export`'s ``overwrite``/``protect``)."""
-        if tensors is None:
+        if tensors is None:  # the weights; the loss's training state (negatives) stays out
             tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
-                       for k, v in self.state_dict().items()}
+                       for k, v in self.state_dict().items() if not k.startswith(STATE_PREFIX)}
         return write_export(path, tensors, cfg, {"model_kind": self.cfg.kind, **meta}, **write_options)
 
     # -- interface ------------------------------------------------------------------------------
@@ -122,9 +124,15 @@ class SequentialRecommender(nn.Module):
         return groups
 
     # -- training -------------------------------------------------------------------------------
-    def catalogue_keys(self) -> torch.Tensor:
-        """Every item's embedding [n_items, d], for a full softmax (``negatives=catalogue``)."""
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
+        """Every item's embedding [n_items, d] for a full softmax (``negatives=catalogue``), given
+        the batch's unique-item table [U, d] and those items' ids."""
         raise ConfigError(f"{type(self).__name__} has no item table for catalogue negatives")
+
+    def catalogue_due(self, step: int) -> bool:
+        """Whether a trainer must re-encode the catalogue table (:meth:`refresh_catalogue`) before
+        optimizer step ``step``; only a content model with ``negatives=catalogue`` has one."""
+        return False
 
     def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(target row of ``unique_items``, valid) for each trained user state: every position with a
@@ -156,7 +164,7 @@ class SequentialRecommender(nn.Module):
         target, row_mask = self.targets(batch)
         keys, items, log_q = table, batch.unique_items, batch.unique_log_q.to(table.device)
         if self.cfg.loss.negatives == "catalogue":  # a full softmax: every item, no sampling correction
-            keys = self.catalogue_keys()
+            keys = self.catalogue_keys(table, batch.unique_items.to(table.device))
             items = torch.arange(keys.shape[0], device=keys.device)
             target = batch.unique_items.to(keys.device)[target]
             log_q = torch.zeros(keys.shape[0], device=keys.device)
@@ -168,8 +176,11 @@ class SequentialRecommender(nn.Module):
 class TransRec(SequentialRecommender):
     """Content-based sequential recommender over mixture-of-modality items (see module docstring)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_items: int | None = None):
         super().__init__(cfg)
+        if cfg.loss.negatives == "catalogue":  # every item's embedding, refreshed (see LossConfig)
+            self.criterion.catalogue = CatalogueTable(n_items or 0, self.dim, cfg.loss.catalogue_refresh)
+        self.catalogue_content = None  # the content of every item (negatives=catalogue, exact)
         self.text_encoder = TextItemEncoder(cfg.text, self.dim)
         self.image_encoder = ImageItemEncoder(cfg.image, self.dim)
         self.modality = nn.Embedding(2, self.dim) if cfg.modality_embedding else None
@@ -200,7 +211,10 @@ class TransRec(SequentialRecommender):
             if content is not None and content.index.numel():
                 emb = enc(content)
                 if self.modality is not None:
-                    emb = emb + self.modality.weight[mid].to(emb.dtype)
+                    # through the module's forward (not .weight): ZeRO-3 gathers a partitioned weight
+                    # in its hooks, which an encoding before any training forward relies on
+                    mod = self.modality(torch.full((1,), mid, dtype=torch.long, device=emb.device))
+                    emb = emb + mod.to(emb.dtype)
                 parts.append((content.index.to(emb.device), emb))
             elif self.run_absent_encoders:
                 tail_only = cached if enc.serves_cached_prefix is None else bool(enc.serves_cached_prefix)
@@ -215,6 +229,38 @@ class TransRec(SequentialRecommender):
         for z in zero_terms:
             table = table + 0.0 * z.to(table.dtype)
         return table
+
+    # -- catalogue negatives (see LossConfig) -----------------------------------------------------
+    def set_catalogue_content(self, content) -> None:
+        """The :class:`~transrec.shards.batch.ContentSource` of every item, which the exact catalogue
+        softmax (``catalogue_refresh`` 0) encodes at every step."""
+        self.catalogue_content = content
+
+    def catalogue_due(self, step: int) -> bool:
+        table = getattr(self.criterion, "catalogue", None)
+        return table is not None and table.due(step)
+
+    def refresh_catalogue(self, emb: torch.Tensor, step: int) -> None:
+        """Store every item's embedding [n_items, d] as encoded before optimizer step ``step``."""
+        self.criterion.catalogue.fill(emb, step)
+
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
+        cat = self.criterion.catalogue
+        if cat.refresh == 0:  # exact: every item encoded now, with gradient
+            content = self.catalogue_content
+            if content is None:
+                raise ConfigError("negatives=catalogue with catalogue_refresh=0 needs every item's content "
+                                  "(model.set_catalogue_content); the trainer sets it")
+            items = np.arange(int(content.n_items), dtype=np.int64)
+            text, image = content.gather(items)
+            dev = table.device
+            return self.encode_items(torch.from_numpy(items).to(dev), text.to(dev) if text is not None else None,
+                                     image.to(dev) if image is not None else None)
+        if int(cat.encoded_at) < 0:
+            raise ConfigError("the catalogue table of negatives=catalogue was never encoded: call "
+                              "model.refresh_catalogue(every item's embedding, step) when "
+                              "model.catalogue_due(step) (the trainer does)")
+        return cat.table.to(table.dtype).index_copy(0, unique_items, table)  # batch items fresh, with gradient
 
     def forward(self, batch: Batch, dedup: bool = True):
         """Training loss. ``dedup=False`` encodes every position's item separately (the naive
@@ -268,7 +314,7 @@ class IDSASRec(SequentialRecommender):
     def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
         return self.item_emb(unique_items.to(self.item_emb.weight.device))
 
-    def catalogue_keys(self) -> torch.Tensor:
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
         return self.item_emb.weight
 
 
@@ -283,4 +329,4 @@ def build_model(cfg: ModelConfig, n_items: int | None = None) -> SequentialRecom
     validate_model_config(cfg)
     if cfg.kind == "id":
         return IDSASRec(cfg, int(n_items if n_items is not None else cfg.n_items))
-    return TransRec(cfg)
+    return TransRec(cfg, n_items=n_items)

@@ -314,7 +314,7 @@ def test_inbatch_logq_equals_float64_reference():
     row_mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
     items = torch.arange(u)
     for tau, logq in ((1.0, True), (0.3, True), (0.3, False)):
-        crit = Criterion(LossConfig(kind="inbatch", temperature=tau, logq=logq, impl="torch"))
+        crit = Criterion(LossConfig(kind="softmax", temperature=tau, logq=logq, impl="torch"))
         loss, metrics = crit(q, k, target, row_mask, log_q, items)
         ref = _inbatch_reference(q, k, target, row_mask, log_q if logq else torch.zeros(u), tau)
         assert abs(loss.item() - ref) < 1e-10
@@ -377,7 +377,7 @@ def test_global_negatives_mask_cross_rank_duplicates():
     q = torch.randn(3, d, generator=g, dtype=torch.float64)
     target = torch.tensor([1, 0, 3])  # rank-local rows: item 7, item 2, item 11
     row_mask = torch.ones(3, dtype=torch.bool)
-    crit = Criterion(LossConfig(kind="inbatch", negatives="global", impl="torch", temperature=0.7))
+    crit = Criterion(LossConfig(kind="softmax", negatives="global", impl="torch", temperature=0.7))
     crit.gather_fn = gather
     loss, metrics = crit(q, k1, target, row_mask, lq1, items1)
     dedup_keys = torch.cat([k0, k1[[0, 2, 3]]])
@@ -666,5 +666,6 @@ def test_user_kind_auto_and_catalogue_checks():
     assert user_kind(ModelConfig(kind="id")) == "causal"
     assert user_kind(ModelConfig(kind="transrec")) == "bidirectional"
     assert user_kind(ModelConfig(kind="id", user=UserEncoderConfig(kind="bidirectional"))) == "bidirectional"
-    with pytest.raises(ConfigError, match="catalogue needs model.kind=id"):
-        build_model(ModelConfig(loss=LossConfig(negatives="catalogue")))
+    for negatives in ("memory", "catalogue"):  # a softmax over more candidates; bce samples from the batch
+        with pytest.raises(ConfigError, match=f"negatives={negatives} needs model.loss.kind=softmax"):
+            build_model(ModelConfig(loss=LossConfig(kind="bce", negatives=negatives)))

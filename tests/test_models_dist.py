@@ -70,7 +70,7 @@ def test_global_negatives_two_ranks_match_one_process(tmp_path):
 
     sys.path.insert(0, tests_dir)
     model, batch = _setup()
-    model.criterion.cfg.negatives = "local"  # one process: the concatenated batch is the global pool
+    model.criterion.cfg.negatives = "inbatch"  # one process: the concatenated batch is the global pool
     total = _summed_loss(model, batch(list(range(2 * B_PER_RANK))))
     total.backward()
     torch.testing.assert_close(res[0]["loss"] + res[1]["loss"], total.detach(), atol=1e-4, rtol=1e-5)

@@ -21,9 +21,11 @@ IMAGE_PRESETS = ("tiny", "resnet18", "vit-small", "efficientnet-lite0")
 Pooling = Literal["cls", "mean", "attn"]
 ModelKind = Literal["transrec", "id"]
 UserKind = Literal["auto", "bidirectional", "causal"]
-LossKind = Literal["inbatch", "bce"]
+LossKind = Literal["softmax", "bce"]
 KernelImpl = Literal["auto", "triton", "torch", "chunked"]  # the in-batch softmax implementations
-Negatives = Literal["local", "global", "catalogue"]
+Negatives = Literal["inbatch", "global", "memory", "catalogue"]
+# Names earlier versions wrote (configs of old runs and exports): read as their new names.
+RENAMED_CHOICES = {"model.loss.kind": {"inbatch": "softmax"}, "model.loss.negatives": {"local": "inbatch"}}
 POOLINGS = typing.get_args(Pooling)
 
 
@@ -106,23 +108,36 @@ class UserEncoderConfig:
 
 @dataclass
 class LossConfig:
-    """Training loss.
+    """Training loss: what the user states are scored against, and how.
 
-    kind "inbatch": softmax over the batch's unique items (temperature, logQ correction with
-    b = -log q); "bce": binary cross-entropy with ``num_negatives`` negatives sampled per row from the
-    batch's unique items (never the row's own positive). impl picks the in-batch softmax kernel.
-    negatives "local" (this rank's items), "global" (items of every rank, gathered with
-    gradient; duplicates across ranks masked) or "catalogue" (the ID model's whole item table: a
-    full softmax, which needs no logQ correction; kind "inbatch" only).
+    kind "softmax": cross-entropy over a set of candidate items (temperature; logQ correction
+    b = -log q where the candidates are a sample); "bce": binary cross-entropy with
+    ``num_negatives`` negatives drawn per row from the batch's unique items (never the row's own
+    positive). impl picks the softmax kernel. The candidates (``negatives``):
+
+    - "inbatch": the unique items of this rank's micro-batch (logQ-corrected);
+    - "global": the unique items of every rank, gathered with gradient (cross-rank duplicates
+      masked);
+    - "memory": the batch's items plus a FIFO of the ``memory_size`` most recent items' embeddings
+      from earlier steps (detached, with their log-popularity; cross-batch negatives), for
+      catalogues too large for a full softmax; kind "softmax" only;
+    - "catalogue": every item, a full softmax with no correction (kind "softmax" only). The ID
+      model scores its item table. A content model scores a table of every item's embedding,
+      re-encoded every ``catalogue_refresh`` steps (without gradient; the batch's own items always
+      enter fresh, with gradient) or, with ``catalogue_refresh`` 0, re-encoded with gradient at
+      every step (exact; affordable when the encoders' trainable part is small, e.g. with the
+      frozen-prefix cache serving everything below it).
     """
 
-    kind: LossKind = "inbatch"
+    kind: LossKind = "softmax"
     temperature: float = 1.0
     logq: bool = True
     num_negatives: int = 1
     impl: KernelImpl = "auto"
-    negatives: Negatives = "local"
+    negatives: Negatives = "inbatch"
     l2_normalize: bool = False
+    memory_size: int = 4096  # negatives=memory: item embeddings kept from earlier steps
+    catalogue_refresh: int = 50  # negatives=catalogue on a content model: steps between re-encodings
 
 
 @dataclass
@@ -182,10 +197,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _check(math.isfinite(lo.temperature) and lo.temperature > 0,
            f"model.loss.temperature must be finite and > 0, got {lo.temperature}")
     _check(lo.num_negatives >= 1, f"model.loss.num_negatives must be >= 1, got {lo.num_negatives}")
-    if lo.negatives == "catalogue":
-        _check(cfg.kind == "id" and lo.kind == "inbatch",
-               "model.loss.negatives=catalogue needs model.kind=id and model.loss.kind=inbatch (a full "
-               "softmax over the ID model's item table); content models use local or global negatives")
+    _check(lo.memory_size >= 1, f"model.loss.memory_size must be >= 1, got {lo.memory_size}")
+    _check(lo.catalogue_refresh >= 0,
+           f"model.loss.catalogue_refresh must be >= 0 (0: exact, every step), got {lo.catalogue_refresh}")
+    if lo.negatives in ("memory", "catalogue"):
+        _check(lo.kind == "softmax", f"model.loss.negatives={lo.negatives} needs model.loss.kind=softmax "
+               f"(bce samples its negatives from the batch)")
     if cfg.kind == "id":
         return
     t, im = cfg.text, cfg.image

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from transrec.config.model import RENAMED_CHOICES
 from transrec.config.schema import Config
 from transrec.errors import ConfigError
 
@@ -53,6 +54,9 @@ def coerce(value: Any, tp, key: str) -> Any:
             return "on" if value else "off"  # YAML reads on/off/true/false as booleans
         if value in args:
             return value
+        renamed = RENAMED_CHOICES.get(key, {}).get(value)
+        if renamed in args:
+            return renamed
         raise bad
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
