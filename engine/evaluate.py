@@ -66,6 +66,11 @@ def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -
     return full
 
 
+def protocol_prefix(exclude_history: bool) -> str:
+    """The key prefix of a protocol's metrics when it is not the run's own (see :func:`evaluate`)."""
+    return "masked_" if exclude_history else "unmasked_"
+
+
 @torch.no_grad()
 def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
     """``[B, n_items]`` scores from the history columns ``seq[:, :-1]`` of an evaluation batch."""
@@ -90,7 +95,9 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
 
     ``exclude_history``: items the user already interacted with are removed from the ranking (this
     project's default), or ranked like any other item (the protocol RecBole uses for sequential
-    models); the two give different numbers, so every result records which."""
+    models); the two give different numbers, so every result records which. The plain keys are
+    the chosen protocol's; the same metrics under the other protocol come along with the prefix
+    :func:`protocol_prefix` (``"unmasked_"`` or ``"masked_"``), from the same scores."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -106,8 +113,9 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
             batch = batch.to(device)
             scores = score_users(model, batch, item_emb)
             nonfinite += (~torch.isfinite(scores)).sum()
-            hist = (batch.hist_rows, batch.hist_items) if exclude_history else (None, None)
-            r = target_ranks(scores, batch.seq[:, -1], *hist)
+            masked = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
+            unmasked = target_ranks(scores, batch.seq[:, -1], None, None)
+            r = torch.stack([masked, unmasked] if exclude_history else [unmasked, masked], dim=1)
             if valid is not None:
                 valid = valid.to(device)
                 r, u = r[valid], batch.users[valid]
@@ -119,7 +127,7 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
             if max_users and seen * world >= max_users:
                 break
         users_t = torch.cat(users) if users else torch.zeros(0, dtype=torch.long, device=device)
-        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
+        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, 2, dtype=torch.long, device=device)
         if world > 1:
             dist.all_reduce(nonfinite)
         if nonfinite.item():
@@ -136,7 +144,11 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         ranks_u = ranks_s[first]
         if max_users:
             ranks_u = ranks_u[:max_users]
-        return finalize(metric_sums(ranks_u, ks))
+        out = finalize(metric_sums(ranks_u[:, 0], ks))
+        other = finalize(metric_sums(ranks_u[:, 1], ks))
+        prefix = protocol_prefix(not exclude_history)
+        out.update({prefix + k: v for k, v in other.items() if k != "users"})
+        return out
     finally:
         net.train(was_training)
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from transrec.engine.evaluate import protocol_prefix
 from transrec.engine.plot import plot_comparison
 from transrec.engine.tracking import say
 from transrec.engine.trainer import Trainer
@@ -87,6 +88,7 @@ def run_transfer(pretrained, data, mode: str, out, *, topk: int = 2, overrides: 
     best = res.metrics.get("best", {})
     picked = best if "test" in best else res.metrics
     row["eval_step"] = best.get("step", res.step) if picked is best else res.step
+    row["exclude_history"] = bool(cfg.eval.exclude_history)
     for split in ("valid", "test"):
         for k, v in picked.get(split, {}).items():
             if k != "users":
@@ -107,13 +109,31 @@ TABLE_COLUMNS = (("mode", "mode"), ("trainable_params", "trainable"), ("seconds"
                  ("test_ndcg@20", "NDCG@20"), ("test_mrr", "MRR"), ("valid_ndcg@10", "val NDCG@10"))
 
 
+PROTOCOLS = {True: "history masked", False: "history ranked"}  # eval.exclude_history true / false
+
+
+def _both_protocols(row: dict) -> dict:
+    """The row's test NDCG@10 / HR@10 under each protocol: its own (plain keys) and the other one
+    (prefixed, see :func:`transrec.engine.evaluate.protocol_prefix`)."""
+    own = bool(row.get("exclude_history", True))
+    other = f"test_{protocol_prefix(not own)}"
+    out = dict(row)
+    for m in ("ndcg@10", "hr@10"):
+        out[f"{PROTOCOLS[own]} {m}"] = row.get(f"test_{m}", "")
+        out[f"{PROTOCOLS[not own]} {m}"] = row.get(f"{other}{m}", "")
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of the comparison (test metrics unless marked 'val', at the step named)."""
-    head = [t for _, t in TABLE_COLUMNS]
+    """A markdown table of the comparison (test metrics unless marked 'val', at the step named):
+    the run's own protocol in the main columns, and test NDCG@10 / HR@10 under both protocols."""
+    cols = list(TABLE_COLUMNS) + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
+                                  for x in (True, False) for m in ("ndcg@10", "hr@10")]
+    head = [t for _, t in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
+    for r in map(_both_protocols, rows):
         cells = []
-        for k, _ in TABLE_COLUMNS:
+        for k, _ in cols:
             v = r.get(k, "")
             if isinstance(v, float) and k != "seconds":
                 v = f"{v:.4f}"
@@ -133,7 +153,12 @@ def write_comparison(rows: list[dict], out: str | Path, title: str = "") -> None
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    (out / "compare.md").write_text((f"{title}\n\n" if title else "") + format_table(rows) + "\n")
+    protocols = {PROTOCOLS[bool(r.get("exclude_history", True))] for r in rows}
+    note = (f"Main columns: test metrics under the runs' own protocol ({', '.join(sorted(protocols))}). "
+            "History masked: the items a user already interacted with are removed from the ranking "
+            "(eval.exclude_history=true); history ranked: they are ranked like any other item "
+            "(eval.exclude_history=false, RecBole's protocol for sequential models).")
+    (out / "compare.md").write_text((f"{title}\n\n" if title else "") + format_table(rows) + f"\n\n{note}\n")
     plot_comparison(rows, out / "compare.png", title=title)
 
 

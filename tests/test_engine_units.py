@@ -100,7 +100,7 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
                    exclude_history=exclude_history)
 
     table = model.item_emb.weight.detach().numpy().astype(np.float64)
-    ranks, seen_users, ties, history_above = [], set(), 0, 0
+    ranks, other_ranks, seen_users, ties, history_above = [], [], set(), 0, 0
     for batch in make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0):
         with torch.no_grad():
             emb = model.item_emb.weight[batch.seq[:, :-1].clamp(min=0)]
@@ -114,6 +114,9 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
             hist = seen_before if exclude_history else set()
             s = table @ user[b].double().numpy()
             above = [j for j in range(ds.n_items) if j not in hist and j != target and s[j] > s[target]]
+            other = set() if exclude_history else seen_before  # the other protocol, reported beside
+            other_ranks.append(1 + sum(1 for j in range(ds.n_items)
+                                       if j not in other and j != target and s[j] > s[target]))
             ties += sum(1 for j in range(ds.n_items) if j != target and s[j] == s[target])
             history_above += any(s[j] > s[target] for j in seen_before)  # where the protocols differ
             ranks.append(1 + len(above))
@@ -123,6 +126,13 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
         ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks])
         assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-9)
     assert got["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-9)
+    prefix = "unmasked_" if exclude_history else "masked_"
+    assert other_ranks != ranks
+    for k in (1, 5, 10):
+        ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in other_ranks])
+        assert got[f"{prefix}ndcg@{k}"] == pytest.approx(ndcg, abs=1e-9)
+        assert got[f"{prefix}hr@{k}"] == pytest.approx(np.mean([r <= k for r in other_ranks]), abs=1e-9)
+    assert got[f"{prefix}mrr"] == pytest.approx(np.mean([1 / r for r in other_ranks]), abs=1e-9)
 
 
 def test_a_constant_score_model_ranks_every_target_first(tmp_path):
