@@ -33,13 +33,14 @@ slot, pass)``. So the batches are a pure function of ``(seed, epoch)`` for a giv
 ``batch_size``, ``max_len``, ``windows``, ``world_size`` and ``num_workers``. ``Batch.cursor`` is the global
 (all-rank) sample cursor within the epoch after that batch, ``(i + 1) * batch_size * world_size``;
 a loader constructed with ``start_cursor=c`` yields exactly the batches after ``c`` for its first
-epoch (later epochs start at 0). Keep world size, workers, batch size, ``max_len`` and ``windows`` when resuming.
+epoch (later epochs start at 0). Keep world size, workers, batch size, ``max_len`` and ``windows``
+when resuming.
 
 **Splits** (leave-one-out, on the sequence after unusable items are dropped): training rows are
 windows of at most ``max_len + 1`` items of the training part (all but the last two items; all
-items for users with fewer than 3 interactions), as ``windows`` says; validation rows end at the second-to-last item, test rows at
-the last, each with up to ``max_len`` items of history before it and ``hist_rows`` / ``hist_items``
-over the whole earlier history.
+items for users with fewer than 3 interactions), as ``windows`` says; validation rows end at the
+second-to-last item, test rows at the last, each with up to ``max_len`` items of history before it
+and ``hist_rows`` / ``hist_items`` over the whole earlier history.
 
 **Bad input** (skipped, counted in ``loader.stats`` and ``transrec.shards.stats.GLOBAL``, with a
 rate-limited warning): an unreadable or truncated shard, a sample without JSON or with malformed
