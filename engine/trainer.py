@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transrec.engine import distributed as D
 from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
-from transrec.engine.data import make_loader, open_data
+from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
@@ -202,6 +202,7 @@ class Trainer:
     def _set_up(self, cfg: Config, data) -> None:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
+        self.epoch_facts: dict = {}  # what an epoch is (set when training starts; in data.json)
         self.check_data()
         self._warn_batch_size()
         self.model = self._build_model()
@@ -267,7 +268,8 @@ class Trainer:
         summary = skip_summary(n_items=self.ds.n_items, items_invalid=self.items_invalid,
                                item_skips=self.item_skips, sequences_read=self.sequences_read,
                                loader_skips=loader)
-        summary = {"dataset": str(self.ds.path), "max_skip_rate": self.cfg.data.max_skip_rate, **summary}
+        summary = {"dataset": str(self.ds.path), "max_skip_rate": self.cfg.data.max_skip_rate,
+                   **({"epoch": self.epoch_facts} if self.epoch_facts else {}), **summary}
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "data.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -492,6 +494,11 @@ class Trainer:
         total = steps or self.cfg.optim.steps
         self.resume()
         self._write_run_files()
+        self.epoch_facts = epoch_facts(make_loader(self.cfg, self.ds, self.content, "train",
+                                                   batch_size=self.micro, rank=self.rank, world=self.world))
+        if self.rank == 0:
+            say(epoch_line(self.epoch_facts))
+            self.data_report()
         result = TrainResult(self.run_dir, self.state.step)
         start_time = time.time()
         if self.state.step < total and not self.patience_spent():

@@ -23,6 +23,7 @@ class ShardInfo:
     samples: int
     n_train: int = 0
     n_eval: int = 0
+    lengths: tuple[tuple[int, int], ...] | None = None  # sequence shards: (item count, users), if recorded
 
 
 class Dataset:
@@ -90,11 +91,17 @@ class Dataset:
 
         def shard(entry: dict) -> ShardInfo:
             try:
+                lengths = entry.get("lengths")
+                if lengths is not None:
+                    lengths = tuple(sorted((int(k), int(v)) for k, v in lengths.items()))
+                    if sum(v for _, v in lengths) != int(entry["samples"]) or \
+                            any(k < 1 or v < 1 for k, v in lengths):
+                        raise ValueError("lengths")
                 info = ShardInfo(path / entry["name"], int(entry["bytes"]), str(entry["sha256"]),
                                  int(entry["samples"]), int(entry.get("n_train", 0)),
-                                 int(entry.get("n_eval", 0)))
-            except (KeyError, TypeError, ValueError):
-                raise DataError(f"{mpath}: malformed file entry {entry!r}") from None
+                                 int(entry.get("n_eval", 0)), lengths)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise DataError(f"{mpath}: malformed file entry {entry!r}"[:400]) from None
             if "/" in entry["name"] or entry["name"].startswith("."):
                 raise DataError(f"{mpath}: file name {entry['name']!r} must be inside the dataset folder")
             if not info.path.is_file():
@@ -137,7 +144,8 @@ class Dataset:
 
     def verify(self) -> list[str]:
         """Every shard's sha256 and every count of the manifest checked against the shards (reads
-        every byte): per-shard sample counts (and a sequence shard's training and evaluation users),
+        every byte): per-shard sample counts (and a sequence shard's training and evaluation users and, when
+        recorded, its sequence-length histogram),
         ``n_interactions``, ``n_train_users`` / ``n_eval_users`` and the modality counts. Returns one
         line per mismatch (empty when all agree)."""
         problems = []
@@ -163,18 +171,23 @@ class Dataset:
         for s in self.seq_shards:
             samples = _tar_samples(s.path, problems, read="json")
             tr = ev = 0
+            hist: dict[int, int] = {}
             for key, blob in samples.items():
                 try:
                     n = len(json.loads(blob)["items"])
                 except (TypeError, KeyError, ValueError):
                     problems.append(f"{s.path.name}: sequence {key} has no readable item list")
                     continue
+                hist[n] = hist.get(n, 0) + 1
                 t, e = split_counts(n)
                 tr, ev, n_inter = tr + t, ev + e, n_inter + n
             n_train, n_eval = n_train + tr, n_eval + ev
             differs(f"{s.path.name} samples", s.samples, len(samples))
             differs(f"{s.path.name} n_train", s.n_train, tr)
             differs(f"{s.path.name} n_eval", s.n_eval, ev)
+            if s.lengths is not None and dict(s.lengths) != hist:
+                problems.append(f"{s.path.name} lengths: the manifest's sequence-length histogram differs "
+                                "from the shard's")
         differs(f"{mpath.name} n_interactions", m.get("n_interactions"), n_inter)
         differs(f"{mpath.name} n_train_users", m.get("n_train_users"), n_train)
         differs(f"{mpath.name} n_eval_users", m.get("n_eval_users"), n_eval)

@@ -4,7 +4,9 @@
 
     DATASET/
       manifest.json        schema version, counts, modality mix, split rule, one entry per file
-                           (name, bytes, sha256, samples; sequence shards also n_train / n_eval)
+                           (name, bytes, sha256, samples; sequence shards also n_train / n_eval
+                           and, optional, lengths: {item count: users}, for the loader's
+                           training-window counts)
       items.tsv            item index: ``item_id<TAB>modality<TAB>train_count``; the line number
                            (from 0) is the item's global index
       items-000000.tar     one sample per item: ``<key>.txt`` (title, UTF-8) for a text item or
@@ -137,6 +139,7 @@ class DatasetWriter:
                                             verbose=0, mtime=mtime)
         self._seq_writer = None
         self._seq_counts: list[list[int]] = []  # per shard: [samples, n_train, n_eval]
+        self._seq_lengths: list[dict[int, int]] = []  # per shard: {sequence length: users}
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -200,11 +203,14 @@ class DatasetWriter:
         shard = self.n_users // self.seq_shard_size
         if shard == len(self._seq_counts):
             self._seq_counts.append([0, 0, 0])
+            self._seq_lengths.append({})
         tr, ev = split_counts(len(keys))
         c = self._seq_counts[shard]
         c[0] += 1
         c[1] += tr
         c[2] += ev
+        hist = self._seq_lengths[shard]
+        hist[len(keys)] = hist.get(len(keys), 0) + 1
         np.add.at(self.train_count, train_part(np.asarray(idx)), 1)
         self._seq_writer.write({"__key__": key,
                                 "json": json.dumps({"user": str(user_id), "index": self.n_users,
@@ -250,8 +256,9 @@ class DatasetWriter:
             "skipped_while_writing": dict(sorted(self.skipped.items())),
             "item_index": entry(self.out / ITEM_INDEX, {"samples": len(self.item_ids)}),
             "item_shards": [entry(p, {"samples": n}) for p, n in zip(item_shards, per_item_shard)],
-            "seq_shards": [entry(p, {"samples": c[0], "n_train": c[1], "n_eval": c[2]})
-                           for p, c in zip(seq_shards, self._seq_counts)],
+            "seq_shards": [entry(p, {"samples": c[0], "n_train": c[1], "n_eval": c[2],
+                                     "lengths": {str(k): v for k, v in sorted(h.items())}})
+                           for p, c, h in zip(seq_shards, self._seq_counts, self._seq_lengths)],
             **self.extra,
         }
         tmp = self.out / (MANIFEST + f".tmp{os.getpid()}")

@@ -10,6 +10,15 @@ yields exactly ``P`` batches of exactly ``batch_size`` rows per epoch, so every 
 ``len(loader) = W * P`` batches whatever the shard layout. Batches come out round-robin over the
 slots (rank-level batch ``i`` is slot ``i % W``'s batch ``i // W``).
 
+**Samples** (training split). ``windows`` picks the samples a user's training part gives
+(:mod:`~transrec.shards.windows`): ``"last"`` one window of its last ``max_len + 1`` items (the
+default), ``"sliding"`` windows covering the whole part with each item after the first a target
+once, ``"prefixes"`` one window per target position. The samples per shard (for ``"last"`` the
+manifest's ``n_train``; otherwise counted from the sequence lengths, see that module) fix ``P``.
+A user's samples enter the shuffle buffer one after another like any rows, so they spread over
+batches; a buffer smaller than a user's sample count (``"prefixes"`` on long histories) leaves some
+of them close together.
+
 **Policy** (training split). ``"repeat"``: ``P`` is large enough for the slot that could receive
 the most samples; a slot that runs out starts another pass over its shards (freshly shuffled), so
 every sample is seen at least once per epoch. ``"drop"``: ``P`` fits the slot that could receive
@@ -21,16 +30,17 @@ marked ``row_valid = False``.
 **Order and resume.** Per epoch, the shard order is a permutation drawn from ``(seed, epoch)``;
 each slot shuffles its rows with a buffer whose generator is seeded from ``(seed, epoch, rank,
 slot, pass)``. So the batches are a pure function of ``(seed, epoch)`` for a given dataset,
-``batch_size``, ``max_len``, ``world_size`` and ``num_workers``. ``Batch.cursor`` is the global
+``batch_size``, ``max_len``, ``windows``, ``world_size`` and ``num_workers``. ``Batch.cursor`` is the global
 (all-rank) sample cursor within the epoch after that batch, ``(i + 1) * batch_size * world_size``;
 a loader constructed with ``start_cursor=c`` yields exactly the batches after ``c`` for its first
-epoch (later epochs start at 0). Keep world size, workers and batch size when resuming.
+epoch (later epochs start at 0). Keep world size, workers, batch size, ``max_len`` and ``windows``
+when resuming.
 
 **Splits** (leave-one-out, on the sequence after unusable items are dropped): training rows are
-the last ``max_len + 1`` items of the training part (all but the last two items; all items for
-users with fewer than 3 interactions); validation rows end at the second-to-last item, test rows at
-the last, each with up to ``max_len`` items of history before it and ``hist_rows`` / ``hist_items``
-over the whole earlier history.
+windows of at most ``max_len + 1`` items of the training part (all but the last two items; all
+items for users with fewer than 3 interactions), as ``windows`` says; validation rows end at the
+second-to-last item, test rows at the last, each with up to ``max_len`` items of history before it
+and ``hist_rows`` / ``hist_items`` over the whole earlier history.
 
 **Bad input** (skipped, counted in ``loader.stats`` and ``transrec.shards.stats.GLOBAL``, with a
 rate-limited warning): an unreadable or truncated shard, a sample without JSON or with malformed
@@ -53,6 +63,7 @@ from transrec.shards.batch import Batch, ContentSource, collate_windows, map_lea
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import eval_target, train_part
 from transrec.shards.stats import GLOBAL, SkipStats
+from transrec.shards.windows import WINDOWS, samples_per_shard, train_windows
 
 from transrec.errors import DataError
 
@@ -173,7 +184,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                             workersplitter=splitter, handler=handler, empty_check=False)
         index, valid = ld.item_index, ld.valid
         seen: set[str] = set()
-        max_len, split = ld.max_len, ld.split
+        max_len, split, mode = ld.max_len, ld.split, ld.windows
         for sample in ds:
             key = sample.get("__key__", "")
             raw = sample.get("json")
@@ -210,7 +221,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 part = train_part(arr)
                 if part.size < 2:
                     continue
-                yield user, part[-(max_len + 1):], None
+                if mode == "last":
+                    yield user, part[-(max_len + 1):], None
+                else:
+                    for window in train_windows(part, max_len, mode):
+                        yield user, window, None
             else:
                 held_out = eval_target(arr, split)
                 if held_out is None:
@@ -321,18 +336,24 @@ class SequenceLoader:
 
     ``content`` is any :class:`~transrec.shards.batch.ContentSource` (the item cache, or a wrapper);
     if it has a boolean ``valid`` array, items marked False are dropped from sequences.
+    ``windows`` is the training samples' mode (:data:`~transrec.shards.windows.WINDOWS`);
+    ``cache_dir`` where a dataset without recorded sequence lengths caches them (None: the item
+    cache's default folder).
     """
 
     def __init__(self, dataset: Dataset | str, content: ContentSource, *, split: str = "train",
                  batch_size: int, max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, policy: str = "repeat", start_cursor: int = 0,
-                 shuffle_buffer: int = 1000, pin_memory: bool = False, prefetch_factor: int = 4):
+                 shuffle_buffer: int = 1000, pin_memory: bool = False, prefetch_factor: int = 4,
+                 windows: str = "last", cache_dir: str | None = None):
         if not isinstance(dataset, Dataset):
             dataset = Dataset.open(dataset)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
         if batch_size < 1 or max_len < 1:
             raise ValueError("batch_size and max_len must be at least 1")
         if not 0 <= rank < world_size:
@@ -341,7 +362,7 @@ class SequenceLoader:
             raise DataError(f"{dataset.path}: the content source has {content.n_items} items, "
                             f"the dataset {dataset.n_items}")
         self.dataset, self.content = dataset, content
-        self.split, self.policy = split, policy
+        self.split, self.policy, self.windows = split, policy, windows
         self.batch_size, self.max_len, self.seed = int(batch_size), int(max_len), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_workers = int(num_workers)
@@ -362,6 +383,10 @@ class SequenceLoader:
         if self.num_workers > self.effective_workers:
             log.info("%s: %d sequence shards allow %d workers per rank, not %d", dataset.path, n_shards,
                      self.effective_workers, self.num_workers)
+        if split == "train":
+            self.shard_samples = samples_per_shard(dataset, self.max_len, windows, cache_dir)
+        else:
+            self.shard_samples = [int(s.n_eval) for s in dataset.seq_shards]
         self.batches_per_slot = self._plan()
         step = self.batch_size * self.world_size
         if start_cursor % step or not 0 <= start_cursor <= len(self) * step:
@@ -373,7 +398,7 @@ class SequenceLoader:
         """Batches per slot (the same on every rank and every epoch)."""
         shards, W, R, B = self.dataset.seq_shards, self.effective_workers, self.world_size, self.batch_size
         if self.split == "train":
-            counts = [s.n_train for s in shards]
+            counts = self.shard_samples
             most = math.ceil(math.ceil(len(shards) / R) / W)
             fewest = (len(shards) // R) // W
             if self.policy == "repeat":
@@ -383,7 +408,7 @@ class SequenceLoader:
                 raise DataError(f"{self.dataset.path / 'manifest.json'}: policy 'drop' leaves no full batch "
                                 f"of {B} per worker slot; use policy 'repeat' or a smaller batch")
             return p
-        counts = [s.n_eval for s in shards]
+        counts = self.shard_samples
         per_slot = [sum(counts[i] for i in range(len(shards)) if i % R == r and (i // R) % W == w)
                     for r in range(R) for w in range(W)]
         return max(math.ceil(c / B) for c in per_slot)
@@ -393,6 +418,12 @@ class SequenceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def samples_in_split(self) -> int:
+        """Distinct samples of the split over all ranks: training windows under ``windows``, or
+        evaluated users (counted from the manifest, or the sequence lengths; see the module docstring)."""
+        return int(sum(self.shard_samples))
 
     @property
     def samples_per_epoch(self) -> int:

@@ -42,6 +42,9 @@ class DataConfig:
     max_len: int = 20  # history positions per training window
     num_workers: int = 0  # loader worker processes per rank
     policy: Literal["repeat", "drop"] = "repeat"  # equal batches on every rank: repeat or drop
+    # training samples per user: its last max_len+1 items, windows covering its whole training part
+    # (each item after the first a target once), or one window per target position (every prefix)
+    windows: Literal["last", "sliding", "prefixes"] = "last"
     cache_dir: str = ""  # item cache folder; "" = inside the dataset folder
     # The run stops (exit 2) when more than this share of the items (bad content in the item cache)
     # or of the sequences read (unreadable or malformed rows) was skipped as bad input.
