@@ -214,7 +214,8 @@ class Trainer:
             self.model.set_catalogue_content(self.content)
         self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
         self.skip_base = dict(SKIPPED_INPUT.counts)
-        self.sequences_read = 0  # training sequences read by this process (the loader skip rate's base)
+        self.sequences_read = 0.0  # training sequences read by this process (the loader skip rate's base)
+        self.samples_per_sequence = 1.0  # training windows per sequence (data.windows; set by fit)
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
@@ -266,7 +267,7 @@ class Trainer:
         loader = {k: v - self.skip_base.get(k, 0) for k, v in SKIPPED_INPUT.counts.items()
                   if v != self.skip_base.get(k, 0)}
         summary = skip_summary(n_items=self.ds.n_items, items_invalid=self.items_invalid,
-                               item_skips=self.item_skips, sequences_read=self.sequences_read,
+                               item_skips=self.item_skips, sequences_read=round(self.sequences_read),
                                loader_skips=loader)
         summary = {"dataset": str(self.ds.path), "max_skip_rate": self.cfg.data.max_skip_rate,
                    **({"epoch": self.epoch_facts} if self.epoch_facts else {}), **summary}
@@ -289,12 +290,19 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------
     def _warn_batch_size(self) -> None:
         """One line when a step asks for more sequences than the training split holds."""
+        if self.rank != 0:
+            return
         n_train = sum(int(s.n_train) for s in self.ds.seq_shards)
+        what = "training sequences"
+        if self.cfg.data.windows != "last":  # several samples a sequence: count them
+            n_train = make_loader(self.cfg, self.ds, self.content, "train", batch_size=1, rank=0,
+                                  world=1).samples_in_split
+            what = f"training samples (data.windows={self.cfg.data.windows})"
         batch = self.cfg.data.batch_size
-        if self.rank == 0 and batch > n_train:
+        if batch > n_train:
             repeat = ("policy repeat repeats rows within a step" if self.cfg.data.policy == "repeat"
                       else f"policy {self.cfg.data.policy} gives no full batch")
-            say(f"warning: data.batch_size={batch} exceeds the {n_train} training sequences of "
+            say(f"warning: data.batch_size={batch} exceeds the {n_train} {what} of "
                 f"{self.cfg.data.path or self.ds.path}; {repeat}")
 
     def _build_model(self):
@@ -369,7 +377,9 @@ class Trainer:
             for batch in loader:
                 self.state.cursor = int(batch.cursor)
                 rows = batch.row_valid
-                self.sequences_read += self.micro if rows is None else int(rows.sum())
+                # the skip rate's base counts sequences: a row is 1 / samples_per_sequence of one
+                read = self.micro if rows is None else int(rows.sum())
+                self.sequences_read += read / self.samples_per_sequence
                 yield batch
             self.state.epoch += 1
             self.state.cursor = 0
@@ -496,6 +506,8 @@ class Trainer:
         self._write_run_files()
         self.epoch_facts = epoch_facts(make_loader(self.cfg, self.ds, self.content, "train",
                                                    batch_size=self.micro, rank=self.rank, world=self.world))
+        n_train = sum(int(s.n_train) for s in self.ds.seq_shards)
+        self.samples_per_sequence = max(self.epoch_facts["samples"], 1) / max(n_train, 1)
         if self.rank == 0:
             say(epoch_line(self.epoch_facts))
             self.data_report()
