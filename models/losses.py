@@ -14,10 +14,13 @@ targets of a whole optimizer step on every rank first (``model.count_targets``, 
 backpropagates ``loss * count`` (the micro-batch's sum) over that global count
 (``Trainer.step_scale``); ``metrics["loss_sum"]`` and ``metrics["count"]`` carry what it logs.
 
-- ``inbatch``: softmax over the unique items, loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_t/tau + b_t)
+- ``softmax``: loss_i = LSE_j(q_i.k_j/tau + b_j) - (q_i.k_t/tau + b_t) over the candidate keys,
   with b = -log q (logQ popularity correction) when enabled; computed by
   :func:`transrec.kernels.inbatch_softmax` (the logits are never materialised by the fused kernels).
-  Every unique item appears once among the keys, so a row's positive is never also a negative.
+  The candidates are the batch's unique items (``negatives`` "inbatch"; every unique item appears
+  once among the keys, so a row's positive is never also a negative), every rank's ("global",
+  below), those plus the :class:`~transrec.models.negatives.NegativeMemory` ("memory"), or every
+  item ("catalogue", assembled by the model: :meth:`SequentialRecommender.catalogue_keys`).
 - ``bce``: -log sigma(s_pos) - sum_{j=1..k} log sigma(-s_neg_j) with s = q.k/tau and k negatives
   sampled uniformly from the unique items other than the row's positive (the paper's loss).
 
