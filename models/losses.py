@@ -104,7 +104,8 @@ class Criterion(torch.nn.Module):
         self.memory: NegativeMemory | None = None
         if cfg.negatives == "memory":
             if dim is None:
-                raise ConfigError("model.loss.negatives=memory needs the embedding size (Criterion(cfg, dim))")
+                raise ConfigError("model.loss.negatives=memory needs the embedding size "
+                                  "(Criterion(cfg, dim))")
             self.memory = NegativeMemory(cfg.memory_size, dim)
 
     def _global(self) -> GatherFn | None:

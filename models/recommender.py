@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transrec.models.export import export_config, load_export_into, read_export, write_export
@@ -254,13 +254,15 @@ class TransRec(SequentialRecommender):
             items = np.arange(int(content.n_items), dtype=np.int64)
             text, image = content.gather(items)
             dev = table.device
-            return self.encode_items(torch.from_numpy(items).to(dev), text.to(dev) if text is not None else None,
+            return self.encode_items(torch.from_numpy(items).to(dev),
+                                     text.to(dev) if text is not None else None,
                                      image.to(dev) if image is not None else None)
         if int(cat.encoded_at) < 0:
             raise ConfigError("the catalogue table of negatives=catalogue was never encoded: call "
                               "model.refresh_catalogue(every item's embedding, step) when "
                               "model.catalogue_due(step) (the trainer does)")
-        return cat.table.to(table.dtype).index_copy(0, unique_items, table)  # batch items fresh, with gradient
+        # the batch's own items fresh, with gradient
+        return cat.table.to(table.dtype).index_copy(0, unique_items, table)
 
     def forward(self, batch: Batch, dedup: bool = True):
         """Training loss. ``dedup=False`` encodes every position's item separately (the naive

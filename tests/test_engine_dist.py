@@ -274,7 +274,8 @@ def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(negati
     # the loss's state too: the negative memory's entries, or a catalogue table encoded at step 3
     # that the resumed run (at step 4) must keep rather than re-encode
     common = ["deepspeed.zero_stage=1", f"optim.steps={2 * k}", "model.user.dropout=0.2", "run.log_every=1",
-              f"model.loss.negatives={negatives}", "model.loss.memory_size=48", "model.loss.catalogue_refresh=3"]
+              f"model.loss.negatives={negatives}", "model.loss.memory_size=48",
+              "model.loss.catalogue_refresh=3"]
     # 2k steps uninterrupted, and at the same time: k steps, a checkpoint, then a save killed after
     # DeepSpeed wrote its files and before the commit.
     full, first = spawn_many([
