@@ -1,5 +1,6 @@
-"""Triton backward of the in-batch softmax: dK and d(bias), recomputing logit tiles from the
-saved row LSE (dQ comes from the forward's A, see triton_forward.py).
+"""Triton backward of the in-batch softmax, recomputing logit tiles from the saved row LSE: the dK
+pass (dK and d(bias)) and, in the "split" design, the dQ pass (in the "fused" design dQ comes from
+the forward's A instead, see triton_forward.py and triton_config.DESIGNS).
 
 One program owns BLOCK_N rows of k (their fp32 dK accumulator and d(bias) stay in registers; no
 atomics) and streams every BLOCK_M-row tile of q past them. With s_ij = q_i.k_j / tau + b_j,
@@ -9,6 +10,18 @@ p_ij = exp(s_ij - LSE_i), g_i = dL/dloss_i and t_i the target of row i:
     dk_j  = (1/tau) sum_i dS_ij q_i          db_j = sum_i dS_ij
 
 Rows beyond N read LSE = +inf and g = 0, so they contribute exactly 0.
+
+The dQ pass is the mirror image (flash-attention-2 style): one program owns BLOCK_M rows of q and
+their fp32 dQ accumulator and streams every BLOCK_N-row tile of k past them,
+
+    dq_i = (g_i / tau) sum_j (p_ij - [j = t_i]) k_j
+
+With the LSE known there is no running max, so the accumulator is never rescaled (the fused
+forward multiplies its [BLOCK_M, D] tile by alpha every step) and g_i / tau is applied once at the
+end. Columns beyond M load k rows of zeros, so they add nothing and need no mask. dQ is written in
+q's dtype: no fp32 [N, D] buffer is kept between forward and backward. Cost: the logits are
+recomputed once more (10 N M D flops for forward+backward instead of 8), the price of a forward
+that only reduces (LSE and the target logit) with a footprint of one logits tile.
 """
 
 from __future__ import annotations
@@ -113,6 +126,80 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
         tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit(do_not_specialize=["N", "M", "N_KEY", "M_KEY"])  # sizes: see triton_forward.py
+def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
+                   N, M, D,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_dqd,
+                   scale2, inv_tau,
+                   N_KEY, M_KEY,
+                   EVEN_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
+                   DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    cdt = K.dtype.element_ty
+
+    if NUM_DC == 1 and RESIDENT:  # the q tile kept across the k loop (a tuning choice)
+        q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+    lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
+    t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    if NUM_DC > 1:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    if NUM_DC > 2:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    if NUM_DC > 3:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if NUM_DC > 1 or not RESIDENT:
+            q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+        k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+        s = mma(q0, tl.trans(k0), s, DOT_FP32, IEEE)
+        if NUM_DC > 1:
+            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q1, tl.trans(k1), s, DOT_FP32, IEEE)
+        if NUM_DC > 2:
+            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q2, tl.trans(k2), s, DOT_FP32, IEEE)
+        if NUM_DC > 3:
+            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
+            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
+            s = mma(q3, tl.trans(k3), s, DOT_FP32, IEEE)
+
+        s = s * scale2
+        b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0) * LOG2E  # fp32; zeros without a bias
+        s = s + b2[None, :]
+        ds = tl.exp2(s - lse2[:, None])
+        ds = ds - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)  # [BLOCK_M, BLOCK_N], g_i left out
+        dsc = ds.to(cdt)
+        acc0 = mma(dsc, k0, acc0, DOT_FP32, IEEE)
+        if NUM_DC > 1:
+            acc1 = mma(dsc, k1, acc1, DOT_FP32, IEEE)
+        if NUM_DC > 2:
+            acc2 = mma(dsc, k2, acc2, DOT_FP32, IEEE)
+        if NUM_DC > 3:
+            acc3 = mma(dsc, k3, acc3, DOT_FP32, IEEE)
+
+    gs = tl.load(G + rows, mask=row_ok, other=0.0) * inv_tau
+    store_rows(DQ, acc0 * gs[:, None], rows, row_ok, 0, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D)
+    if NUM_DC > 1:
+        store_rows(DQ, acc1 * gs[:, None], rows, row_ok, BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
+                   EVEN_D)
+    if NUM_DC > 2:
+        store_rows(DQ, acc2 * gs[:, None], rows, row_ok, 2 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
+                   EVEN_D)
+    if NUM_DC > 3:
+        store_rows(DQ, acc3 * gs[:, None], rows, row_ok, 3 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
+                   EVEN_D)
+
+
 def backward_dk_launch(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
                        block_m: int | None = None, block_n: int | None = None, block_dc: int | None = None,
                        resident: bool = True):
@@ -148,3 +235,35 @@ def triton_backward_dk(q, k, bias, target, lse2, g, tau: float, compute_dk: bool
     launch, outs = backward_dk_launch(q, k, bias, target, lse2, g, tau, compute_dk, compute_db, **tiles)
     launch()
     return outs
+
+
+def backward_dq_launch(q, k, bias, target, lse2, g, tau: float, *, block_m: int | None = None,
+                       block_n: int | None = None, block_dc: int | None = None, resident: bool = True):
+    """(Launch, dq [N, D] in q's dtype) of the dQ pass for inputs made canonical by
+    ``triton_op.canonical_inputs``; tiles as in ``forward_launch``."""
+    n, d = q.shape
+    m = k.shape[0]
+    bdc, ndc, even_d = d_layout(d, block_dc)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    interp = interpreting()
+    args = (q, k, bias, target, lse2, g, dq, n, m, d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1),
+            1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
+    consts = dict(EVEN_D=even_d, NUM_DC=ndc, BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
+    if interp:
+        bm, bn = block_m or INTERPRET_BLOCK, block_n or INTERPRET_BLOCK
+        return Launch(_bwd_dq_kernel, (triton.cdiv(n, bm),), args,
+                      dict(consts, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident)), dq
+    dclass, size = d_class(bdc, ndc), q.element_size()
+    if block_m is not None or block_n is not None:
+        kw = pinned("dq", dclass, size, block_m, block_n, resident)
+        return Launch(_bwd_dq_kernel, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), dq
+    kern = tuned(_bwd_dq_kernel, "dq", dclass, size)
+    return Launch(kern, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, consts), dq
+
+
+def triton_backward_dq(q, k, bias, target, lse2, g, tau: float, **tiles):
+    """Returns dq [N, D] in q's dtype (the dQ pass of the "split" design)."""
+    launch, dq = backward_dq_launch(q, k, bias, target, lse2, g, tau, **tiles)
+    launch()
+    return dq

@@ -110,9 +110,39 @@ _BWD = {
     ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
     ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
-TABLES = {"fwd": _FWD, "bwd": _BWD}
+# Forward without dQ ("split" design, or no gradient for q): the logits tile and row statistics only.
+_LSE = {key: list(rows) for key, rows in _FWD.items()}
+# dQ pass ("split" design): BLOCK_M rows of q own the dQ accumulator, BLOCK_N rows of k stream past.
+_DQ = {key: list(rows) for key, rows in _FWD.items()}
+TABLES = {"fwd": _FWD, "lse": _LSE, "bwd": _BWD, "dq": _DQ}
+
+# Where dQ is formed (kernels/triton_forward.py, triton_backward.py):
+#   "fused"  the forward accumulates A = sum_j p_ij k_j - k_t (fp32 [N, D], saved for backward);
+#            backward = the dK pass + one elementwise product. 8 N M D flops; the forward carries a
+#            rescaled [BLOCK_M, D] fp32 accumulator (it spills at D = 768).
+#   "split"  the forward computes LSE and the target logit only; backward = the dK pass + a dQ pass
+#            (flash-attention-2 style). 10 N M D flops; no [N, D] fp32 buffer; each kernel holds
+#            one accumulator without rescaling.
+# The choice per D class is meant to be made by the GPU sweep (benchmarks/kernels.py --designs);
+# until a card has timed both it stays "fused", the design the H200 figures of issue 11 were
+# measured with. TRANSREC_TRITON_DESIGN=fused|split overrides it for every class.
+DESIGNS = ("fused", "split")
+DESIGN = {"small": "fused", "d256": "fused", "large": "fused", "xl": "fused"}
+DESIGN_ENV = "TRANSREC_TRITON_DESIGN"
 
 _TUNED: dict = {}
+
+
+def design(dclass: str, override: str | None = None) -> str:
+    """The design ("fused" or "split") a launch of D class ``dclass`` runs: ``override`` (an argument),
+    else $TRANSREC_TRITON_DESIGN, else the ``DESIGN`` table."""
+    choice = override or os.environ.get(DESIGN_ENV) or DESIGN[dclass]
+    if choice not in DESIGNS:
+        from transrec.kernels.validate import KernelInputError
+
+        source = "design" if override else DESIGN_ENV
+        raise KernelInputError(f"{source} must be one of {DESIGNS}, got {choice!r}")
+    return choice
 
 
 def resident(config: tuple) -> bool:
@@ -154,7 +184,7 @@ def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
             configs.append(triton.Config({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "RESIDENT")},
                                          num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
         keys = ["N_KEY", "M_KEY", "D"]
-        keys += ["COMPUTE_DQ"] if stage == "fwd" else ["COMPUTE_DK", "COMPUTE_DB"]
+        keys += {"bwd": ["COMPUTE_DK", "COMPUTE_DB"], "dq": []}.get(stage, ["COMPUTE_DQ"])
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _TUNED[key]
 

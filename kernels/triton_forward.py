@@ -163,10 +163,11 @@ def forward_launch(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
         return Launch(_fwd, (triton.cdiv(n, bm),), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn,
                                                               RESIDENT=resident)), outs
     dclass, size = d_class(bdc, ndc), q.element_size()
+    stage = "fwd" if compute_dq else "lse"  # without the dQ accumulator: a table of its own
     if block_m is not None or block_n is not None:
-        kw = pinned("fwd", dclass, size, block_m, block_n, resident)
+        kw = pinned(stage, dclass, size, block_m, block_n, resident)
         return Launch(_fwd, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), outs
-    kern = tuned(_fwd, "fwd", dclass, size)
+    kern = tuned(_fwd, stage, dclass, size)
     return Launch(kern, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, consts), outs
 
 
