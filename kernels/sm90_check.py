@@ -105,6 +105,12 @@ def configs_of(launch):
     return [(kern, kw) for kw in variants]
 
 
+def _heuristics(kern) -> dict:
+    """The heuristics (name -> rule) of a launch's kernel, under an autotuner or not."""
+    kern = getattr(kern, "fn", kern) if hasattr(kern, "configs") else kern
+    return dict(getattr(kern, "values", {}))
+
+
 class Spec:
     """One specialisation as Triton's JIT would build it for an sm_90 card (JITFunction.run's path)."""
 
@@ -309,23 +315,28 @@ def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False
         fn, kw0 = base
         specs = []
         ndc = kw0["NUM_DC"]
+        rules = _heuristics(launch.kernel)
+        named = dict(zip(fn.arg_names, launch.args))
         for c in itertools.product([32, 64, 128], [32, 64, 128], [4, 8, 16], [1, 2, 3, 4],
                                    [True, False] if ndc == 1 else [True]):
             kw = dict(kw0, **config_kwargs(c[:4] + (c[4],)))
-            if "EVEN_M" in kw:
-                kw["EVEN_M"] = launch.args[8] % kw["BLOCK_N"] == 0
+            for name, rule in rules.items():  # EVEN_M, ACC_T: as the launch would set them
+                kw[name] = rule({**named, **kw})
             specs.append(Spec(fn, launch.args, kw))
     results = []
     print(f"{stage} D={d} {label} (Triton {_triton_version()}, sm_{CAPABILITY})", flush=True)
     for spec in specs:
         try:
+            if sweep and (short := shared_bytes(spec)) > SMEM_LIMIT:  # no full compile: it cannot launch
+                print(f"  {spec.tiles()}: shared={short} over the shared-memory limit", flush=True)
+                continue
             r = full_compile(spec)
         except Exception as e:  # noqa: BLE001 (a config the compiler refuses is reported, not fatal)
             print(f"  {spec.tiles()}: compile failed: {type(e).__name__}: {str(e)[:160]}")
             continue
         short = shared_bytes(spec)
         assert short == r["shared"], f"allocation-only shared {short} != full compile {r['shared']}"
-        r["tiles"] = spec.tiles()
+        r["tiles"] = spec.tiles() + (" acc_t=1" if spec.kwargs.get("ACC_T") else "")
         results.append(r)
         print("  " + show(r), flush=True)
     if sweep:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transrec.kernels.triton_common import LOG2E, load_rows, mma, store_rows
+from transrec.kernels.triton_common import LOG2E, load_rows, mma, store_rows, store_rows_t
 from transrec.kernels.triton_config import (
     INTERPRET_BLOCK,
     Launch,
@@ -126,6 +126,35 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
         tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _dq_logits(q, k, s, ACC_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """s + q k^T, or its transpose s^T + k q^T (ACC_T)."""
+    if ACC_T:
+        s = mma(k, tl.trans(q), s, DOT_FP32, IEEE)
+    else:
+        s = mma(q, tl.trans(k), s, DOT_FP32, IEEE)
+    return s
+
+
+@triton.jit
+def _dq_acc(acc, ds, k, ACC_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + dS k, or its transpose acc^T + k^T dS^T (ACC_T: ``ds`` holds dS^T)."""
+    if ACC_T:
+        acc = mma(tl.trans(k), ds, acc, DOT_FP32, IEEE)
+    else:
+        acc = mma(ds, k, acc, DOT_FP32, IEEE)
+    return acc
+
+
+@triton.jit
+def _dq_store(DQ, acc, gs, rows, row_ok, d0, D, stride_dqn, stride_dqd, BLOCK_DC: tl.constexpr,
+              EVEN_D: tl.constexpr, ACC_T: tl.constexpr):
+    if ACC_T:
+        store_rows_t(DQ, acc * gs[None, :], rows, row_ok, d0, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D)
+    else:
+        store_rows(DQ, acc * gs[:, None], rows, row_ok, d0, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D)
+
+
 @triton.jit(do_not_specialize=["N", "M", "N_KEY", "M_KEY"])  # sizes: see triton_forward.py
 def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
                    N, M, D,
@@ -134,7 +163,7 @@ def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
                    N_KEY, M_KEY,
                    EVEN_D: tl.constexpr, NUM_DC: tl.constexpr, BLOCK_DC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
-                   DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+                   ACC_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -144,60 +173,73 @@ def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
         q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
     lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
     t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+    # ACC_T: everything transposed (logits [BLOCK_N, BLOCK_M], dQ^T chunks [BLOCK_DC, BLOCK_M]), so
+    # that the M side of both products is BLOCK_N or BLOCK_DC, >= 64 as wgmma wants, while the rows
+    # owned (BLOCK_M) stay few: the accumulator of BLOCK_M x D fp32 then fits in registers at D = 768.
+    if ACC_T:
+        acc0 = tl.zeros([BLOCK_DC, BLOCK_M], tl.float32)
+    else:
+        acc0 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
     if NUM_DC > 1:
-        acc1 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        acc1 = tl.zeros_like(acc0)
     if NUM_DC > 2:
-        acc2 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        acc2 = tl.zeros_like(acc0)
     if NUM_DC > 3:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_DC], tl.float32)
+        acc3 = tl.zeros_like(acc0)
 
     for start_n in range(0, M, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if ACC_T:
+            s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if NUM_DC > 1 or not RESIDENT:
             q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-        s = mma(q0, tl.trans(k0), s, DOT_FP32, IEEE)
+        s = _dq_logits(q0, k0, s, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 1:
             q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
             k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q1, tl.trans(k1), s, DOT_FP32, IEEE)
+            s = _dq_logits(q1, k1, s, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 2:
             q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
             k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q2, tl.trans(k2), s, DOT_FP32, IEEE)
+            s = _dq_logits(q2, k2, s, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 3:
             q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
             k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q3, tl.trans(k3), s, DOT_FP32, IEEE)
+            s = _dq_logits(q3, k3, s, ACC_T, DOT_FP32, IEEE)
 
         s = s * scale2
         b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0) * LOG2E  # fp32; zeros without a bias
-        s = s + b2[None, :]
-        ds = tl.exp2(s - lse2[:, None])
-        ds = ds - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)  # [BLOCK_M, BLOCK_N], g_i left out
+        if ACC_T:
+            ds = tl.exp2(s + b2[:, None] - lse2[None, :])
+            ds = ds - tl.where(cols[:, None] == t[None, :], 1.0, 0.0)  # dS^T [BLOCK_N, BLOCK_M], g left out
+        else:
+            ds = tl.exp2(s + b2[None, :] - lse2[:, None])
+            ds = ds - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)  # dS [BLOCK_M, BLOCK_N], g left out
         dsc = ds.to(cdt)
-        acc0 = mma(dsc, k0, acc0, DOT_FP32, IEEE)
+        acc0 = _dq_acc(acc0, dsc, k0, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 1:
-            acc1 = mma(dsc, k1, acc1, DOT_FP32, IEEE)
+            acc1 = _dq_acc(acc1, dsc, k1, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 2:
-            acc2 = mma(dsc, k2, acc2, DOT_FP32, IEEE)
+            acc2 = _dq_acc(acc2, dsc, k2, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 3:
-            acc3 = mma(dsc, k3, acc3, DOT_FP32, IEEE)
+            acc3 = _dq_acc(acc3, dsc, k3, ACC_T, DOT_FP32, IEEE)
 
     gs = tl.load(G + rows, mask=row_ok, other=0.0) * inv_tau
-    store_rows(DQ, acc0 * gs[:, None], rows, row_ok, 0, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D)
+    _dq_store(DQ, acc0, gs, rows, row_ok, 0, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
     if NUM_DC > 1:
-        store_rows(DQ, acc1 * gs[:, None], rows, row_ok, BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
-                   EVEN_D)
+        _dq_store(DQ, acc1, gs, rows, row_ok, BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
     if NUM_DC > 2:
-        store_rows(DQ, acc2 * gs[:, None], rows, row_ok, 2 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
-                   EVEN_D)
+        _dq_store(DQ, acc2, gs, rows, row_ok, 2 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
     if NUM_DC > 3:
-        store_rows(DQ, acc3 * gs[:, None], rows, row_ok, 3 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC,
-                   EVEN_D)
+        _dq_store(DQ, acc3, gs, rows, row_ok, 3 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
+
+
+# The transposed orientation wherever the rows owned are too few for wgmma in the plain one.
+_bwd_dq = triton.heuristics({"ACC_T": lambda a: a["BLOCK_M"] < 64})(_bwd_dq_kernel)
 
 
 def backward_dk_launch(q, k, bias, target, lse2, g, tau: float, compute_dk: bool, compute_db: bool, *,
@@ -252,13 +294,13 @@ def backward_dq_launch(q, k, bias, target, lse2, g, tau: float, *, block_m: int 
     consts = dict(EVEN_D=even_d, NUM_DC=ndc, BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
     if interp:
         bm, bn = block_m or INTERPRET_BLOCK, block_n or INTERPRET_BLOCK
-        return Launch(_bwd_dq_kernel, (triton.cdiv(n, bm),), args,
+        return Launch(_bwd_dq, (triton.cdiv(n, bm),), args,
                       dict(consts, BLOCK_M=bm, BLOCK_N=bn, RESIDENT=resident)), dq
     dclass, size = d_class(bdc, ndc), q.element_size()
     if block_m is not None or block_n is not None:
         kw = pinned("dq", dclass, size, block_m, block_n, resident)
-        return Launch(_bwd_dq_kernel, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), dq
-    kern = tuned(_bwd_dq_kernel, "dq", dclass, size)
+        return Launch(_bwd_dq, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), dq
+    kern = tuned(_bwd_dq, "dq", dclass, size)
     return Launch(kern, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, consts), dq
 
 

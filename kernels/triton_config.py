@@ -3,8 +3,10 @@ of truth for which kernel specialisations a launch can reach (the launchers and 
 read it).
 
 The embedding dimension is split into NUM_DC <= 4 chunks of BLOCK_DC columns: the fp32
-accumulators (dQ rows in the forward, dK rows in the backward) are one [BLOCK, BLOCK_DC] tile per
-chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile. On a GPU the block sizes are
+accumulators (dQ rows in the fused forward or the dQ pass, dK rows in the dK pass) are one
+[BLOCK, BLOCK_DC] tile per chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile.
+Four stages have a table each: "fwd" (forward with the dQ accumulator), "lse" (forward without it),
+"bwd" (dK pass), "dq" (dQ pass); which of them a training step runs is the design (``DESIGN``). On a GPU the block sizes are
 autotuned per (kernel, D class, element size) with keys bucketed to powers of two (the number of
 unique items changes every batch; retuning per batch would cost seconds). Under TRITON_INTERPRET=1 one
 fixed small tile is used so CPU tests stay fast.
@@ -111,9 +113,31 @@ _BWD = {
     ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
 # Forward without dQ ("split" design, or no gradient for q): the logits tile and row statistics only.
-_LSE = {key: list(rows) for key, rows in _FWD.items()}
-# dQ pass ("split" design): BLOCK_M rows of q own the dQ accumulator, BLOCK_N rows of k stream past.
-_DQ = {key: list(rows) for key, rows in _FWD.items()}
+# One D chunk: the forward kernel without its accumulator (no spill in any row, 58-126 registers at
+# D = 256). Several chunks: the D-loop kernel (triton_forward._lse_kernel), whose shared memory does
+# not grow with D: 128x128 tiles pipelined 3-4 deep at D = 768 and 1024, 203-212 registers, no spill
+# (the chunked forward had to stay at 64x32 or unpipelined 64x64 there). 128x256 dropped (spills).
+_LSE = {
+    **{key: list(rows) for key, rows in _FWD.items() if key[0] in ("small", "d256")},
+    ("large", 2): [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3),
+                   (64, 64, 4, 4)],
+    ("xl", 2): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3), (64, 64, 4, 4)],
+    ("large", 4): [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3)],
+    ("xl", 4): [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3)],
+}
+# dQ pass ("split" design): BLOCK_M rows of q own the dQ accumulator, BLOCK_N rows of k stream past;
+# tiles of fewer than 64 rows run transposed (ACC_T, see triton_backward.py) to keep wgmma. One chunk:
+# the forward's rows (no spill at 64x32 and 64x64x8w/2, 40-64 B at 64x64/3 and 128x64). D = 768:
+# 32x32x8w/2-3 transposed is the only wgmma row without spill (230-248 registers); 64-row rows spill
+# 112-1128 B (the 64 x 768 fp32 accumulator alone is 192 registers a thread at 8 warps) but are kept
+# for the sweep to weigh against the 32-row ones.
+_DQ = {
+    **{key: list(rows) for key, rows in _FWD.items() if key[0] in ("small", "d256")},
+    ("large", 2): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1)],
+    ("xl", 2): [(32, 32, 8, 2), (32, 32, 8, 1), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
+    ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
+    ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
+}
 TABLES = {"fwd": _FWD, "lse": _LSE, "bwd": _BWD, "dq": _DQ}
 
 # Where dQ is formed (kernels/triton_forward.py, triton_backward.py):
@@ -184,7 +208,7 @@ def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
             configs.append(triton.Config({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "RESIDENT")},
                                          num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
         keys = ["N_KEY", "M_KEY", "D"]
-        keys += {"bwd": ["COMPUTE_DK", "COMPUTE_DB"], "dq": []}.get(stage, ["COMPUTE_DQ"])
+        keys += {"fwd": ["COMPUTE_DQ"], "bwd": ["COMPUTE_DK", "COMPUTE_DB"]}.get(stage, [])
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _TUNED[key]
 

@@ -82,6 +82,9 @@ def test_triton_split_design_matches_truth(case):
     if bdc is None:
         check_against_truth("triton", n, m, d, torch.bfloat16, bias=True, mask=False, reduction="mean",
                             tau=0.1, design="split")
+    if not ON_GPU:  # 64 rows of q a program: the dQ pass in its plain orientation (32: transposed)
+        check_against_truth("triton", n, m, d, torch.float32, bias=True, mask=False, reduction="sum",
+                            tau=0.3, block_dc=bdc, design="split", block_m=64, block_n=16)
     q, k, t, b = on(TRITON_DEVICE, *make_inputs(n, m, d, seed=7)[:4])
     w = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
     split, fused = (loss_and_grads(impl_fn("triton"), q, k, t, b, 0.2, None, "none", weights=w, design=x,
