@@ -352,7 +352,8 @@ def stage_launch(stage, q, k, b, t, lse2, g, row):
     else:
         launch, outs = backward_dq_launch(q, k, b, t, lse2, g, TAU, **tiles)
     if not interpreting():  # the exact row: pinning alone takes the first row with these tiles
-        launch.kwargs.update({x: v for x, v in config_kwargs(row).items() if x in ("num_warps", "num_stages")})
+        kw = config_kwargs(row)
+        launch.kwargs.update(num_warps=kw["num_warps"], num_stages=kw["num_stages"])
     return launch, outs
 
 
@@ -422,7 +423,8 @@ def stage_sweep(dev, emit, n, m, d, peak, check_n):
                 med, p20, p80 = dev.bench(launch, grad_to_none=[])
             except Exception as e:  # noqa: BLE001 (one config's failure must not end the sweep)
                 med = p20 = p80 = float("nan")
-                note = f"config {cfg}; failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                why = str(e).splitlines()[0][:120] if str(e) else ""
+                note = f"config {cfg}; failed: {type(e).__name__}: {why}"
             dev.empty_cache()
             tf = flops(stage, n, m, d) / (med * 1e-3) / 1e12
             print(f"stage:{stage:5} {cfg:18} {med:10.3f} ms {tf:8.0f} TFLOP/s {tf / peak:7.1%} {note}")
@@ -562,7 +564,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help="the design sweep: providers transrec:fused,transrec:split, every mode, then each "
                          "kernel stage alone at every config of its table (--providers/--modes still apply)")
-    ap.add_argument("--stages", action="store_true", help="time each kernel stage per table config (--sweep does)")
+    ap.add_argument("--stages", action="store_true",
+                    help="time each kernel stage per table config (--sweep does)")
     ap.add_argument("--check-n", type=int, default=None, help="N = M of the agreement check (default 1024)")
     args = ap.parse_args(argv)
     CHECK_N = args.check_n = args.check_n or CHECK_N

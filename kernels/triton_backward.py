@@ -233,9 +233,11 @@ def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
     if NUM_DC > 1:
         _dq_store(DQ, acc1, gs, rows, row_ok, BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
     if NUM_DC > 2:
-        _dq_store(DQ, acc2, gs, rows, row_ok, 2 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
+        _dq_store(DQ, acc2, gs, rows, row_ok, 2 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D,
+                  ACC_T)
     if NUM_DC > 3:
-        _dq_store(DQ, acc3, gs, rows, row_ok, 3 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D, ACC_T)
+        _dq_store(DQ, acc3, gs, rows, row_ok, 3 * BLOCK_DC, D, stride_dqn, stride_dqd, BLOCK_DC, EVEN_D,
+                  ACC_T)
 
 
 # The transposed orientation wherever the rows owned are too few for wgmma in the plain one.

@@ -6,10 +6,10 @@ The embedding dimension is split into NUM_DC <= 4 chunks of BLOCK_DC columns: th
 accumulators (dQ rows in the fused forward or the dQ pass, dK rows in the dK pass) are one
 [BLOCK, BLOCK_DC] tile per chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile.
 Four stages have a table each: "fwd" (forward with the dQ accumulator), "lse" (forward without it),
-"bwd" (dK pass), "dq" (dQ pass); which of them a training step runs is the design (``DESIGN``). On a GPU the block sizes are
-autotuned per (kernel, D class, element size) with keys bucketed to powers of two (the number of
-unique items changes every batch; retuning per batch would cost seconds). Under TRITON_INTERPRET=1 one
-fixed small tile is used so CPU tests stay fast.
+"bwd" (dK pass), "dq" (dQ pass); which of them a training step runs is the design (``DESIGN``).
+On a GPU the block sizes are autotuned per (kernel, D class, element size) with keys bucketed to
+powers of two (the number of unique items changes every batch; retuning per batch would cost
+seconds). Under TRITON_INTERPRET=1 one fixed small tile is used so CPU tests stay fast.
 
 What a launch can vary, and so what the sm_90 check compiles: the input dtype (``LAUNCH_DTYPES``;
 inputs are made contiguous and 16-byte aligned first, a missing bias becomes zeros, see
