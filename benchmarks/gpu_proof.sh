@@ -13,6 +13,10 @@
 #   memory  peak GPU memory of base-gpu at batch 256 under ZeRO 0, 2 and 3 on one card
 #   prefix  benchmarks/prefix_cache.py --gpu: dedup alone vs dedup + the frozen-prefix cache
 #   kernels benchmarks/kernels.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
+#   ksweep  (only when named: --only env,ksweep, a run of its own) the kernel design sweep,
+#           benchmarks/kernels.py --sweep at the four kernel shapes: each design of the Triton kernels
+#           (full / forward / backward), then each kernel stage alone at each config of its table;
+#           its rows choose kernels/triton_config.py's DESIGN and tables. kernels.csv + its PNG.
 # Everything goes to $OUT (default proof_out/), at most 8 files, written as the parts run:
 #   proof.log (every part's output), summary.txt (each part's status and time, then the target
 #   figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv, kernels.csv + kernels_<card>.png.
@@ -36,7 +40,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=",$2,"; shift ;;
     --part) PART=$2; shift ;;  # internal: one part, run by this script under its time cap
     --tree-hash) tree_hash; exit 0 ;;
-    -h|--help) sed -n '2,21p' "$SELF"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$SELF"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -226,6 +230,15 @@ part_prefix() {
   fi
 }
 
+part_ksweep() {
+  if [ $DRY = 1 ]; then  # the Triton code path under the interpreter, one toy shape
+    TRITON_INTERPRET=1 $PY benchmarks/kernels.py --dry-run --sweep --check-n 64 --shapes 40x16 --out "$OUT"
+  else  # D = 768 first: the design question is sharpest there; rows are written as they are measured
+    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernels.py --sweep \
+      --shapes 32768x768,32768x256,65536x256,8192x256 --out "$OUT"
+  fi
+}
+
 part_kernels() {
   if [ $DRY = 1 ]; then
     $PY benchmarks/kernels.py --dry-run --modes full --providers transrec,torch --out "$OUT"
@@ -265,6 +278,9 @@ run_part e2e 170
 run_part memory 70
 run_part prefix 80
 run_part kernels 150
+if [[ "$ONLY" == *",ksweep,"* ]]; then  # never part of the default proof (it needs the whole budget)
+  run_part ksweep 440
+fi
 
 echo "# total $(( $(date +%s) - START )) s" >> "$SUMMARY"
 $PY benchmarks/proof_summary.py "$OUT" $( [ $DRY = 1 ] && echo --dry-run ) >> "$SUMMARY" 2>&1 || FAILED=1

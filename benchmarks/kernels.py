@@ -13,6 +13,17 @@ sha; a PNG per card goes beside it.
     .venv/bin/python benchmarks/kernels.py --shapes 8192x256 --providers transrec,torch
     .venv/bin/python benchmarks/kernels.py --cpu                # chunked vs eager on the CPU, seconds
     .venv/bin/python benchmarks/kernels.py --dry-run            # the GPU code path on the CPU (tests)
+    .venv/bin/python benchmarks/kernels.py --sweep              # GPU: the design sweep (below)
+
+The design sweep (``--sweep``, what ``benchmarks/gpu_proof.sh --only env,ksweep`` runs) picks between
+the kernel designs of ``kernels/triton_config.py`` on a card: per shape, this project's kernel once
+per design (providers "transrec" as the dispatcher runs it, "transrec:fused" and "transrec:split",
+modes full / forward / backward), then
+every kernel stage alone (fwd: forward with the dQ accumulator; lse: forward without it; bwd: the dK
+pass; dq: the dQ pass) at every config of its table, pinned (providers "stage:<stage>", mode
+"stage", the config in the note). Each stage config is checked against the float32 reference at
+the check shape before it is timed, as every provider is. From those rows: DESIGN per D class (fused
+if fwd + bwd beats lse + bwd + dq) and each table's order or its pruning.
 
 Before a provider is timed, its loss and gradients at 1024^2 are compared with the float32 reference
 (the max relative error goes into the row's note; MISMATCH marks a disagreement). A provider that
@@ -42,6 +53,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 GPU_SHAPES = [(65536, 256), (32768, 256), (32768, 768), (8192, 256)]
 CPU_SHAPES = [(1024, 64), (4096, 64), (4096, 256)]
 PROVIDERS = ["transrec", "liger", "cce", "compile", "torch", "chunked"]  # chunked: this project's torch path
+# --sweep: this project's kernel as the dispatcher runs it, then once per design
+DESIGN_PROVIDERS = ["transrec", "transrec:fused", "transrec:split"]
+STAGE_FLOPS = {"fwd": 4, "lse": 2, "bwd": 4, "dq": 4}  # x N*M*D: the useful work each stage does
 MODES = ["full", "forward", "backward"]
 TAU = 0.05
 FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
@@ -53,10 +67,11 @@ NOTES = {"cce": "bias as an extra embedding column (D+8); CCE's default gradient
 
 
 def flops(mode, n, m, d):
-    return {"forward": 2, "backward": 4, "full": 6}[mode] * n * m * d
+    return {"forward": 2, "backward": 4, "full": 6, **STAGE_FLOPS}[mode] * n * m * d
 
 
-FLOP_FORMULA = {"forward": "2*N*M*D", "backward": "4*N*M*D", "full": "6*N*M*D"}
+FLOP_FORMULA = {"forward": "2*N*M*D", "backward": "4*N*M*D", "full": "6*N*M*D",
+                **{s: f"{x}*N*M*D" for s, x in STAGE_FLOPS.items()}}
 
 
 def make_inputs(n, m, d, dtype, device, seed=0):
@@ -85,6 +100,15 @@ def provider(name):
         from transrec.kernels import inbatch_softmax
 
         return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="auto")
+    if name.startswith("transrec:"):  # one design of the Triton kernels, whatever the table says
+        from transrec.kernels.triton_config import DESIGNS
+        from transrec.kernels.triton_op import inbatch_softmax_triton_rows
+
+        design = name.split(":", 1)[1]
+        if design not in DESIGNS:
+            raise ValueError(f"unknown design {design!r} in provider {name!r} (designs: {DESIGNS})")
+        return lambda q, k, t, b: inbatch_softmax_triton_rows(q, k, t, bias=b, temperature=TAU,
+                                                              design=design).mean()
     if name == "chunked":
         from transrec.kernels import inbatch_softmax
 
@@ -302,9 +326,112 @@ def run_gpu(args, dev=None):
                           ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
                           extra_gib=f"{extra:.4f}", tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[mode],
                           matmul_peak_tflops=f"{peak:.0f}", peak_share=f"{tf / peak:.3f}", note=note))
+        if args.stages:
+            stage_sweep(dev, emit, n, m, d, peak, args.check_n)
         if emit.rows:  # redrawn after every shape, so a run cut short still leaves its plot
             plot(card, emit.rows, args.out)
     print(f"\n{len(emit.rows)} rows appended to {emit.path}")
+
+
+# ----- the kernel stages alone, per config of their tables (--sweep) -----
+STAGES = ("fwd", "lse", "bwd", "dq")
+
+
+def stage_launch(stage, q, k, b, t, lse2, g, row):
+    """The launch of one stage with the tiles, warps and stages of table row ``row`` (pinned), and
+    its outputs: fwd (loss, lse2, A), lse (loss, lse2, None), bwd (dk, db), dq dq."""
+    from transrec.kernels.triton_backward import backward_dk_launch, backward_dq_launch
+    from transrec.kernels.triton_config import config_kwargs, interpreting
+    from transrec.kernels.triton_forward import forward_launch
+
+    tiles = dict(block_m=row[0], block_n=row[1], resident=row[4])
+    if stage in ("fwd", "lse"):
+        launch, outs = forward_launch(q, k, b, t, TAU, stage == "fwd", **tiles)
+    elif stage == "bwd":
+        launch, outs = backward_dk_launch(q, k, b, t, lse2, g, TAU, True, True, **tiles)
+    else:
+        launch, outs = backward_dq_launch(q, k, b, t, lse2, g, TAU, **tiles)
+    if not interpreting():  # the exact row: pinning alone takes the first row with these tiles
+        kw = config_kwargs(row)
+        launch.kwargs.update(num_warps=kw["num_warps"], num_stages=kw["num_stages"])
+    return launch, outs
+
+
+def stage_inputs(n, m, d, dtype, device, seed=0):
+    """(q, k, bias, target) as the launchers take them (canonical), the float32 row LSE (log2 domain)
+    and g = 1 (the gradient of a sum)."""
+    from transrec.kernels.triton_op import canonical_inputs
+
+    q, k, t, b = make_inputs(n, m, d, dtype, device, seed=seed)
+    q, k, t, b = canonical_inputs(q.detach(), k.detach(), t, b)
+    with torch.no_grad():
+        logits = (q.float() @ k.float().T) / TAU + b[None, :] if n * m <= 2**22 else None
+    if logits is not None:
+        lse2 = torch.logsumexp(logits, 1) * 1.4426950408889634
+    else:  # the timed shapes: the kernel's own forward (the values barely matter for the timing)
+        from transrec.kernels.triton_forward import triton_forward
+
+        lse2 = triton_forward(q, k, b, t, TAU, False)[1]
+    return q, k, b, t, lse2.float().contiguous(), torch.ones(n, device=q.device)
+
+
+def stage_reference(q, k, b, t):
+    """Float32 reference of what each stage computes: per-row loss, dq, dk, db of the summed loss."""
+    from transrec.kernels import inbatch_softmax_reference
+
+    q32, k32, b32 = (x.detach().float().requires_grad_(True) for x in (q, k, b))
+    rows = inbatch_softmax_reference(q32, k32, t, bias=b32, temperature=TAU, reduction="none")
+    dq, dk, db = torch.autograd.grad(rows.sum(), [q32, k32, b32])
+    return dict(loss=rows.detach(), dq=dq, dk=dk, db=db)
+
+
+def stage_outputs(stage, outs):
+    """The stage's outputs by the reference's names (fwd's A is tau * dq for g = 1)."""
+    if stage == "fwd":
+        return dict(loss=outs[0], dq=outs[2] / TAU)
+    if stage == "lse":
+        return dict(loss=outs[0])
+    if stage == "bwd":
+        return dict(dk=outs[0], db=outs[1])
+    return dict(dq=outs)
+
+
+def stage_sweep(dev, emit, n, m, d, peak, check_n):
+    """Each stage at each config of its table: checked at check_n^2 x d, then timed at n x m x d."""
+    from transrec.kernels.triton_config import d_class, d_layout, table
+
+    dclass = d_class(*d_layout(d)[:2])
+    itemsize = torch.tensor([], dtype=dev.dtype).element_size()
+    print(f"-- stages alone at {n}x{m}x{d} (D class {dclass}), each config of its table, pinned --")
+    chk = stage_inputs(check_n, check_n, d, dev.dtype, dev.device, seed=1)
+    ref = stage_reference(*chk[:4])
+    timed = stage_inputs(n, m, d, dev.dtype, dev.device)
+    for stage in STAGES:
+        for row in table(stage, dclass, itemsize):
+            cfg = f"{row[0]}x{row[1]} w{row[2]} s{row[3]} r{int(row[4])}"
+            try:
+                launch, outs = stage_launch(stage, *chk, row)
+                launch()
+                got = stage_outputs(stage, outs)
+                err = max(float((got[x].float() - ref[x]).abs().max() / ref[x].abs().max().clamp_min(1e-30))
+                          for x in got)
+                ok = err <= AGREE_TOL[dev.dtype]
+                note = f"config {cfg}; rel err {err:.1e}" + ("" if ok else " MISMATCH")
+                launch, _ = stage_launch(stage, *timed, row)
+                launch()  # compile
+                dev.sync()
+                med, p20, p80 = dev.bench(launch, grad_to_none=[])
+            except Exception as e:  # noqa: BLE001 (one config's failure must not end the sweep)
+                med = p20 = p80 = float("nan")
+                why = str(e).splitlines()[0][:120] if str(e) else ""
+                note = f"config {cfg}; failed: {type(e).__name__}: {why}"
+            dev.empty_cache()
+            tf = flops(stage, n, m, d) / (med * 1e-3) / 1e12
+            print(f"stage:{stage:5} {cfg:18} {med:10.3f} ms {tf:8.0f} TFLOP/s {tf / peak:7.1%} {note}")
+            emit(dict(provider=f"stage:{stage}", mode="stage", n=n, m=m, d=d, dtype=DTYPE_NAMES[dev.dtype],
+                      ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", extra_gib="",
+                      tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[stage], matmul_peak_tflops=f"{peak:.0f}",
+                      peak_share=f"{tf / peak:.3f}", note=note))
 
 
 # ----- CPU -----
@@ -424,6 +551,7 @@ def parse_shape(s):
 
 
 def main(argv=None):
+    global CHECK_N  # --check-n: the providers' check (agreement) reads the module's figure
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="chunked vs eager torch on the CPU (small shapes)")
     ap.add_argument("--shapes", type=lambda s: [parse_shape(x) for x in s.split(",")], default=None,
@@ -433,7 +561,18 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true",
                     help="the GPU run's code path on the CPU at tiny shapes (meaningless figures; for tests)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and the PNG")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the design sweep: providers transrec:fused,transrec:split, every mode, then each "
+                         "kernel stage alone at every config of its table (--providers/--modes still apply)")
+    ap.add_argument("--stages", action="store_true",
+                    help="time each kernel stage per table config (--sweep does)")
+    ap.add_argument("--check-n", type=int, default=None, help="N = M of the agreement check (default 1024)")
     args = ap.parse_args(argv)
+    CHECK_N = args.check_n = args.check_n or CHECK_N
+    if args.sweep:
+        args.stages = True
+        if args.providers == PROVIDERS:
+            args.providers = DESIGN_PROVIDERS
     if args.cpu:
         args.shapes = args.shapes or CPU_SHAPES
         run_cpu(args)

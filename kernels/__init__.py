@@ -12,6 +12,11 @@ Implementations (``impl``):
   "chunked" torch, ``chunk`` rows at a time, peak memory O(chunk x M) (kernels/chunked.py)
   "torch"   the plain reference materialising all logits in float32 (kernels/reference.py)
   "auto"    triton on CUDA (fp16/bf16/fp32, D <= MAX_D), chunked elsewhere
+
+The Triton kernels come in two designs (kernels/triton_config.py, ``DESIGN`` per D class,
+$TRANSREC_TRITON_DESIGN to force one): "fused" forms dQ in the forward (8 N M D flops, an fp32
+[N, D] buffer saved), "split" recomputes the logits in a dQ pass (10 N M D flops, no buffer, one
+accumulator per kernel). ``benchmarks/kernels.py --sweep`` times both on a card.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ ptxas and cuobjdump), exactly as the launchers would specialise them on the card
 
     .venv/bin/python -m transrec.kernels.sm90_check fwd 768          # each table config: REG, STACK, shared
     .venv/bin/python -m transrec.kernels.sm90_check bwd 256 --sweep  # a wider grid, least spill first
+    .venv/bin/python -m transrec.kernels.sm90_check dq 768           # stages: fwd lse bwd dq (triton_config)
     .venv/bin/python -m transrec.kernels.sm90_check verify           # every reachable launch fits?
 
 What is compiled comes from the launchers themselves: ``triton_op.canonical_inputs`` makes the inputs
@@ -35,7 +36,10 @@ import time
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (also triton_config.SMEM_LIMIT)
 CAPABILITY = 90
-STAGES = ("fwd", "bwd")
+# The kernel stages, as the tables of triton_config name them: the forward with the dQ accumulator
+# ("fused" design), the forward without it ("split" design, or q without gradient), the dK pass and
+# the dQ pass ("split" design).
+STAGES = ("fwd", "lse", "bwd", "dq")
 
 
 def _target():
@@ -60,7 +64,10 @@ def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
     a multiple of every BLOCK_N or not (the EVEN_M heuristic). Sizes are otherwise immaterial (the
     kernels do not specialise on them)."""
     import torch  # lazy: after TRITON_INTERPRET is cleared
-    from transrec.kernels.triton_backward import backward_dk_launch  # lazy: after TRITON_INTERPRET is cleared
+    from transrec.kernels.triton_backward import (  # lazy: after TRITON_INTERPRET is cleared
+        backward_dk_launch,
+        backward_dq_launch,
+    )
     from transrec.kernels.triton_config import LAUNCH_DTYPES  # lazy: after TRITON_INTERPRET is cleared
     from transrec.kernels.triton_forward import forward_launch  # lazy: after TRITON_INTERPRET is cleared
 
@@ -68,12 +75,15 @@ def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
     for dtype, m in itertools.product(dtypes or LAUNCH_DTYPES, ms):
         q, k, t, b = _inputs(dtype, n, m, d)
         name = str(dtype)[6:]
-        if stage == "fwd":
-            for dq in (True, False):
-                launch, _ = forward_launch(q, k, b, t, 0.05, dq)
-                yield f"{name} M={m} dq={int(dq)}", launch
+        lse2, g = torch.zeros(n), torch.zeros(n)
+        if stage in ("fwd", "lse"):
+            dq = stage == "fwd"
+            launch, _ = forward_launch(q, k, b, t, 0.05, dq)
+            yield f"{name} M={m} dq={int(dq)}", launch
+        elif stage == "dq":
+            launch, _ = backward_dq_launch(q, k, b, t, lse2, g, 0.05)
+            yield f"{name} M={m}", launch
         else:
-            lse2, g = torch.zeros(n), torch.zeros(n)
             for dk, db in [(True, True), (True, False), (False, True)]:  # backward runs if one is needed
                 launch, _ = backward_dk_launch(q, k, b, t, lse2, g, 0.05, dk, db)
                 yield f"{name} M={m} dk={int(dk)} db={int(db)}", launch
@@ -93,6 +103,12 @@ def configs_of(launch):
                 kw[name] = rule({**named, **kw})
         kern = kern.fn
     return [(kern, kw) for kw in variants]
+
+
+def _heuristics(kern) -> dict:
+    """The heuristics (name -> rule) of a launch's kernel, under an autotuner or not."""
+    kern = getattr(kern, "fn", kern) if hasattr(kern, "configs") else kern
+    return dict(getattr(kern, "values", {}))
 
 
 class Spec:
@@ -299,23 +315,28 @@ def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False
         fn, kw0 = base
         specs = []
         ndc = kw0["NUM_DC"]
+        rules = _heuristics(launch.kernel)
+        named = dict(zip(fn.arg_names, launch.args))
         for c in itertools.product([32, 64, 128], [32, 64, 128], [4, 8, 16], [1, 2, 3, 4],
                                    [True, False] if ndc == 1 else [True]):
             kw = dict(kw0, **config_kwargs(c[:4] + (c[4],)))
-            if stage == "fwd" and "EVEN_M" in kw:
-                kw["EVEN_M"] = launch.args[8] % kw["BLOCK_N"] == 0
+            for name, rule in rules.items():  # EVEN_M, ACC_T: as the launch would set them
+                kw[name] = rule({**named, **kw})
             specs.append(Spec(fn, launch.args, kw))
     results = []
     print(f"{stage} D={d} {label} (Triton {_triton_version()}, sm_{CAPABILITY})", flush=True)
     for spec in specs:
         try:
+            if sweep and (short := shared_bytes(spec)) > SMEM_LIMIT:  # no full compile: it cannot launch
+                print(f"  {spec.tiles()}: shared={short} over the shared-memory limit", flush=True)
+                continue
             r = full_compile(spec)
         except Exception as e:  # noqa: BLE001 (a config the compiler refuses is reported, not fatal)
             print(f"  {spec.tiles()}: compile failed: {type(e).__name__}: {str(e)[:160]}")
             continue
         short = shared_bytes(spec)
         assert short == r["shared"], f"allocation-only shared {short} != full compile {r['shared']}"
-        r["tiles"] = spec.tiles()
+        r["tiles"] = spec.tiles() + (" acc_t=1" if spec.kwargs.get("ACC_T") else "")
         results.append(r)
         print("  " + show(r), flush=True)
     if sweep:
@@ -334,10 +355,10 @@ def show(r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="sm_90 register/spill/shared-memory check of the kernels")
-    ap.add_argument("what", choices=["fwd", "bwd", "verify"])
-    ap.add_argument("d", type=int, nargs="?", help="embedding size (fwd/bwd); verify: triton_config.CHECK_D")
+    ap.add_argument("what", choices=[*STAGES, "verify"])
+    ap.add_argument("d", type=int, nargs="?", help="embedding size (a stage); verify: triton_config.CHECK_D")
     ap.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                    help="fwd/bwd: bfloat16 unless given; verify: every launch dtype unless given")
+                    help="a stage: bfloat16 unless given; verify: every launch dtype unless given")
     ap.add_argument("--sweep", action="store_true", help="a wider grid than the autotune table")
     ap.add_argument("--ragged-m", action="store_true", help="M not a multiple of BLOCK_N (EVEN_M false)")
     ap.add_argument("--jobs", type=int, default=1, help="verify: compiler processes")
@@ -363,7 +384,7 @@ def main(argv=None):
                 json.dump(dict(triton=_triton_version(), rows=rows), f)
         return 1 if any(r["shared"] > SMEM_LIMIT for r in rows) else 0
     if args.d is None:
-        ap.error("fwd/bwd need D")
+        ap.error(f"{args.what} needs D")
     report(args.what, args.d, args.dtype or "bfloat16", args.sweep, even_m=not args.ragged_m)
     return 0
 

@@ -34,6 +34,18 @@ def store_rows(ptr, val, rows, row_ok, d0, D, stride_r, stride_d, BLOCK_DC: tl.c
 
 
 @triton.jit
+def store_rows_t(ptr, val_t, rows, row_ok, d0, D, stride_r, stride_d, BLOCK_DC: tl.constexpr,
+                 EVEN_D: tl.constexpr):
+    """store_rows of a tile given transposed: ``val_t`` is [BLOCK_DC, len(rows)]."""
+    offs_d = d0 + tl.arange(0, BLOCK_DC)
+    ptrs = ptr + rows[None, :] * stride_r + offs_d[:, None] * stride_d
+    if EVEN_D:
+        tl.store(ptrs, val_t.to(ptr.dtype.element_ty), mask=row_ok[None, :])
+    else:
+        tl.store(ptrs, val_t.to(ptr.dtype.element_ty), mask=row_ok[None, :] & (offs_d[:, None] < D))
+
+
+@triton.jit
 def mma(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     """acc + a @ b with fp32 accumulation. DOT_FP32: upcast the operands first (the interpreter
     returns garbage for a bf16 dot). IEEE: full fp32 precision for fp32 inputs (no tf32)."""

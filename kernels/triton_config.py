@@ -3,11 +3,13 @@ of truth for which kernel specialisations a launch can reach (the launchers and 
 read it).
 
 The embedding dimension is split into NUM_DC <= 4 chunks of BLOCK_DC columns: the fp32
-accumulators (dQ rows in the forward, dK rows in the backward) are one [BLOCK, BLOCK_DC] tile per
-chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile. On a GPU the block sizes are
-autotuned per (kernel, D class, element size) with keys bucketed to powers of two (the number of
-unique items changes every batch; retuning per batch would cost seconds). Under TRITON_INTERPRET=1 one
-fixed small tile is used so CPU tests stay fast.
+accumulators (dQ rows in the fused forward or the dQ pass, dK rows in the dK pass) are one
+[BLOCK, BLOCK_DC] tile per chunk, so D = 768 uses 3 x 256 instead of a 1024-wide padded tile.
+Four stages have a table each: "fwd" (forward with the dQ accumulator), "lse" (forward without it),
+"bwd" (dK pass), "dq" (dQ pass); which of them a training step runs is the design (``DESIGN``).
+On a GPU the block sizes are autotuned per (kernel, D class, element size) with keys bucketed to
+powers of two (the number of unique items changes every batch; retuning per batch would cost
+seconds). Under TRITON_INTERPRET=1 one fixed small tile is used so CPU tests stay fast.
 
 What a launch can vary, and so what the sm_90 check compiles: the input dtype (``LAUNCH_DTYPES``;
 inputs are made contiguous and 16-byte aligned first, a missing bias becomes zeros, see
@@ -110,9 +112,61 @@ _BWD = {
     ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
     ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
-TABLES = {"fwd": _FWD, "bwd": _BWD}
+# Forward without dQ ("split" design, or no gradient for q): the logits tile and row statistics only.
+# One D chunk: the forward kernel without its accumulator (no spill in any row, 58-126 registers at
+# D = 256). Several chunks: the D-loop kernel (triton_forward._lse_kernel), whose shared memory does
+# not grow with D: 128x128 tiles pipelined 3-4 deep at D = 768 and 1024, 203-212 registers, no spill
+# (the chunked forward had to stay at 64x32 or unpipelined 64x64 there). 128x256 dropped (spills).
+_LSE = {
+    **{key: list(rows) for key, rows in _FWD.items() if key[0] in ("small", "d256")},
+    ("large", 2): [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3),
+                   (64, 64, 4, 4)],
+    ("xl", 2): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3), (64, 64, 4, 4)],
+    ("large", 4): [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3)],
+    ("xl", 4): [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3)],
+}
+# dQ pass ("split" design): BLOCK_M rows of q own the dQ accumulator, BLOCK_N rows of k stream past;
+# tiles of fewer than 64 rows run transposed (ACC_T, see triton_backward.py) to keep wgmma. One chunk:
+# the forward's rows (no spill at 64x32 and 64x64x8w/2, 40-64 B at 64x64/3 and 128x64). D = 768:
+# 32x32x8w/2-3 transposed is the only wgmma row without spill (230-248 registers); 64-row rows spill
+# 112-1128 B (the 64 x 768 fp32 accumulator alone is 192 registers a thread at 8 warps) but are kept
+# for the sweep to weigh against the 32-row ones.
+_DQ = {
+    **{key: list(rows) for key, rows in _FWD.items() if key[0] in ("small", "d256")},
+    ("large", 2): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1)],
+    ("xl", 2): [(32, 32, 8, 2), (32, 32, 8, 1), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
+    ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
+    ("xl", 4): [(32, 16, 4, 1), (16, 32, 4, 1)],
+}
+TABLES = {"fwd": _FWD, "lse": _LSE, "bwd": _BWD, "dq": _DQ}
+
+# Where dQ is formed (kernels/triton_forward.py, triton_backward.py):
+#   "fused"  the forward accumulates A = sum_j p_ij k_j - k_t (fp32 [N, D], saved for backward);
+#            backward = the dK pass + one elementwise product. 8 N M D flops; the forward carries a
+#            rescaled [BLOCK_M, D] fp32 accumulator (it spills at D = 768).
+#   "split"  the forward computes LSE and the target logit only; backward = the dK pass + a dQ pass
+#            (flash-attention-2 style). 10 N M D flops; no [N, D] fp32 buffer; each kernel holds
+#            one accumulator without rescaling.
+# The choice per D class is meant to be made by the GPU sweep (benchmarks/kernels.py --designs);
+# until a card has timed both it stays "fused", the design the H200 figures of issue 11 were
+# measured with. TRANSREC_TRITON_DESIGN=fused|split overrides it for every class.
+DESIGNS = ("fused", "split")
+DESIGN = {"small": "fused", "d256": "fused", "large": "fused", "xl": "fused"}
+DESIGN_ENV = "TRANSREC_TRITON_DESIGN"
 
 _TUNED: dict = {}
+
+
+def design(dclass: str, override: str | None = None) -> str:
+    """The design ("fused" or "split") a launch of D class ``dclass`` runs: ``override`` (an argument),
+    else $TRANSREC_TRITON_DESIGN, else the ``DESIGN`` table."""
+    choice = override or os.environ.get(DESIGN_ENV) or DESIGN[dclass]
+    if choice not in DESIGNS:
+        from transrec.kernels.validate import KernelInputError
+
+        source = "design" if override else DESIGN_ENV
+        raise KernelInputError(f"{source} must be one of {DESIGNS}, got {choice!r}")
+    return choice
 
 
 def resident(config: tuple) -> bool:
@@ -154,7 +208,7 @@ def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
             configs.append(triton.Config({k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "RESIDENT")},
                                          num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
         keys = ["N_KEY", "M_KEY", "D"]
-        keys += ["COMPUTE_DQ"] if stage == "fwd" else ["COMPUTE_DK", "COMPUTE_DB"]
+        keys += {"fwd": ["COMPUTE_DQ"], "bwd": ["COMPUTE_DK", "COMPUTE_DB"]}.get(stage, [])
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _TUNED[key]
 

@@ -13,7 +13,14 @@ With COMPUTE_DQ the same tiles also accumulate (flash-attention style, V = K)
 
 so that dq_i = (g_i / tau) * A_i in the backward (g_i = dL/dloss_i) with no second pass over k
 for dQ: forward+backward costs 8 N M D flops (2 here for the logits, 2 for A; 4 in the dK pass).
-A is stored in fp32, [N, D].
+A is stored in fp32, [N, D]. This is the "fused" design (triton_config.DESIGNS).
+
+Without COMPUTE_DQ (the "split" design, whose dQ pass is in triton_backward.py, or q without
+gradient) the forward only reduces. With D in one chunk that is the same kernel minus its
+accumulator; with several chunks it is _lse_kernel, a matmul-shaped loop over D in BLOCK_K columns
+inside the loop over k tiles: its shared memory is (BLOCK_M + BLOCK_N) x BLOCK_K per stage whatever
+D is, so D = 768 gets 128 x 128 tiles pipelined 3-4 deep without spilling, where the unrolled
+chunks need every chunk of q and k in shared memory at once (64 x 32 tiles, or 64 x 64 unpipelined).
 """
 
 from __future__ import annotations
@@ -138,6 +145,57 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A,
 _fwd = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_fwd_kernel)
 
 
+@triton.jit(do_not_specialize=["N", "M", "N_KEY", "M_KEY"])  # sizes: see _fwd_kernel
+def _lse_kernel(Q, K, BIAS, TGT, LOSS, LSE2,
+                N, M, D,
+                stride_qn, stride_qd, stride_kn, stride_kd,
+                scale2,
+                N_KEY, M_KEY,
+                EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RESIDENT: tl.constexpr,
+                DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """The forward without dQ for D of several chunks: a matmul's inner loop over D in BLOCK_K
+    columns (pipelined: only BLOCK_K-wide q and k tiles in shared memory, whatever D is) feeding
+    the online LSE of _fwd_kernel. RESIDENT is unused (both tiles stream; kept so that every stage
+    takes the rows of the one table format)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    t = tl.load(TGT + rows, mask=row_ok, other=-1).to(tl.int64)
+    pos2 = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            qc = load_rows(Q, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K, EVEN_K)
+            kc = load_rows(K, cols, col_ok, d0, D, stride_kn, stride_kd, BLOCK_K, EVEN_K)
+            s = mma(qc, tl.trans(kc), s, DOT_FP32, IEEE)
+        s = s * scale2
+        b = tl.load(BIAS + cols, mask=col_ok, other=0.0)
+        s = s + b[None, :] * LOG2E
+        pos2 += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), 1)
+        if not EVEN_M:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE2 + rows, lse2, mask=row_ok)
+    tl.store(LOSS + rows, (lse2 - pos2) * LN2, mask=row_ok)
+
+
+_lse = triton.heuristics({"EVEN_M": lambda a: a["M"] % a["BLOCK_N"] == 0})(_lse_kernel)
+
+
+def lse_block_k(d: int, block_dc: int, num_dc: int, itemsize: int) -> int:
+    """The D step of _lse_kernel: 128-byte rows of q and k per step on a GPU (the width shared memory
+    is swizzled by); under the interpreter the D chunk, so that small tests take several steps."""
+    return block_dc if interpreting() else min(block_dc, 128 // itemsize)
+
+
 def forward_launch(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                    tau: float, compute_dq: bool, *, block_m: int | None = None, block_n: int | None = None,
                    block_dc: int | None = None, resident: bool = True):
@@ -157,16 +215,23 @@ def forward_launch(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
             1.4426950408889634 / tau, 1.0 / tau, next_pow2(n), next_pow2(m))
     consts = dict(COMPUTE_DQ=compute_dq, EVEN_D=even_d, NUM_DC=ndc,
                   BLOCK_DC=bdc, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
+    kern = _fwd
+    if not compute_dq and ndc > 1:  # several D chunks, no dQ accumulator: the D-loop kernel
+        bk = lse_block_k(d, bdc, ndc, q.element_size())
+        args = args[:6] + args[7:14] + args[16:17] + args[18:]  # no A, its strides, 1/tau
+        consts = dict(EVEN_K=d % bk == 0, BLOCK_K=bk, DOT_FP32=interp, IEEE=q.dtype == torch.float32)
+        kern = _lse
     outs = (loss, lse2, (a if compute_dq else None))
     if interp:
         bm, bn = block_m or INTERPRET_BLOCK, block_n or INTERPRET_BLOCK
-        return Launch(_fwd, (triton.cdiv(n, bm),), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn,
+        return Launch(kern, (triton.cdiv(n, bm),), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn,
                                                               RESIDENT=resident)), outs
     dclass, size = d_class(bdc, ndc), q.element_size()
+    stage = "fwd" if compute_dq else "lse"  # without the dQ accumulator: a table of its own
     if block_m is not None or block_n is not None:
-        kw = pinned("fwd", dclass, size, block_m, block_n, resident)
-        return Launch(_fwd, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), outs
-    kern = tuned(_fwd, "fwd", dclass, size)
+        kw = pinned(stage, dclass, size, block_m, block_n, resident)
+        return Launch(kern, (triton.cdiv(n, kw["BLOCK_M"]),), args, dict(consts, **kw)), outs
+    kern = tuned(kern, stage, dclass, size)
     return Launch(kern, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),), args, consts), outs
 
 

@@ -71,9 +71,60 @@ def test_triton_interpreted_bf16_and_tiles():
                             tau=0.1, block_m=32, block_n=32, resident=False)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked"])
-def test_partial_gradients_and_no_grad(impl):
-    """Only some inputs need grad (each constexpr switch), and a forward under no_grad."""
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c[:3])) + f"-dc{c[3]}")
+def test_triton_split_design_matches_truth(case):
+    """The "split" design (LSE-only forward, dQ pass in backward) under the same rule, in fp32 and
+    bf16 (bf16 on the one-chunk case only: time), and against the "fused" design's gradients."""
+    n, m, d, bdc = case
+    bdc = None if ON_GPU else bdc
+    check_against_truth("triton", n, m, d, torch.float32, bias=True, mask=True, reduction="none", tau=0.07,
+                        block_dc=bdc, design="split")
+    if bdc is None:
+        check_against_truth("triton", n, m, d, torch.bfloat16, bias=True, mask=False, reduction="mean",
+                            tau=0.1, design="split")
+    if not ON_GPU:  # 64 rows of q a program: the dQ pass in its plain orientation (32: transposed)
+        check_against_truth("triton", n, m, d, torch.float32, bias=True, mask=False, reduction="sum",
+                            tau=0.3, block_dc=bdc, design="split", block_m=64, block_n=16)
+    q, k, t, b = on(TRITON_DEVICE, *make_inputs(n, m, d, seed=7)[:4])
+    w = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(TRITON_DEVICE)
+    split, fused = (loss_and_grads(impl_fn("triton"), q, k, t, b, 0.2, None, "none", weights=w, design=x,
+                                   block_dc=bdc) for x in ("split", "fused"))
+    for name, x, y in zip(["loss", "dq", "dk", "dbias"], split, fused):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_triton_design_switch(monkeypatch):
+    """The design comes from the table, $TRANSREC_TRITON_DESIGN or the call; a bad name is one clear
+    error; a split forward keeps no [N, D] buffer for backward."""
+    from transrec.kernels import triton_config as tc
+    from transrec.kernels.triton_op import design_of
+
+    assert set(tc.DESIGN) == {"small", "d256", "large", "xl"} and set(tc.DESIGN.values()) <= set(tc.DESIGNS)
+    monkeypatch.setenv(tc.DESIGN_ENV, "split")
+    assert design_of(768) == "split" and design_of(64, "fused") == "fused"
+    q, k, t, b = on(TRITON_DEVICE, *make_inputs(12, 20, 8, seed=2)[:4])
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, b)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        loss = inbatch_softmax(*leaves[:2], t, bias=leaves[2], impl="triton")
+    assert (12, 8) in saved and saved.count((12, 8)) == 1, saved  # q itself, no A
+    loss.backward()
+    assert all(x.grad is not None for x in leaves)
+    monkeypatch.setenv(tc.DESIGN_ENV, "fast")
+    with pytest.raises(KernelInputError, match="TRANSREC_TRITON_DESIGN must be one of") as info:
+        inbatch_softmax(q, k, t, impl="triton")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton-split", "chunked"])
+def test_partial_gradients_and_no_grad(impl, monkeypatch):
+    """Only some inputs need grad (each constexpr switch, in both Triton designs), and a forward
+    under no_grad."""
+    if impl == "triton-split":
+        from transrec.kernels.triton_config import DESIGN_ENV
+
+        monkeypatch.setenv(DESIGN_ENV, "split")
+        impl = "triton"
     q, k, t, b, _ = make_inputs(40, 50, 24, seed=3)
     q, k, t, b = on(TRITON_DEVICE if impl == "triton" else "cpu", q, k, t, b)
     ref = inbatch_softmax(q, k, t, bias=b, temperature=0.2, impl="torch", reduction="none")

@@ -1,11 +1,15 @@
-"""CI smoke of the kernel benchmark's CPU mode (chunked vs eager): it runs and writes its rows."""
+"""CI smoke of the kernel benchmark's CPU mode (chunked vs eager) and of its GPU code paths run on
+the CPU (--dry-run; the design sweep with the kernels under the interpreter): they run and write
+their rows."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +94,29 @@ def test_gpu_code_path_dry_run_keeps_going_past_failing_providers(tmp_path, monk
             assert r["machine"] == "dry-run:cpu" and r["dtype"] == "bf16" and float(r["ms_median"]) > 0
             assert r["note"].startswith("rel err") and "MISMATCH" not in r["note"]
     assert list(tmp_path.glob("kernels_*.png"))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU dry run of the Triton stages "
+                    "needs TRITON_INTERPRET=1 (set by conftest where there is no GPU)")
+def test_design_sweep_dry_run(tmp_path, monkeypatch):
+    """--sweep on the CPU (the kernels under the interpreter): each design as a provider in every
+    mode, then each kernel stage at each config of its table with that exact config, every row
+    checked against the float32 reference first."""
+    from transrec.kernels import triton_config as tc
+
+    bench = _bench(monkeypatch)
+    for stage in bench.STAGES:  # two configs a stage (time): one row each, with its own warps and stages
+        monkeypatch.setitem(tc.TABLES[stage], ("small", 2), [(32, 32, 4, 2), (32, 32, 8, 3, False)])
+    assert bench.main(["--dry-run", "--sweep", "--shapes", "40x16", "--check-n", "48", "--out",
+                       str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "kernels.csv").read_text().splitlines()))
+    got = {(r["provider"], r["mode"]) for r in rows}
+    assert got >= {(p, m) for p in ("transrec", "transrec:fused", "transrec:split")
+                   for m in ("full", "forward", "backward")}
+    stages = [r for r in rows if r["mode"] == "stage"]
+    assert [(r["provider"], r["note"].split(";")[0]) for r in stages] == [
+        (f"stage:{s}", c) for s in bench.STAGES for c in ("config 32x32 w4 s2 r1", "config 32x32 w8 s3 r0")]
+    for r in rows:
+        assert "MISMATCH" not in r["note"] and "failed" not in r["note"], r
+        assert float(r["ms_median"]) > 0 and "rel err" in r["note"]
+    assert {r["flop_formula"] for r in stages} == {"4*N*M*D", "2*N*M*D"}

@@ -2,9 +2,10 @@
 fits in one block's shared memory (232,448 B), so the autotuner never meets a config that cannot
 launch and a pinned tile never asks for one.
 
-The launches come from the launchers themselves (``kernels/sm90_check.py``): each launch dtype, D
-class (``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, and every config
-of the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
+The launches come from the launchers themselves (``kernels/sm90_check.py``): each stage (forward with
+and without the dQ accumulator, dK pass, dQ pass: both designs), launch dtype, D class
+(``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, and every config of
+the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
 subprocess without TRITON_INTERPRET (the kernels must be imported as compiled kernels)."""
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     over = [(r["shared"], r["labels"][0]) for r in rows if r["shared"] > SMEM_LIMIT]
     assert not over, f"specialisations over {SMEM_LIMIT} B of shared memory: {over[:5]}"
-    assert "cross-check fwd" in res.stdout and "cross-check bwd" in res.stdout
+    assert all(f"cross-check {stage}" in res.stdout for stage in ("fwd", "lse", "bwd", "dq"))
 
     # Coverage: every stage x D x dtype x switch x EVEN_M x table config was compiled.
     labels = [lab.split() for r in rows for lab in r["labels"]]
@@ -60,7 +61,8 @@ def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
         for d in ds:
             for dtype in LAUNCH_DTYPES:
                 name = str(dtype)[6:]
-                for stage, switches in (("fwd", 2 * 2), ("bwd", 2 * 3)):  # x EVEN_M / x the two M
+                # launches per config: the two M (EVEN_M or not) x the gradient switches of the stage
+                for stage, switches in (("fwd", 2), ("lse", 2), ("bwd", 2 * 3), ("dq", 2)):
                     mine = [x for x in labels if x[:4] == [stage, dclass, f"D={d}", name]]
                     tiles = {tuple(int(v.split("=")[1]) for v in x[-5:]) for x in mine}
                     want = {(r[0], r[1], r[2], r[3], int(r[4])) for r in table(stage, dclass, dtype.itemsize)}
@@ -91,7 +93,7 @@ assert short == full > c.SMEM_LIMIT, (short, full)
 def test_pinned_tiles_come_from_the_table():
     from transrec.kernels.triton_config import pinned, table
 
-    for stage in ("fwd", "bwd"):
+    for stage in ("fwd", "lse", "bwd", "dq"):
         for dclass in ("small", "d256", "large"):
             for size in (2, 4):
                 for row in table(stage, dclass, size):
