@@ -99,9 +99,9 @@ def test_gpu_code_path_dry_run_keeps_going_past_failing_providers(tmp_path, monk
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU dry run of the Triton stages "
                     "needs TRITON_INTERPRET=1 (set by conftest where there is no GPU)")
 def test_design_sweep_dry_run(tmp_path, monkeypatch):
-    """--sweep on the CPU (the kernels under the interpreter): each design as a provider in every
-    mode, then each kernel stage at each config of its table with that exact config, every row
-    checked against the float32 reference first."""
+    """--sweep on the CPU (the kernels under the interpreter): each design (and split-M variant) as a
+    provider in every mode, then each kernel stage at each config of its table with that exact config,
+    unsplit and split, every row checked against the float32 reference first."""
     from transrec.kernels import triton_config as tc
 
     bench = _bench(monkeypatch)
@@ -111,11 +111,14 @@ def test_design_sweep_dry_run(tmp_path, monkeypatch):
                        str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "kernels.csv").read_text().splitlines()))
     got = {(r["provider"], r["mode"]) for r in rows}
-    assert got >= {(p, m) for p in ("transrec", "transrec:fused", "transrec:split")
-                   for m in ("full", "forward", "backward")}
+    assert got >= {(p, m) for p in bench.DESIGN_PROVIDERS for m in ("full", "forward", "backward")}
     stages = [r for r in rows if r["mode"] == "stage"]
+    # each config unsplit, then split-M where it splits: "auto" does not at 40 rows, a forced 2 does
+    # (not the fused forward, whose dQ accumulator is never split)
+    configs = ("config 32x32 w4 s2 r1", "config 32x32 w8 s3 r0")
     assert [(r["provider"], r["note"].split(";")[0]) for r in stages] == [
-        (f"stage:{s}", c) for s in bench.STAGES for c in ("config 32x32 w4 s2 r1", "config 32x32 w8 s3 r0")]
+        (f"stage:{s}", c + x) for s in bench.STAGES for c in configs
+        for x in ("", " S2")[:1 if s == "fwd" else 2]]
     for r in rows:
         assert "MISMATCH" not in r["note"] and "failed" not in r["note"], r
         assert float(r["ms_median"]) > 0 and "rel err" in r["note"]
