@@ -25,6 +25,13 @@ pass; dq: the dQ pass) at every config of its table, pinned (providers "stage:<s
 the check shape before it is timed, as every provider is. From those rows: DESIGN per D class (fused
 if fwd + bwd beats lse + bwd + dq) and each table's order or its pruning.
 
+Split-M in the sweep (kernels/triton_config.py, SPLIT_DEFAULT): where the unsplit kernels leave the
+card underfilled (8192^2 x 256: 128 programs of 64 rows on 132 SMs), providers
+"transrec:<design>:<split>" (split "auto" = the SM-count heuristic, or a forced S: "transrec:split:2",
+":4"), and stage rows of the lse / dq / bwd stages for each ``--splits`` value (default auto,2) that
+cuts the shape into more than one chunk ("S<n>" after the config in the note). From those rows:
+SPLIT_DEFAULT and the heuristic's constants.
+
 Before a provider is timed, its loss and gradients at 1024^2 are compared with the float32 reference
 (the max relative error goes into the row's note; MISMATCH marks a disagreement). A provider that
 fails is recorded as such and the run goes on; rows are appended as they are measured.

@@ -13,10 +13,10 @@ seconds). Under TRITON_INTERPRET=1 one fixed small tile is used so CPU tests sta
 
 What a launch can vary, and so what the sm_90 check compiles: the input dtype (``LAUNCH_DTYPES``;
 inputs are made contiguous and 16-byte aligned first, a missing bias becomes zeros, see
-``triton_op.canonical_inputs``), D (its layout below), the gradient switches, EVEN_M, and a config of
-the table of its class. Tiles
-pinned on a GPU must name a config of that table, so the autotuned and the pinned paths reach the
-same set. Sizes (N, M and the autotune keys) are not specialised on.
+``triton_op.canonical_inputs``), D (its layout below), the gradient switches, EVEN_M, split-M or not
+(PARTIAL, see SPLIT_DEFAULT), and a config of the table of its class. Tiles pinned on a GPU must name
+a config of that table, so the autotuned and the pinned paths reach the same set. Sizes (N, M, the
+number of split-M chunks and the autotune keys) are not specialised on.
 """
 
 from __future__ import annotations

@@ -67,6 +67,10 @@ def test_triton_interpreted_bf16_and_tiles():
     check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=False, reduction="mean",
                         tau=0.2, **tiles)
     if not ON_GPU:  # (the fp32 tables have no such row)
+        # 64 rows of k a program: the dK pass in its plain orientation over three D chunks (the
+        # interpreter's 32-row tiles run it transposed)
+        check_against_truth("triton", 40, 70, 40, torch.float32, bias=True, mask=True, reduction="none",
+                            tau=0.1, block_m=16, block_n=64, block_dc=16)
         # q (forward) and k (backward) reloaded every step instead of kept: the other tuning choice
         check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=True, reduction="none",
                             tau=0.1, block_m=32, block_n=32, resident=False)

@@ -107,11 +107,13 @@ def test_design_sweep_dry_run(tmp_path, monkeypatch):
     bench = _bench(monkeypatch)
     for stage in bench.STAGES:  # two configs a stage (time): one row each, with its own warps and stages
         monkeypatch.setitem(tc.TABLES[stage], ("small", 2), [(32, 32, 4, 2), (32, 32, 8, 3, False)])
+    providers = ["transrec", "transrec:fused", "transrec:split", "transrec:split:2"]  # (time: one split-M)
+    assert set(providers) <= set(bench.DESIGN_PROVIDERS)
     assert bench.main(["--dry-run", "--sweep", "--shapes", "40x16", "--check-n", "48", "--out",
-                       str(tmp_path)]) == 0
+                       str(tmp_path), "--providers", ",".join(providers)]) == 0
     rows = list(csv.DictReader((tmp_path / "kernels.csv").read_text().splitlines()))
     got = {(r["provider"], r["mode"]) for r in rows}
-    assert got >= {(p, m) for p in bench.DESIGN_PROVIDERS for m in ("full", "forward", "backward")}
+    assert got >= {(p, m) for p in providers for m in ("full", "forward", "backward")}
     stages = [r for r in rows if r["mode"] == "stage"]
     # each config unsplit, then split-M where it splits: "auto" does not at 40 rows, a forced 2 does
     # (not the fused forward, whose dQ accumulator is never split)

@@ -4,8 +4,8 @@ launch and a pinned tile never asks for one.
 
 The launches come from the launchers themselves (``kernels/sm90_check.py``): each stage (forward with
 and without the dQ accumulator, dK pass, dQ pass: both designs), launch dtype, D class
-(``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, split-M or not, and every config of
-the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
+(``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, split-M or not, and
+every config of the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
 subprocess without TRITON_INTERPRET (the kernels must be imported as compiled kernels)."""
 
 from __future__ import annotations
