@@ -170,6 +170,9 @@ DESIGN_ENV = "TRANSREC_TRITON_DESIGN"
 # backward passes stay under SPLIT_BUFFER_BYTES (S is lowered to fit): O(S (N + M) D), never N x M.
 # Opt-in until a card has timed it (benchmarks/kernels.py --sweep): "off" by default; "auto" uses
 # split_count; an integer forces S. $TRANSREC_TRITON_SPLIT, or the ``split`` argument of a call.
+# sm_90 (`sm90_check lse|dq|bwd D --split S`, Triton 3.6 / 3.9): the split launches use the same tables;
+# D = 256, S = 3: no spill in any row (bwd 64x64x8w/2 unresident 0 / 24 B); D = 768, S = 2: the same
+# rows spill as unsplit (none for the lse table and the transposed 32x32x8w dq/bwd rows).
 SPLIT_DEFAULT = "off"
 SPLIT_ENV = "TRANSREC_TRITON_SPLIT"
 SMS = 132  # streaming multiprocessors of an H100 / H200 SXM (the launchers read the card's own count)
