@@ -15,8 +15,10 @@
 #   kernels benchmarks/kernels.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
 #   ksweep  (only when named: --only env,ksweep, a run of its own) the kernel design sweep,
 #           benchmarks/kernels.py --sweep at the four kernel shapes: each design of the Triton kernels
-#           (full / forward / backward), then each kernel stage alone at each config of its table;
-#           its rows choose kernels/triton_config.py's DESIGN and tables. kernels.csv + its PNG.
+#           (full / forward / backward) and, where the card is underfilled, its split-M variants,
+#           then each kernel stage alone at each config of its table (unsplit, and split where the
+#           shape splits); its rows choose kernels/triton_config.py's DESIGN, SPLIT_DEFAULT and
+#           tables. kernels.csv + its PNG.
 # Everything goes to $OUT (default proof_out/), at most 8 files, written as the parts run:
 #   proof.log (every part's output), summary.txt (each part's status and time, then the target
 #   figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv, kernels.csv + kernels_<card>.png.
@@ -233,9 +235,10 @@ part_prefix() {
 part_ksweep() {
   if [ $DRY = 1 ]; then  # the Triton code path under the interpreter, one toy shape
     TRITON_INTERPRET=1 $PY benchmarks/kernels.py --dry-run --sweep --check-n 64 --shapes 40x16 --out "$OUT"
-  else  # D = 768 first: the design question is sharpest there; rows are written as they are measured
+  else  # 8192^2x256 first (the cheapest shape, and split-M's: 128 programs of 64 rows on 132 SMs), then
+    # D = 768 (the design question is sharpest there); rows are written as they are measured
     TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernels.py --sweep \
-      --shapes 32768x768,32768x256,65536x256,8192x256 --out "$OUT"
+      --shapes 8192x256,32768x768,32768x256,65536x256 --out "$OUT"
   fi
 }
 

@@ -25,6 +25,13 @@ pass; dq: the dQ pass) at every config of its table, pinned (providers "stage:<s
 the check shape before it is timed, as every provider is. From those rows: DESIGN per D class (fused
 if fwd + bwd beats lse + bwd + dq) and each table's order or its pruning.
 
+Split-M in the sweep (kernels/triton_config.py, SPLIT_DEFAULT): where the unsplit kernels leave the
+card underfilled (8192^2 x 256: 128 programs of 64 rows on 132 SMs), providers
+"transrec:<design>:<split>" (split "auto" = the SM-count heuristic, or a forced S: "transrec:split:2",
+":4"), and stage rows of the lse / dq / bwd stages for each ``--splits`` value (default auto,2) that
+cuts the shape into more than one chunk ("S<n>" after the config in the note). From those rows:
+SPLIT_DEFAULT and the heuristic's constants.
+
 Before a provider is timed, its loss and gradients at 1024^2 are compared with the float32 reference
 (the max relative error goes into the row's note; MISMATCH marks a disagreement). A provider that
 fails is recorded as such and the run goes on; rows are appended as they are measured.
@@ -53,8 +60,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 GPU_SHAPES = [(65536, 256), (32768, 256), (32768, 768), (8192, 256)]
 CPU_SHAPES = [(1024, 64), (4096, 64), (4096, 256)]
 PROVIDERS = ["transrec", "liger", "cce", "compile", "torch", "chunked"]  # chunked: this project's torch path
-# --sweep: this project's kernel as the dispatcher runs it, then once per design
-DESIGN_PROVIDERS = ["transrec", "transrec:fused", "transrec:split"]
+# --sweep: this project's kernel as the dispatcher runs it, then once per design, then split-M variants
+# ("transrec:<design>:<split>", triton_config.split_mode; timed only where the card is underfilled)
+DESIGN_PROVIDERS = ["transrec", "transrec:fused", "transrec:split", "transrec:split:auto", "transrec:split:2",
+                    "transrec:split:4", "transrec:fused:auto"]
 STAGE_FLOPS = {"fwd": 4, "lse": 2, "bwd": 4, "dq": 4}  # x N*M*D: the useful work each stage does
 MODES = ["full", "forward", "backward"]
 TAU = 0.05
@@ -100,15 +109,16 @@ def provider(name):
         from transrec.kernels import inbatch_softmax
 
         return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="auto")
-    if name.startswith("transrec:"):  # one design of the Triton kernels, whatever the table says
-        from transrec.kernels.triton_config import DESIGNS
+    if name.startswith("transrec:"):  # one design of the Triton kernels (and split-M), whatever DESIGN says
+        from transrec.kernels.triton_config import DESIGNS, split_mode
         from transrec.kernels.triton_op import inbatch_softmax_triton_rows
 
-        design = name.split(":", 1)[1]
+        design, split = (name.split(":", 2) + [None])[1:3]
         if design not in DESIGNS:
             raise ValueError(f"unknown design {design!r} in provider {name!r} (designs: {DESIGNS})")
+        split = split_mode(split or "off")  # unsplit unless named: the design alone
         return lambda q, k, t, b: inbatch_softmax_triton_rows(q, k, t, bias=b, temperature=TAU,
-                                                              design=design).mean()
+                                                              design=design, split=split).mean()
     if name == "chunked":
         from transrec.kernels import inbatch_softmax
 
@@ -288,6 +298,9 @@ def run_gpu(args, dev=None):
         print(f"{'provider':10} {'mode':9} {'ms (median)':>12} {'p20-p80':>15} {'extra GiB':>10} "
               f"{'TFLOP/s':>8} {'of peak':>8}")
         for name in args.providers:
+            if split_of(name) is not None and not underfilled(dev, n, m, d):
+                print(f"{name:10} skipped: the unsplit kernels fill the card at this shape")
+                continue
             try:
                 fn = provider(name)
                 if name in UNCHECKED:
@@ -327,7 +340,7 @@ def run_gpu(args, dev=None):
                           extra_gib=f"{extra:.4f}", tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[mode],
                           matmul_peak_tflops=f"{peak:.0f}", peak_share=f"{tf / peak:.3f}", note=note))
         if args.stages:
-            stage_sweep(dev, emit, n, m, d, peak, args.check_n)
+            stage_sweep(dev, emit, n, m, d, peak, args.check_n, args.splits)
         if emit.rows:  # redrawn after every shape, so a run cut short still leaves its plot
             plot(card, emit.rows, args.out)
     print(f"\n{len(emit.rows)} rows appended to {emit.path}")
@@ -337,14 +350,15 @@ def run_gpu(args, dev=None):
 STAGES = ("fwd", "lse", "bwd", "dq")
 
 
-def stage_launch(stage, q, k, b, t, lse2, g, row):
-    """The launch of one stage with the tiles, warps and stages of table row ``row`` (pinned), and
-    its outputs: fwd (loss, lse2, A), lse (loss, lse2, None), bwd (dk, db), dq dq."""
+def stage_launch(stage, q, k, b, t, lse2, g, row, split="off"):
+    """The launch of one stage with the tiles, warps and stages of table row ``row`` (pinned), split-M
+    as ``split`` says (not the fused forward), and its outputs: fwd (loss, lse2, A), lse (loss, lse2,
+    None), bwd (dk, db), dq dq."""
     from transrec.kernels.triton_backward import backward_dk_launch, backward_dq_launch
     from transrec.kernels.triton_config import config_kwargs, interpreting
     from transrec.kernels.triton_forward import forward_launch
 
-    tiles = dict(block_m=row[0], block_n=row[1], resident=row[4])
+    tiles = dict(block_m=row[0], block_n=row[1], resident=row[4], split=split)
     if stage in ("fwd", "lse"):
         launch, outs = forward_launch(q, k, b, t, TAU, stage == "fwd", **tiles)
     elif stage == "bwd":
@@ -396,8 +410,10 @@ def stage_outputs(stage, outs):
     return dict(dq=outs)
 
 
-def stage_sweep(dev, emit, n, m, d, peak, check_n):
-    """Each stage at each config of its table: checked at check_n^2 x d, then timed at n x m x d."""
+def stage_sweep(dev, emit, n, m, d, peak, check_n, splits=()):
+    """Each stage at each config of its table: checked at check_n^2 x d, then timed at n x m x d; then
+    the split-M launches of the LSE forward and of both backward passes, per config, for each of
+    ``splits`` ("auto" or an S) that cuts this shape into more than one chunk (the S is in the note)."""
     from transrec.kernels.triton_config import d_class, d_layout, table
 
     dclass = d_class(*d_layout(d)[:2])
@@ -408,30 +424,59 @@ def stage_sweep(dev, emit, n, m, d, peak, check_n):
     timed = stage_inputs(n, m, d, dev.dtype, dev.device)
     for stage in STAGES:
         for row in table(stage, dclass, itemsize):
-            cfg = f"{row[0]}x{row[1]} w{row[2]} s{row[3]} r{int(row[4])}"
-            try:
-                launch, outs = stage_launch(stage, *chk, row)
-                launch()
-                got = stage_outputs(stage, outs)
-                err = max(float((got[x].float() - ref[x]).abs().max() / ref[x].abs().max().clamp_min(1e-30))
-                          for x in got)
-                ok = err <= AGREE_TOL[dev.dtype]
-                note = f"config {cfg}; rel err {err:.1e}" + ("" if ok else " MISMATCH")
-                launch, _ = stage_launch(stage, *timed, row)
-                launch()  # compile
-                dev.sync()
-                med, p20, p80 = dev.bench(launch, grad_to_none=[])
-            except Exception as e:  # noqa: BLE001 (one config's failure must not end the sweep)
-                med = p20 = p80 = float("nan")
-                why = str(e).splitlines()[0][:120] if str(e) else ""
-                note = f"config {cfg}; failed: {type(e).__name__}: {why}"
-            dev.empty_cache()
-            tf = flops(stage, n, m, d) / (med * 1e-3) / 1e12
-            print(f"stage:{stage:5} {cfg:18} {med:10.3f} ms {tf:8.0f} TFLOP/s {tf / peak:7.1%} {note}")
-            emit(dict(provider=f"stage:{stage}", mode="stage", n=n, m=m, d=d, dtype=DTYPE_NAMES[dev.dtype],
-                      ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", extra_gib="",
-                      tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[stage], matmul_peak_tflops=f"{peak:.0f}",
-                      peak_share=f"{tf / peak:.3f}", note=note))
+            done = set()
+            for split in ["off", *(() if stage == "fwd" else splits)]:
+                cfg = f"{row[0]}x{row[1]} w{row[2]} s{row[3]} r{int(row[4])}"
+                if split != "off":  # the S this shape gets; the check runs with the same S
+                    s_ = stage_launch(stage, *timed, row, split=split)[0].grid[1]
+                    if s_ == 1 or s_ in done:
+                        continue
+                    done.add(s_)
+                    split, cfg = s_, f"{cfg} S{s_}"
+                stage_row(dev, emit, stage, row, cfg, split, chk, ref, timed, n, m, d, peak)
+
+
+def stage_row(dev, emit, stage, row, cfg, split, chk, ref, timed, n, m, d, peak):
+    try:
+        launch, outs = stage_launch(stage, *chk, row, split=split)
+        launch()
+        got = stage_outputs(stage, outs)
+        err = max(float((got[x].float() - ref[x]).abs().max() / ref[x].abs().max().clamp_min(1e-30))
+                  for x in got)
+        ok = err <= AGREE_TOL[dev.dtype]
+        note = f"config {cfg}; rel err {err:.1e}" + ("" if ok else " MISMATCH")
+        launch, _ = stage_launch(stage, *timed, row, split=split)
+        launch()  # compile
+        dev.sync()
+        med, p20, p80 = dev.bench(launch, grad_to_none=[])
+    except Exception as e:  # noqa: BLE001 (one config's failure must not end the sweep)
+        med = p20 = p80 = float("nan")
+        why = str(e).splitlines()[0][:120] if str(e) else ""
+        note = f"config {cfg}; failed: {type(e).__name__}: {why}"
+    dev.empty_cache()
+    tf = flops(stage, n, m, d) / (med * 1e-3) / 1e12
+    print(f"stage:{stage:5} {cfg:22} {med:10.3f} ms {tf:8.0f} TFLOP/s {tf / peak:7.1%} {note}")
+    emit(dict(provider=f"stage:{stage}", mode="stage", n=n, m=m, d=d, dtype=DTYPE_NAMES[dev.dtype],
+              ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", extra_gib="",
+              tflops=f"{tf:.1f}", flop_formula=FLOP_FORMULA[stage], matmul_peak_tflops=f"{peak:.0f}",
+              peak_share=f"{tf / peak:.3f}", note=note))
+
+
+def split_of(name):
+    """The split-M part of a provider name ("transrec:split:2" -> "2"), None for the others."""
+    parts = name.split(":")
+    return parts[2] if parts[0] == "transrec" and len(parts) > 2 else None
+
+
+def underfilled(dev, n, m, d):
+    """Whether the LSE forward's programs at this shape leave the card underfilled (split-M's case:
+    triton_config.num_splits "auto" > 1 for the first row of the lse table); always on the dry run."""
+    from transrec.kernels.triton_config import d_class, d_layout, num_splits, sm_count, table
+
+    if isinstance(dev, DryRun):
+        return True
+    row = table("lse", d_class(*d_layout(d)[:2]), torch.tensor([], dtype=dev.dtype).element_size())[0]
+    return num_splits("auto", n, m, row[0], row[1], sms=sm_count(torch.device(dev.device))) > 1
 
 
 # ----- CPU -----
@@ -567,8 +612,14 @@ def main(argv=None):
     ap.add_argument("--stages", action="store_true",
                     help="time each kernel stage per table config (--sweep does)")
     ap.add_argument("--check-n", type=int, default=None, help="N = M of the agreement check (default 1024)")
+    ap.add_argument("--splits", type=lambda s: [x for x in s.split(",") if x], default=None,
+                    help="split-M values (auto or S) the stage sweep adds where they split the shape "
+                         "(default with --sweep: auto,2; 'none' for none)")
     args = ap.parse_args(argv)
     CHECK_N = args.check_n = args.check_n or CHECK_N
+    if args.splits is None:
+        args.splits = ["auto", "2"] if args.sweep else []
+    args.splits = [x for x in args.splits if x != "none"]
     if args.sweep:
         args.stages = True
         if args.providers == PROVIDERS:

@@ -17,6 +17,17 @@ The Triton kernels come in two designs (kernels/triton_config.py, ``DESIGN`` per
 $TRANSREC_TRITON_DESIGN to force one): "fused" forms dQ in the forward (8 N M D flops, an fp32
 [N, D] buffer saved), "split" recomputes the logits in a dQ pass (10 N M D flops, no buffer, one
 accumulator per kernel). ``benchmarks/kernels.py --sweep`` times both on a card.
+
+Split-M (flash-decoding style; opt-in: ``split`` of inbatch_softmax_triton_rows, $TRANSREC_TRITON_SPLIT
+= off | auto | S, triton_config.SPLIT_DEFAULT "off" until a card has timed it): a kernel launches one
+program per BLOCK rows it owns, so 8192 rows in 64-row tiles are 128 programs on 132 SMs. Where the
+programs would not fill two waves, the streamed side is cut into S chunks of whole tiles (S from the
+SM count, triton_config.split_count) and each program writes partial results: the LSE forward its
+chunk's (max, sum, target logit) into [S, N] fp32, merged by a one-launch combine kernel; the dQ
+and dK passes fp32 partial dQ [N, S, D] / dK [M, S, D] (no rescaling: the LSE is known), summed over
+S by torch, deterministic and without atomics; the buffers are capped (SPLIT_BUFFER_BYTES), never
+N x M. The fused forward does not split: its A accumulator would need a per-chunk rescaled
+[S, N, D] partial in the forward; in that design only the dK pass splits.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ ptxas and cuobjdump), exactly as the launchers would specialise them on the card
     .venv/bin/python -m transrec.kernels.sm90_check fwd 768          # each table config: REG, STACK, shared
     .venv/bin/python -m transrec.kernels.sm90_check bwd 256 --sweep  # a wider grid, least spill first
     .venv/bin/python -m transrec.kernels.sm90_check dq 768           # stages: fwd lse bwd dq (triton_config)
+    .venv/bin/python -m transrec.kernels.sm90_check lse 256 --split 3  # the split-M launch (partials)
     .venv/bin/python -m transrec.kernels.sm90_check verify           # every reachable launch fits?
 
 What is compiled comes from the launchers themselves: ``triton_op.canonical_inputs`` makes the inputs
@@ -14,8 +15,8 @@ constants, 16-byte aligned pointers and sizes divisible by 16 are marked so). A 
 without that specialisation sees scalar loads that cannot be copied asynchronously and reports far
 less shared memory than the card then asks for.
 
-``verify`` enumerates every reachable specialisation (dtype x gradient switches x EVEN_M x
-config, for the D values of ``triton_config.CHECK_D``), compiles each distinct one only as far as
+``verify`` enumerates every reachable specialisation (dtype x gradient switches x EVEN_M x split-M
+or not x config, for the D values of ``triton_config.CHECK_D``), compiles each distinct one only as far as
 shared-memory allocation (TTGIR plus the allocation pass: no LLVM, no ptxas), and exits 1 if any
 needs more than the card's 232,448 B. The full compiles of the report modes read the same number from
 Triton's metadata and cross-check the short path.
@@ -58,11 +59,12 @@ def _inputs(dtype, n, m, d):
     return canonical_inputs(q, k, torch.zeros(n, dtype=torch.int64), torch.zeros(m, dtype=dtype))
 
 
-def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
+def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000), splits=(1, 2)):
     """Every launch of ``stage`` at embedding size ``d`` the dispatcher can make, as (label, Launch):
-    each launch dtype, each gradient switch the autograd function can set (no bias is a bias of zeros), and M
-    a multiple of every BLOCK_N or not (the EVEN_M heuristic). Sizes are otherwise immaterial (the
-    kernels do not specialise on them)."""
+    each launch dtype, each gradient switch the autograd function can set (no bias is a bias of zeros), M
+    a multiple of every BLOCK_N or not (the EVEN_M heuristic), and unsplit or split over the streamed
+    side (split-M, triton_config.num_splits: the PARTIAL heuristic; S itself is not specialised on, the
+    fused forward never splits). Sizes are otherwise immaterial (the kernels do not specialise on them)."""
     import torch  # lazy: after TRITON_INTERPRET is cleared
     from transrec.kernels.triton_backward import (  # lazy: after TRITON_INTERPRET is cleared
         backward_dk_launch,
@@ -72,21 +74,23 @@ def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000)):
     from transrec.kernels.triton_forward import forward_launch  # lazy: after TRITON_INTERPRET is cleared
 
     n = 64
-    for dtype, m in itertools.product(dtypes or LAUNCH_DTYPES, ms):
+    for dtype, m, split in itertools.product(dtypes or LAUNCH_DTYPES, ms, splits):
+        if stage == "fwd" and split > 1:
+            continue
         q, k, t, b = _inputs(dtype, n, m, d)
         name = str(dtype)[6:]
         lse2, g = torch.zeros(n), torch.zeros(n)
         if stage in ("fwd", "lse"):
             dq = stage == "fwd"
-            launch, _ = forward_launch(q, k, b, t, 0.05, dq)
-            yield f"{name} M={m} dq={int(dq)}", launch
+            launch, _ = forward_launch(q, k, b, t, 0.05, dq, split=split)
+            yield f"{name} M={m} split={split} dq={int(dq)}", launch
         elif stage == "dq":
-            launch, _ = backward_dq_launch(q, k, b, t, lse2, g, 0.05)
-            yield f"{name} M={m}", launch
+            launch, _ = backward_dq_launch(q, k, b, t, lse2, g, 0.05, split=split)
+            yield f"{name} M={m} split={split}", launch
         else:
             for dk, db in [(True, True), (True, False), (False, True)]:  # backward runs if one is needed
-                launch, _ = backward_dk_launch(q, k, b, t, lse2, g, 0.05, dk, db)
-                yield f"{name} M={m} dk={int(dk)} db={int(db)}", launch
+                launch, _ = backward_dk_launch(q, k, b, t, lse2, g, 0.05, dk, db, split=split)
+                yield f"{name} M={m} split={split} dk={int(dk)} db={int(db)}", launch
 
 
 def configs_of(launch):
@@ -301,14 +305,16 @@ def _triton_version() -> str:
 
 
 # ----- report: registers / spills / shared of a table or a sweep, at the main specialisation -----
-def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False, even_m: bool = True):
+def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False, even_m: bool = True,
+           split: int = 1):
     """Full compiles of the launch with bias and every gradient (bf16 by default), per table config or
-    over a wider grid (``sweep``): the numbers to choose a table by."""
+    over a wider grid (``sweep``): the numbers to choose a table by. ``split`` > 1: the split-M
+    launch (partial results; the fused forward has none)."""
     import torch  # lazy: after TRITON_INTERPRET is cleared
     from transrec.kernels.triton_config import config_kwargs  # lazy: after TRITON_INTERPRET is cleared
 
     dtype = getattr(torch, dtype_name)
-    label, launch = next(iter(launches(stage, d, [dtype], [1024 if even_m else 1000])))
+    label, launch = next(iter(launches(stage, d, [dtype], [1024 if even_m else 1000], [split])))
     specs = [Spec(fn, launch.args, kw) for fn, kw in configs_of(launch)]
     if sweep:
         base = configs_of(launch)[0]
@@ -320,7 +326,7 @@ def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False
         for c in itertools.product([32, 64, 128], [32, 64, 128], [4, 8, 16], [1, 2, 3, 4],
                                    [True, False] if ndc == 1 else [True]):
             kw = dict(kw0, **config_kwargs(c[:4] + (c[4],)))
-            for name, rule in rules.items():  # EVEN_M, ACC_T: as the launch would set them
+            for name, rule in rules.items():  # EVEN_M, ACC_T, PARTIAL: as the launch would set them
                 kw[name] = rule({**named, **kw})
             specs.append(Spec(fn, launch.args, kw))
     results = []
@@ -361,6 +367,7 @@ def main(argv=None):
                     help="a stage: bfloat16 unless given; verify: every launch dtype unless given")
     ap.add_argument("--sweep", action="store_true", help="a wider grid than the autotune table")
     ap.add_argument("--ragged-m", action="store_true", help="M not a multiple of BLOCK_N (EVEN_M false)")
+    ap.add_argument("--split", type=int, default=1, help="a stage: the split-M launch with this S (> 1)")
     ap.add_argument("--jobs", type=int, default=1, help="verify: compiler processes")
     ap.add_argument("--json", type=str, default=None, help="verify: write the rows here")
     ap.add_argument("--no-cache", action="store_true", help="verify: compile everything afresh")
@@ -385,7 +392,8 @@ def main(argv=None):
         return 1 if any(r["shared"] > SMEM_LIMIT for r in rows) else 0
     if args.d is None:
         ap.error(f"{args.what} needs D")
-    report(args.what, args.d, args.dtype or "bfloat16", args.sweep, even_m=not args.ragged_m)
+    report(args.what, args.d, args.dtype or "bfloat16", args.sweep, even_m=not args.ragged_m,
+           split=args.split)
     return 0
 
 

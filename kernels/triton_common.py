@@ -57,3 +57,33 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def split_range(M, NUM_SPLITS, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
+    """[lo, hi) of the streamed dimension (size M) this program covers: all of it, or with PARTIAL
+    (a split launch, triton_config.num_splits) chunk program_id(1) of NUM_SPLITS, whole BLOCK_N tiles
+    each (so only the last tile of the last chunk is ragged, as unsplit; a chunk may be empty)."""
+    if PARTIAL:
+        chunk = tl.cdiv(tl.cdiv(M, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = tl.program_id(1) * chunk
+        hi = tl.minimum(lo + chunk, M)
+    else:
+        lo = 0
+        hi = M
+    return lo, hi
+
+
+@triton.jit
+def store_stats(LOSS, LSE2, LSUM, m_i, l_i, pos2, rows, row_ok, N, PARTIAL: tl.constexpr):
+    """The forward's row results: LSE (log2 domain) and loss, or with PARTIAL the chunk's running max
+    (into LSE2), sum (LSUM) and target logit (LOSS), at row program_id(1) of [S, N] buffers."""
+    if PARTIAL:
+        at = tl.program_id(1).to(tl.int64) * N + rows
+        tl.store(LSE2 + at, m_i, mask=row_ok)
+        tl.store(LSUM + at, l_i, mask=row_ok)
+        tl.store(LOSS + at, pos2, mask=row_ok)
+    else:
+        lse2 = m_i + tl.log2(l_i)
+        tl.store(LSE2 + rows, lse2, mask=row_ok)
+        tl.store(LOSS + rows, (lse2 - pos2) * LN2, mask=row_ok)

@@ -13,10 +13,10 @@ seconds). Under TRITON_INTERPRET=1 one fixed small tile is used so CPU tests sta
 
 What a launch can vary, and so what the sm_90 check compiles: the input dtype (``LAUNCH_DTYPES``;
 inputs are made contiguous and 16-byte aligned first, a missing bias becomes zeros, see
-``triton_op.canonical_inputs``), D (its layout below), the gradient switches, EVEN_M, and a config of
-the table of its class. Tiles
-pinned on a GPU must name a config of that table, so the autotuned and the pinned paths reach the
-same set. Sizes (N, M and the autotune keys) are not specialised on.
+``triton_op.canonical_inputs``), D (its layout below), the gradient switches, EVEN_M, split-M or not
+(PARTIAL, see SPLIT_DEFAULT), and a config of the table of its class. Tiles pinned on a GPU must name
+a config of that table, so the autotuned and the pinned paths reach the same set. Sizes (N, M, the
+number of split-M chunks and the autotune keys) are not specialised on.
 """
 
 from __future__ import annotations
@@ -102,11 +102,16 @@ _BWD = {
     # D = 256: 0 B spill under 3.6, 16-128 B under the pinned Triton; 128x64x8w/3 dropped (233,472 B).
     ("d256", 2): [(64, 64, 8, 2), (64, 64, 8, 4), (64, 64, 8, 3), (64, 64, 8, 2, False), (64, 128, 8, 2),
                   (64, 128, 8, 3)],
-    # D <= 768: least spill at 64x32x8w/2 (24-32 B, no wgmma: 32-row accumulator), 32x64x8w/2 (24 / 832
-    # B), 32x32x4w/3 (24-120 B); 64x64 only unpipelined (0.9-1.6 KB). 32x64x4w dropped (2-3 KB).
-    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2),
+    # D <= 768: tiles of 32 rows of k run transposed (ACC_T, triton_backward.py): 32x32x8w/2-3 use wgmma
+    # without spill (204-248 registers; the plain 64x32x8w/2 they replace spilled 24-32 B without
+    # wgmma, and transposed needs 214-251 KB), 32x32x4w/3 spills 104 B; 32x64x8w/2 (24 / 832 B),
+    # 64x64 only unpipelined (0.9-1.6 KB). 32x64x4w dropped (2-3 KB).
+    ("large", 2): [(64, 64, 8, 1), (64, 64, 16, 1), (32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 2),
                    (32, 32, 4, 3)],
-    ("xl", 2): [(64, 32, 8, 2), (64, 32, 4, 2), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
+    # D <= 1024: transposed 32x32x8w/2-3 use wgmma without spill (236-255 registers); the plain 64x32/2
+    # rows they replace need 328-333 KB transposed. 64x32x8w/1 spills 272-960 B, 32x32x4w/3 440-504 B.
+    ("xl", 2): [(32, 32, 8, 2), (32, 32, 8, 3), (32, 64, 8, 1), (32, 32, 4, 3), (64, 32, 8, 1)],
+    # 4-byte rows of fewer than 64 rows of k run transposed too (all fit; not timed on a card yet).
     ("small", 4): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (64, 128, 8, 1)],
     ("d256", 4): [(64, 32, 8, 1), (32, 32, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1)],
     ("large", 4): [(32, 32, 4, 1), (32, 32, 8, 1), (32, 16, 4, 1)],
@@ -154,7 +159,78 @@ DESIGNS = ("fused", "split")
 DESIGN = {"small": "fused", "d256": "fused", "large": "fused", "xl": "fused"}
 DESIGN_ENV = "TRANSREC_TRITON_DESIGN"
 
+# Split over the streamed dimension (flash-decoding style): where the programs of a kernel (one per
+# BLOCK rows owned: rows of q in the forward and the dQ pass, rows of k in the dK pass) are fewer
+# than SPLIT_WAVES waves of the card's SMs, each row tile is cut into S programs, each streaming one
+# chunk of the other side (chunks are whole BLOCK tiles) and writing partial results: (max, sum, target
+# logit) [S, N] fp32 in the LSE forward, merged by a combine kernel; dQ [N, S, D] or dK [M, S, D] fp32
+# partials (no rescaling: the LSE is known in backward), summed over S by torch (deterministic, no
+# atomics). Only the LSE forward splits (the fused forward keeps its dQ accumulator whole: its partial
+# A would need rescaling per chunk and an [S, N, D] buffer in the forward). Partial buffers of the
+# backward passes stay under SPLIT_BUFFER_BYTES (S is lowered to fit): O(S (N + M) D), never N x M.
+# Opt-in until a card has timed it (benchmarks/kernels.py --sweep): "off" by default; "auto" uses
+# split_count; an integer forces S. $TRANSREC_TRITON_SPLIT, or the ``split`` argument of a call.
+# sm_90 (`sm90_check lse|dq|bwd D --split S`, Triton 3.6 / 3.9): the split launches use the same tables;
+# D = 256, S = 3: no spill in any row (bwd 64x64x8w/2 unresident 0 / 24 B); D = 768, S = 2: the same
+# rows spill as unsplit (none for the lse table and the transposed 32x32x8w dq/bwd rows).
+SPLIT_DEFAULT = "off"
+SPLIT_ENV = "TRANSREC_TRITON_SPLIT"
+SMS = 132  # streaming multiprocessors of an H100 / H200 SXM (the launchers read the card's own count)
+SPLIT_WAVES = 2  # fewer programs than this many waves of SMs: split
+SPLIT_MIN_STEPS = 4  # at least this many streamed tiles per chunk (the pipeline fills, partials amortise)
+SPLIT_MAX = 16
+SPLIT_BUFFER_BYTES = 256 << 20
+
 _TUNED: dict = {}
+
+
+def split_mode(override=None):
+    """"off", "auto" or a forced S >= 1: ``override`` (an argument), else $TRANSREC_TRITON_SPLIT, else
+    SPLIT_DEFAULT."""
+    choice = override if override is not None else (os.environ.get(SPLIT_ENV) or SPLIT_DEFAULT)
+    if isinstance(choice, str) and choice not in ("off", "auto"):
+        choice = int(choice) if choice.isdigit() else choice
+    if choice in ("off", "auto") or (type(choice) is int and choice >= 1):
+        return choice
+    from transrec.kernels.validate import KernelInputError
+
+    source = "split" if override is not None else SPLIT_ENV
+    raise KernelInputError(f"{source} must be 'off', 'auto' or a positive integer, got {choice!r}")
+
+
+def split_count(owned: int, streamed: int, block_owned: int, block_streamed: int, sms: int = SMS,
+                waves: int = SPLIT_WAVES, min_steps: int = SPLIT_MIN_STEPS,
+                max_split: int = SPLIT_MAX) -> int:
+    """The heuristic S: 1 when cdiv(owned, block_owned) programs fill ``waves`` waves of ``sms`` SMs,
+    else enough chunks to get there, each of at least ``min_steps`` streamed tiles, at most
+    ``max_split``. E.g. 8192 rows in 64-row tiles (128 programs) over 8192 items: S = 3 at 132 SMs."""
+    tiles = -(-owned // block_owned)
+    target = waves * sms
+    if tiles >= target:
+        return 1
+    steps = -(-streamed // block_streamed)
+    return max(1, min(-(-target // tiles), steps // min_steps, max_split))
+
+
+def num_splits(mode, owned: int, streamed: int, block_owned: int, block_streamed: int,
+               partial_row_bytes: int = 0, sms: int = SMS) -> int:
+    """S for one launch: ``mode`` from split_mode; a forced S is taken as given, then lowered so that
+    the partial buffer (``partial_row_bytes`` per owned row and chunk) stays under SPLIT_BUFFER_BYTES."""
+    if mode == "off":
+        return 1
+    s = split_count(owned, streamed, block_owned, block_streamed, sms) if mode == "auto" else int(mode)
+    if partial_row_bytes and s > 1:
+        s = min(s, max(1, SPLIT_BUFFER_BYTES // (owned * partial_row_bytes)))
+    return max(1, s)
+
+
+def sm_count(device) -> int:
+    """SMs of ``device`` (a CUDA card), SMS elsewhere (the interpreter, the sm_90 check)."""
+    import torch as _torch
+
+    if getattr(device, "type", device) == "cuda" and _torch.cuda.is_available():
+        return _torch.cuda.get_device_properties(device).multi_processor_count
+    return SMS
 
 
 def design(dclass: str, override: str | None = None) -> str:
@@ -209,6 +285,7 @@ def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
                                          num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
         keys = ["N_KEY", "M_KEY", "D"]
         keys += {"fwd": ["COMPUTE_DQ"], "bwd": ["COMPUTE_DK", "COMPUTE_DB"]}.get(stage, [])
+        keys += ["NUM_SPLITS"] if stage != "fwd" else []  # a split launch may want other tiles
         _TUNED[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _TUNED[key]
 
@@ -216,10 +293,13 @@ def tuned(kernel, stage: str, dclass: str, itemsize: int = 2):
 class Launch:
     """One kernel launch, built before it runs so that the sm_90 check can compile exactly what the
     launcher would: ``kernel[grid](*args, **kwargs)``. ``kernel`` is an autotuner, the heuristics
-    wrapper or the jitted function itself."""
+    wrapper or the jitted function itself; ``after`` (split launches) runs once the kernel is queued."""
 
-    def __init__(self, kernel, grid, args: tuple, kwargs: dict):
+    def __init__(self, kernel, grid, args: tuple, kwargs: dict, after=None):
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+        self.after = after  # a split launch: merges the partial results (the combine step)
 
     def __call__(self):
         self.kernel[self.grid](*self.args, **self.kwargs)
+        if self.after is not None:
+            self.after()

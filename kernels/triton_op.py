@@ -7,13 +7,26 @@ Two designs (``triton_config.DESIGNS``, chosen per D class by ``triton_config.de
          dK and d(bias) from the dK pass. Extra memory beyond inputs and gradients: 4 N (D + 2) B.
   split  forward saves the row LSE only; backward: the dQ pass and the dK pass
          (triton_backward.py), each recomputing the logits. Extra memory: 8 N B.
+
+Split-M (``split``, opt-in): the LSE forward, the dQ pass and the dK pass may each cut the streamed
+side into S chunks when their programs would not fill the card (triton_config.num_splits); their
+partial buffers ([S, N] fp32 in the forward, [N, S, D] / [M, S, D] fp32 in backward) live for one
+kernel call each, never N x M.
 """
 
 from __future__ import annotations
 
 import torch
 from transrec.kernels.triton_backward import triton_backward_dk, triton_backward_dq
-from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D, d_class, d_layout, design, interpreting
+from transrec.kernels.triton_config import (
+    LAUNCH_DTYPES,
+    MAX_D,
+    d_class,
+    d_layout,
+    design,
+    interpreting,
+    split_mode,
+)
 from transrec.kernels.triton_forward import triton_forward
 from transrec.kernels.validate import KernelInputError
 
@@ -72,21 +85,23 @@ def canonical_inputs(q, k, target, bias):
 
 
 def inbatch_softmax_triton_rows(q, k, target, *, bias=None, temperature=1.0, block_m=None, block_n=None,
-                                block_dc=None, resident=True, design=None):
+                                block_dc=None, resident=True, design=None, split=None):
     """Per-row loss [N] float32 by the fused Triton kernels (CUDA, or TRITON_INTERPRET=1).
 
     ``block_m``/``block_n``/``block_dc`` pin the tiles (tests), ``resident`` whether the
     loop-invariant tile stays in registers on that pinned path; by default they are autotuned on a
     GPU and fixed small under the interpreter. On a GPU pinned tiles must be a row of the autotune
     table (``triton_config.pinned``) and ``block_dc`` the default layout's. ``design`` ("fused" or
-    "split") overrides ``triton_config.design``'s choice for this call."""
+    "split") overrides ``triton_config.design``'s choice for this call, ``split`` ("off", "auto" or a
+    number of chunks S) ``triton_config.split_mode``'s (split-M: see triton_config.SPLIT_DEFAULT)."""
     if not q.is_cuda and not interpreting():
         raise KernelInputError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     if block_dc is not None and not interpreting() and block_dc != d_layout(q.shape[1])[0]:
         raise KernelInputError(f"block_dc={block_dc} is not the layout of D={q.shape[1]} "
                                "(other D chunks are for TRITON_INTERPRET=1 tests)")
+    split_mode(split)  # a bad value: one clear error before any launch
     q, k, target, bias = canonical_inputs(q, k, target, bias)
-    tiles = dict(block_m=block_m, block_n=block_n, block_dc=block_dc, resident=resident)
+    tiles = dict(block_m=block_m, block_n=block_n, block_dc=block_dc, resident=resident, split=split)
     choice = design_of(q.shape[1], design, block_dc)
     return _TritonLinearCE.apply(q, k, bias, target, float(temperature), tiles, choice)
 

@@ -5,6 +5,7 @@ checks, and memory shape of what is saved for backward."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -66,6 +67,10 @@ def test_triton_interpreted_bf16_and_tiles():
     check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=False, reduction="mean",
                         tau=0.2, **tiles)
     if not ON_GPU:  # (the fp32 tables have no such row)
+        # 64 rows of k a program: the dK pass in its plain orientation over three D chunks (the
+        # interpreter's 32-row tiles run it transposed)
+        check_against_truth("triton", 40, 70, 40, torch.float32, bias=True, mask=True, reduction="none",
+                            tau=0.1, block_m=16, block_n=64, block_dc=16)
         # q (forward) and k (backward) reloaded every step instead of kept: the other tuning choice
         check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=True, reduction="none",
                             tau=0.1, block_m=32, block_n=32, resident=False)
@@ -91,6 +96,83 @@ def test_triton_split_design_matches_truth(case):
                                    block_dc=bdc) for x in ("split", "fused"))
     for name, x, y in zip(["loss", "dq", "dk", "dbias"], split, fused):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Split-M under the interpreter: (n, m, d, block_dc, S, dtype, tiles). N never a multiple of the
+# block; M from fewer k tiles than chunks (33x20: two of four chunks empty) to several tiles a chunk;
+# three D chunks (the D-loop forward, dQ and dK passes of three accumulators).
+SPLIT_M_CASES = [
+    (47, 123, 31, None, 2, torch.float32, {}),
+    (33, 20, 24, None, 4, torch.float32, dict(block_m=16, block_n=16)),
+    (40, 70, 40, 16, 3, torch.float32, {}),
+    (47, 123, 31, None, 3, torch.bfloat16, {}),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter tiles; the GPU runs split-M in the benchmark's sweep")
+@pytest.mark.parametrize("case", SPLIT_M_CASES,
+                         ids=lambda c: "x".join(map(str, c[:3])) + f"-S{c[4]}-{str(c[5])[6:]}")
+def test_triton_split_m_matches_truth(case):
+    """Split over the streamed side (S chunks: partial LSE statistics merged by the combine kernel,
+    partial dQ / dK / d(bias) summed over S) under the accuracy rule, with bias and masked rows; the
+    tolerance grows with the extra reduction over S (fp32 partials: log2(S) more roundings)."""
+    n, m, d, bdc, splits, dtype, tiles = case
+    extra = 1 + math.log2(splits)
+    tol = (2e-5 if dtype == torch.float32 else 2e-3) * extra
+    check_against_truth("triton", n, m, d, dtype, bias=True, mask=True, reduction="none", tau=0.07,
+                        block_dc=bdc, design="split", split=splits, tol=tol, **tiles)
+    if dtype == torch.float32:  # the same kernels unsplit: equal up to the order of the sums
+        q, k, t, b = on(TRITON_DEVICE, *make_inputs(n, m, d, seed=3)[:4])
+        w = torch.randn(n, generator=torch.Generator().manual_seed(4))
+        got, base = (loss_and_grads(impl_fn("triton"), q, k, t, b, 0.2, None, "none", weights=w,
+                                    design="split", block_dc=bdc, split=x, **tiles) for x in (splits, "off"))
+        for name, x, y in zip(["loss", "dq", "dk", "dbias"], got, base):
+            torch.testing.assert_close(x, y, rtol=1e-5 * extra, atol=1e-6 * extra, msg=name)
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpreter tiles")
+def test_triton_split_m_fused_design_splits_the_dk_pass_only():
+    """The fused forward keeps its dQ accumulator whole (no split); its dK pass splits over q."""
+    from transrec.kernels.triton_backward import backward_dk_launch
+    from transrec.kernels.triton_forward import forward_launch
+    from transrec.kernels.triton_op import canonical_inputs
+
+    q, k, t, _, _ = make_inputs(47, 123, 31, seed=2)
+    q, k, t, b = canonical_inputs(q, k, t, None)
+    assert forward_launch(q, k, b, t, 0.1, True, split=3)[0].grid == (2, 1)
+    assert forward_launch(q, k, b, t, 0.1, False, split=3)[0].grid == (2, 3)
+    lse2, g = torch.zeros(47), torch.ones(47)
+    assert backward_dk_launch(q, k, b, t, lse2, g, 0.1, True, True, split=2)[0].grid == (4, 2)
+    check_against_truth("triton", 47, 123, 31, torch.float32, bias=True, mask=True, reduction="mean", tau=0.1,
+                        design="fused", split=2, tol=2e-5 * 2)
+
+
+def test_split_count_heuristic_and_mode(monkeypatch):
+    """S from the SM count: none where the programs fill two waves, enough chunks otherwise, each of
+    at least SPLIT_MIN_STEPS streamed tiles; a forced S; the partial buffer's cap; bad values."""
+    from transrec.kernels import triton_config as tc
+
+    assert tc.split_count(8192, 8192, 64, 64) == 3  # 128 programs on 132 SMs
+    assert tc.split_count(8192, 8192, 64, 64, sms=64) == 1  # 2 waves of a 64-SM card
+    assert tc.split_count(65536, 65536, 64, 64) == 1
+    assert tc.split_count(1000, 256, 64, 64) == 1  # 4 k tiles: one chunk of SPLIT_MIN_STEPS
+    assert tc.split_count(100, 10**6, 64, 64) == tc.SPLIT_MAX
+    assert tc.num_splits("off", 8192, 8192, 64, 64) == 1
+    assert tc.num_splits("auto", 8192, 8192, 64, 64) == 3
+    assert tc.num_splits(5, 8192, 8192, 64, 64) == 5
+    cap = tc.SPLIT_BUFFER_BYTES // (8192 * 4 * 1024)
+    assert tc.num_splits(16, 8192, 8192, 64, 64, 4 * 1024) == cap < 16
+    assert tc.split_mode() == tc.SPLIT_DEFAULT == "off"  # opt-in until a card has timed it
+    monkeypatch.setenv(tc.SPLIT_ENV, "auto")
+    assert tc.split_mode() == "auto" and tc.split_mode(2) == 2 and tc.split_mode("off") == "off"
+    monkeypatch.setenv(tc.SPLIT_ENV, "4")
+    assert tc.split_mode() == 4
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(tc.SPLIT_ENV, bad)
+        with pytest.raises(KernelInputError, match="TRANSREC_TRITON_SPLIT must be"):
+            tc.split_mode()
+    with pytest.raises(KernelInputError, match="split must be"):
+        tc.split_mode(0)
 
 
 def test_triton_design_switch(monkeypatch):
@@ -141,9 +223,16 @@ def test_partial_gradients_and_no_grad(impl, monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked", "torch"])
-def test_minus_inf_bias_equals_dropping_the_column(impl):
-    """Duplicates across ranks are masked by bias -inf: such a column must vanish exactly."""
+@pytest.mark.parametrize("impl", ["triton", "triton-split-m", "chunked", "torch"])
+def test_minus_inf_bias_equals_dropping_the_column(impl, monkeypatch):
+    """Duplicates across ranks are masked by bias -inf: such a column must vanish exactly (split-M:
+    under the interpreter's 32-column tiles the second of two chunks holds only such columns)."""
+    if impl == "triton-split-m":
+        from transrec.kernels.triton_config import DESIGN_ENV, SPLIT_ENV
+
+        monkeypatch.setenv(DESIGN_ENV, "split")
+        monkeypatch.setenv(SPLIT_ENV, "2")
+        impl = "triton"
     q, k, t, b, _ = make_inputs(30, 40, 16, seed=5)
     t = t % 30  # targets avoid the dropped columns 30..39
     q, k, t, b = on(TRITON_DEVICE if impl == "triton" else "cpu", q, k, t, b)

@@ -99,23 +99,28 @@ def test_gpu_code_path_dry_run_keeps_going_past_failing_providers(tmp_path, monk
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU dry run of the Triton stages "
                     "needs TRITON_INTERPRET=1 (set by conftest where there is no GPU)")
 def test_design_sweep_dry_run(tmp_path, monkeypatch):
-    """--sweep on the CPU (the kernels under the interpreter): each design as a provider in every
-    mode, then each kernel stage at each config of its table with that exact config, every row
-    checked against the float32 reference first."""
+    """--sweep on the CPU (the kernels under the interpreter): each design (and split-M variant) as a
+    provider in every mode, then each kernel stage at each config of its table with that exact config,
+    unsplit and split, every row checked against the float32 reference first."""
     from transrec.kernels import triton_config as tc
 
     bench = _bench(monkeypatch)
     for stage in bench.STAGES:  # two configs a stage (time): one row each, with its own warps and stages
         monkeypatch.setitem(tc.TABLES[stage], ("small", 2), [(32, 32, 4, 2), (32, 32, 8, 3, False)])
+    providers = ["transrec", "transrec:fused", "transrec:split", "transrec:split:2"]  # (time: one split-M)
+    assert set(providers) <= set(bench.DESIGN_PROVIDERS)
     assert bench.main(["--dry-run", "--sweep", "--shapes", "40x16", "--check-n", "48", "--out",
-                       str(tmp_path)]) == 0
+                       str(tmp_path), "--providers", ",".join(providers)]) == 0
     rows = list(csv.DictReader((tmp_path / "kernels.csv").read_text().splitlines()))
     got = {(r["provider"], r["mode"]) for r in rows}
-    assert got >= {(p, m) for p in ("transrec", "transrec:fused", "transrec:split")
-                   for m in ("full", "forward", "backward")}
+    assert got >= {(p, m) for p in providers for m in ("full", "forward", "backward")}
     stages = [r for r in rows if r["mode"] == "stage"]
+    # each config unsplit, then split-M where it splits: "auto" does not at 40 rows, a forced 2 does
+    # (not the fused forward, whose dQ accumulator is never split)
+    configs = ("config 32x32 w4 s2 r1", "config 32x32 w8 s3 r0")
     assert [(r["provider"], r["note"].split(";")[0]) for r in stages] == [
-        (f"stage:{s}", c) for s in bench.STAGES for c in ("config 32x32 w4 s2 r1", "config 32x32 w8 s3 r0")]
+        (f"stage:{s}", c + x) for s in bench.STAGES for c in configs
+        for x in ("", " S2")[:1 if s == "fwd" else 2]]
     for r in rows:
         assert "MISMATCH" not in r["note"] and "failed" not in r["note"], r
         assert float(r["ms_median"]) > 0 and "rel err" in r["note"]

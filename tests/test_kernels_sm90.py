@@ -4,8 +4,8 @@ launch and a pinned tile never asks for one.
 
 The launches come from the launchers themselves (``kernels/sm90_check.py``): each stage (forward with
 and without the dQ accumulator, dK pass, dQ pass: both designs), launch dtype, D class
-(``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, and every config of
-the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
+(``triton_config.CHECK_D``: 768 among them), bias and gradient switch, EVEN_M, split-M or not, and
+every config of the autotune tables, specialised by Triton's own binder as on the card. The compiles run in a
 subprocess without TRITON_INTERPRET (the kernels must be imported as compiled kernels)."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
             for dtype in LAUNCH_DTYPES:
                 name = str(dtype)[6:]
                 # launches per config: the two M (EVEN_M or not) x the gradient switches of the stage
-                for stage, switches in (("fwd", 2), ("lse", 2), ("bwd", 2 * 3), ("dq", 2)):
+                # x split-M or not (the fused forward never splits)
+                for stage, switches in (("fwd", 2), ("lse", 2 * 2), ("bwd", 2 * 3 * 2), ("dq", 2 * 2)):
                     mine = [x for x in labels if x[:4] == [stage, dclass, f"D={d}", name]]
                     tiles = {tuple(int(v.split("=")[1]) for v in x[-5:]) for x in mine}
                     want = {(r[0], r[1], r[2], r[3], int(r[4])) for r in table(stage, dclass, dtype.itemsize)}
