@@ -21,6 +21,15 @@ backpropagates ``loss * count`` (the micro-batch's sum) over that global count
   once among the keys, so a row's positive is never also a negative), every rank's ("global",
   below), those plus the :class:`~transrec.models.negatives.NegativeMemory` ("memory"), or every
   item ("catalogue", assembled by the model: :meth:`SequentialRecommender.catalogue_keys`).
+
+  Candidates without gradient (the memory's, a refreshed catalogue table's other items) change the
+  objective's two sides differently, so they take two terms. The user states learn from the softmax
+  over every candidate with all keys detached (what the loss reports); the batch's keys learn from
+  the plain in-batch softmax with the user states detached (added to what is backpropagated). One
+  softmax over fresh keys with gradient and detached extra keys instead lets the extra candidates
+  take the probability mass that pushes the batch's items apart, and the item embeddings collapse:
+  on the synthetic world (800 items, ID model, 150 steps) valid NDCG@10 fell from 0.185 (in-batch) to
+  0.027 that way, and rose to 0.202 with the two terms.
 - ``bce``: -log sigma(s_pos) - sum_{j=1..k} log sigma(-s_neg_j) with s = q.k/tau and k negatives
   sampled uniformly from the unique items other than the row's positive (the paper's loss).
 
@@ -117,9 +126,9 @@ class Criterion(torch.nn.Module):
             return gather_keys
         return None
 
-    def _with_memory(self, keys, log_q, items):
-        """The batch's keys followed by the memory's (detached) entries of items not in the batch;
-        then (training only) the batch's items, every rank's, go into the memory."""
+    def _memory_candidates(self, keys, log_q, items):
+        """(keys, log q) of the memory's entries whose item is not in the batch; then (training
+        only) the batch's items, every rank's, go into the memory."""
         mem_keys, mem_log_q = self.memory.candidates(items)
         if self.training:
             new_keys, new_items, new_log_q = keys.detach(), items, log_q.detach()
@@ -127,10 +136,17 @@ class Criterion(torch.nn.Module):
                 new_keys, new_items, new_log_q = (gather_ragged(new_keys), gather_ragged(new_items),
                                                   gather_ragged(new_log_q))
             self.memory.push(new_keys, new_items, new_log_q)
-        return (torch.cat([keys, mem_keys.to(keys.dtype)]),
-                torch.cat([log_q, mem_log_q.to(log_q.dtype)]))
+        return mem_keys, mem_log_q
 
-    def forward(self, user, keys, target, row_mask, log_q, items):
+    def _softmax(self, user, keys, target, row_mask, bias):
+        cfg = self.cfg
+        return inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
+                               row_mask=row_mask, reduction="sum", impl=cfg.impl)
+
+    def forward(self, user, keys, target, row_mask, log_q, items, extra=None):
+        """``extra``: (keys [E, d], log q [E] or None) of candidates beyond the batch that carry no
+        gradient (a refreshed catalogue table's other items, log q None: a full softmax, no
+        correction); the negative memory supplies its own. See the module docstring."""
         cfg = self.cfg
         if cfg.l2_normalize:
             user, keys = F.normalize(user, dim=-1), F.normalize(keys, dim=-1)
@@ -143,17 +159,30 @@ class Criterion(torch.nn.Module):
             target = new_index[first[target + offset]]
             keys, log_q = keys[keep], log_q[keep]
         if self.memory is not None:
-            keys, log_q = self._with_memory(keys, log_q, items)
+            extra = self._memory_candidates(keys, log_q, items)
         count = row_mask.sum().to(torch.float32)
-        if cfg.kind == "softmax":
-            bias = -log_q if cfg.logq else None
-            total = inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
-                                    row_mask=row_mask, reduction="sum", impl=cfg.impl)
+        num_keys = keys.shape[0]
+        if cfg.kind == "softmax" and extra is not None:
+            extra_keys, extra_log_q = extra
+            if cfg.l2_normalize:
+                extra_keys = F.normalize(extra_keys, dim=-1)
+            all_keys = torch.cat([keys.detach(), extra_keys.detach().to(keys.dtype)])
+            num_keys = all_keys.shape[0]
+            if extra_log_q is None:  # every item: a full softmax
+                bias_all = None
+            else:
+                bias_all = -torch.cat([log_q, extra_log_q.to(log_q.dtype)]) if cfg.logq else None
+            total = self._softmax(user, all_keys, target, row_mask, bias_all)  # the user side's gradient
+            key_side = self._softmax(user.detach(), keys, target, row_mask, -log_q if cfg.logq else None)
+            loss = (total + key_side) / count.clamp_min(1.0)
+        elif cfg.kind == "softmax":
+            total = self._softmax(user, keys, target, row_mask, -log_q if cfg.logq else None)
+            loss = total / count.clamp_min(1.0)
         else:
             cand = torch.arange(keys.shape[0], device=keys.device)
             neg = sample_negatives(target, cand, cfg.num_negatives)
             total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
-        loss = total / count.clamp_min(1.0)
-        metrics = {"loss": loss.detach(), "loss_sum": total.detach(), "count": count,
-                   "num_keys": torch.tensor(float(keys.shape[0]), device=keys.device)}
+            loss = total / count.clamp_min(1.0)
+        metrics = {"loss": (total / count.clamp_min(1.0)).detach(), "loss_sum": total.detach(), "count": count,
+                   "num_keys": torch.tensor(float(num_keys), device=user.device)}
         return loss, metrics

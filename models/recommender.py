@@ -124,9 +124,11 @@ class SequentialRecommender(nn.Module):
         return groups
 
     # -- training -------------------------------------------------------------------------------
-    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
-        """Every item's embedding [n_items, d] for a full softmax (``negatives=catalogue``), given
-        the batch's unique-item table [U, d] and those items' ids."""
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor):
+        """The keys of a full softmax (``negatives=catalogue``), given the batch's unique-item table
+        [U, d] and those items' ids: (every item's embedding [n_items, d] with gradient, None), or
+        (None, (the other items' embeddings [n_items - U, d] without gradient, None)) beside the
+        batch's own (the criterion's ``extra``)."""
         raise ConfigError(f"{type(self).__name__} has no item table for catalogue negatives")
 
     def catalogue_due(self, step: int) -> bool:
@@ -163,12 +165,15 @@ class SequentialRecommender(nn.Module):
         q = out.reshape(-1, out.shape[-1]) if self.user.causal else out[:, -1]
         target, row_mask = self.targets(batch)
         keys, items, log_q = table, batch.unique_items, batch.unique_log_q.to(table.device)
+        extra = None
         if self.cfg.loss.negatives == "catalogue":  # a full softmax: every item, no sampling correction
-            keys = self.catalogue_keys(table, batch.unique_items.to(table.device))
-            items = torch.arange(keys.shape[0], device=keys.device)
-            target = batch.unique_items.to(keys.device)[target]
-            log_q = torch.zeros(keys.shape[0], device=keys.device)
-        loss, metrics = self.criterion(q, keys, target, row_mask, log_q, items)
+            full, extra = self.catalogue_keys(table, batch.unique_items.to(table.device))
+            if extra is None:  # every item's key carries gradient: one softmax over them
+                keys = full
+                items = torch.arange(keys.shape[0], device=keys.device)
+                target = batch.unique_items.to(keys.device)[target]
+                log_q = torch.zeros(keys.shape[0], device=keys.device)
+        loss, metrics = self.criterion(q, keys, target, row_mask, log_q, items, extra=extra)
         metrics["num_unique"] = torch.tensor(float(table.shape[0]), device=table.device)
         return loss, metrics
 
@@ -244,7 +249,7 @@ class TransRec(SequentialRecommender):
         """Store every item's embedding [n_items, d] as encoded before optimizer step ``step``."""
         self.criterion.catalogue.fill(emb, step)
 
-    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor):
         cat = self.criterion.catalogue
         if cat.refresh == 0:  # exact: every item encoded now, with gradient
             content = self.catalogue_content
@@ -256,13 +261,14 @@ class TransRec(SequentialRecommender):
             dev = table.device
             return self.encode_items(torch.from_numpy(items).to(dev),
                                      text.to(dev) if text is not None else None,
-                                     image.to(dev) if image is not None else None)
+                                     image.to(dev) if image is not None else None), None
         if int(cat.encoded_at) < 0:
             raise ConfigError("the catalogue table of negatives=catalogue was never encoded: call "
                               "model.refresh_catalogue(every item's embedding, step) when "
                               "model.catalogue_due(step) (the trainer does)")
-        # the batch's own items fresh, with gradient
-        return cat.table.to(table.dtype).index_copy(0, unique_items, table)
+        others = torch.ones(cat.table.shape[0], dtype=torch.bool, device=cat.table.device)
+        others[unique_items.to(others.device)] = False  # the batch's own items come fresh, with gradient
+        return None, (cat.table[others].to(table.dtype), None)
 
     def forward(self, batch: Batch, dedup: bool = True):
         """Training loss. ``dedup=False`` encodes every position's item separately (the naive
@@ -316,8 +322,8 @@ class IDSASRec(SequentialRecommender):
     def encode_items(self, unique_items: torch.Tensor, text=None, image=None) -> torch.Tensor:
         return self.item_emb(unique_items.to(self.item_emb.weight.device))
 
-    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor) -> torch.Tensor:
-        return self.item_emb.weight
+    def catalogue_keys(self, table: torch.Tensor, unique_items: torch.Tensor):
+        return self.item_emb.weight, None
 
 
 def content_spec(cfg: ModelConfig) -> dict:

@@ -49,7 +49,9 @@ def _memory_reference(q, keys, target, valid, log_q, mem_keys, mem_log_q, tau):
 
 def test_memory_softmax_against_a_float64_reference():
     """Step 2 scores the batch's keys and the memory's entries of step 1 whose items are not in
-    the batch, with the logQ bias on both; no gradient reaches the memory; the batch goes in after."""
+    the batch, with the logQ bias on both (the reported loss); the user states' gradient is that
+    softmax's with every key detached, the keys' gradient the in-batch softmax's with the user
+    states detached; no gradient reaches the memory; the batch goes in after."""
     g = torch.Generator().manual_seed(0)
     tau = 0.7
     crit = Criterion(LossConfig(negatives="memory", memory_size=16, impl="torch", temperature=tau), dim=8)
@@ -70,11 +72,18 @@ def test_memory_softmax_against_a_float64_reference():
     memory_before = crit.memory.keys.clone()
     loss, metrics = crit(q2, keys2, target, valid, lq2, items2)
     old = torch.tensor([0, 2, 3, 5])  # step-1 rows of items 1, 3, 4, 6
-    ref = _memory_reference(q2, keys2, target, valid, lq2, keys1[old], lq1[old], tau) / valid.sum()
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    n = valid.sum()
+    ref = _memory_reference(q2, keys2, target, valid, lq2, keys1[old], lq1[old], tau) / n
+    torch.testing.assert_close(metrics["loss"], ref.detach(), rtol=1e-12, atol=1e-12)
     assert int(metrics["num_keys"]) == 4 + 4
     loss.backward()
-    assert keys2.grad.abs().sum() > 0 and not crit.memory.keys.requires_grad
+    want_q, = torch.autograd.grad(
+        _memory_reference(q2, keys2.detach(), target, valid, lq2, keys1[old], lq1[old], tau) / n, q2)
+    inbatch = F.cross_entropy((q2.detach() @ keys2.T / tau - lq2)[valid], target[valid], reduction="sum") / n
+    want_k, = torch.autograd.grad(inbatch, keys2)
+    torch.testing.assert_close(q2.grad, want_q, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(keys2.grad, want_k, rtol=1e-10, atol=1e-12)
+    assert not crit.memory.keys.requires_grad
     torch.testing.assert_close(crit.memory.keys[:6], memory_before[:6])  # step 1's entries unchanged
     assert crit.memory.items.tolist()[:10] == [1, 2, 3, 4, 5, 6, 2, 5, 7, 8]  # step 2's batch pushed in
 
@@ -140,8 +149,9 @@ def test_catalogue_table_is_refreshed_then_scored_with_the_batch_items_fresh(con
     loss, metrics = model(batch)
     keys = stale.clone()
     fresh = model.encode_items(batch.unique_items, batch.text, batch.image)
-    keys[batch.unique_items] = fresh
-    torch.testing.assert_close(loss, _catalogue_reference(model, batch, keys), rtol=1e-10, atol=1e-12)
+    keys[batch.unique_items] = fresh.detach()
+    torch.testing.assert_close(metrics["loss"], _catalogue_reference(model, batch, keys).detach(),
+                               rtol=1e-10, atol=1e-12)
     assert int(metrics["num_keys"]) == content.n_items
     loss.backward()
     assert model.text_encoder.proj.weight.grad.abs().sum() > 0  # through the batch's own items
@@ -162,13 +172,14 @@ def test_exact_catalogue_encodes_every_item_with_gradient(content):
     refreshed.load_state_dict(exact.state_dict(), strict=False)
     with torch.no_grad():
         refreshed.refresh_catalogue(_encode_all(refreshed, content), step=0)
-    torch.testing.assert_close(refreshed(batch)[0], loss, rtol=1e-10, atol=1e-12)
+    loss_r, metrics_r = refreshed(batch)
+    torch.testing.assert_close(metrics_r["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
     # same loss, other gradients: the exact mode's also flow through the items outside the batch
     outside = torch.ones(content.n_items, dtype=torch.bool)
     outside[batch.unique_items] = False
     assert outside.any()
     loss.backward()
-    refreshed(batch)[0].backward()
+    loss_r.backward()
     g_exact, g_table = exact.text_encoder.proj.weight.grad, refreshed.text_encoder.proj.weight.grad
     assert g_exact.abs().sum() > 0 and not torch.allclose(g_exact, g_table, rtol=1e-3, atol=1e-8)
 
