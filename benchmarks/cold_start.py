@@ -46,9 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 10
 
 
-def hold_out(world: Path, out: Path, cold: set[str]) -> Path:
+def hold_out(world: Path, out: Path, cold: set[str], keep_last: int = 0) -> Path:
     """``world`` with the ``cold`` items removed from every sequence; every item stays in the
-    catalogue (same content, same order)."""
+    catalogue (same content, same order). ``keep_last=2`` removes them from each sequence's training
+    part only (all but the last two items), so they can still be a user's validation or test target
+    (``benchmarks/content_vs_id.py``)."""
     ds = Dataset.open(world)
     samples = {}
     for s in wds.WebDataset([str(x.path) for x in ds.item_shards], shardshuffle=False, empty_check=False):
@@ -62,7 +64,10 @@ def hold_out(world: Path, out: Path, cold: set[str]) -> Path:
         else:
             w.add_item(unsanitize_key(key), title=s["txt"].decode())
     for user, items in dataset_sequences(ds):
-        w.add_sequence(user, [i for i in items if i not in cold])
+        cut = len(items) - keep_last if keep_last and len(items) >= 3 else len(items)
+        kept = [i for i in items[:cut] if i not in cold]
+        if kept or cut == len(items):  # a user left with no training part would train on its targets
+            w.add_sequence(user, kept + items[cut:])
     return w.close()
 
 

@@ -1,0 +1,207 @@
+"""Content TransRec against the ID model when a fifth of the test targets were never trained on.
+
+Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20 min on 2 busy cores
+     .venv/bin/python benchmarks/content_vs_id.py --quick    # 2-3 minute smoke
+
+The synthetic source world is written with titles only (``image_frac=0``). Items are drawn at
+random into a held-out set until their share of the users' test targets (last items) reaches
+``--cold-frac``; they are removed from every sequence's training part (all but the last two items,
+:func:`cold_start.hold_out` with ``keep_last=2``) and stay in the catalogue, so they can be a
+validation or test target (and sit in a test history as the validation item) but no training window
+ever holds them. On that one dataset, with the run's own validation picking the best checkpoint
+(``run.monitor=valid/ndcg@10``, masked protocol):
+
+- ``id-sasrec``: the ``sasrec`` preset (the ID-based SASRec recipe; a held-out item keeps the
+  embedding it was initialised with, pushed down only as a negative of the catalogue softmax);
+- ``transrec-minilm``: content TransRec on the bundled pretrained all-MiniLM-L6-v2 titles with its
+  top 2 blocks trained (``model.text.trainable=2``; the frozen-prefix cache runs the lower 4 once per
+  item), the ``tiny`` preset's training loop with the ``small-gpu`` model sizes (dim 128, in-batch
+  softmax with logQ, temperature 0.07, lr 1e-3 / encoder 1e-4).
+
+Each run's best checkpoint is exported and scored through the public :class:`transrec.Recommender`
+on every test user (history = all but the last item, target = the last), under both protocols:
+``masked`` (the user's history removed from the ranking, this project's default) and ``unmasked``
+(RecBole's). Users are split by their target: *cold* (training count 0) and *warm*. The all-user
+figures are checked against the run's own ``eval.json`` (``best.test``). Rows are appended to
+benchmarks/results/content_vs_id.csv with date, machine and git sha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from cold_start import K, hold_out  # noqa: E402  (benchmarks/ is the script folder)
+from common import append_rows, cpu_name, git_sha  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transrec.engine.recommend import dataset_sequences  # noqa: E402
+from transrec.shards.dataset import Dataset  # noqa: E402
+from transrec.shards.format import unsanitize_key  # noqa: E402
+from transrec.shards.synth import synthesize  # noqa: E402
+
+import transrec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = {"masked": True, "unmasked": False}  # name -> exclude_history
+
+# Content TransRec: MiniLM titles, top 2 of 6 blocks trained, on the tiny preset's CPU loop.
+CONTENT = ["model.text.name=minilm", "model.text.trainable=2", "model.text.max_len=32", "model.dim=128",
+           "model.loss.temperature=0.07", "optim.lr=1e-3", "optim.encoder_lr=1e-4"]
+
+
+def pick_cold(world: Path, frac: float, rng: np.random.Generator) -> set[str]:
+    """Random items, added while they do not overshoot, until they are ``frac`` of the test targets."""
+    targets: dict[str, int] = {}
+    for _, items in dataset_sequences(world):
+        if len(items) >= 3:
+            targets[items[-1]] = targets.get(items[-1], 0) + 1
+    want = round(frac * sum(targets.values()))
+    ids = [unsanitize_key(k) for k in Dataset.open(world).item_ids]
+    cold, have = set(), 0
+    for i in rng.permutation(len(ids)):
+        c = targets.get(ids[i], 0)
+        if have + c <= want and c:
+            cold.add(ids[i])
+            have += c
+        if have >= want:
+            break
+    return cold
+
+
+def hits(ranked: list[list[str]], targets: list[str]) -> tuple[float, float]:
+    """(HR@K, NDCG@K) summed over users (divide by the count)."""
+    hr = nd = 0.0
+    for r, t in zip(ranked, targets):
+        if t in r[:K]:
+            hr += 1
+            nd += 1 / math.log2(r.index(t) + 2)
+    return hr, nd
+
+
+def per_user(export: Path, data: Path, users: list[tuple[list[str], str, bool]]) -> dict:
+    """``{protocol: {group: (hr@10, ndcg@10)}}`` for groups all / cold / warm."""
+    rec = transrec.Recommender.from_export(export, device="cpu")
+    rec.encode_items(data=data)
+    hist = [h for h, _, _ in users]
+    tgt = [t for _, t, _ in users]
+    out = {}
+    for name, excl in PROTOCOLS.items():
+        ranked = [r.ids for r in rec.recommend_many(hist, K, exclude_history=excl)]
+        res = {}
+        for group, keep in (("all", lambda c: True), ("cold", lambda c: c), ("warm", lambda c: not c)):
+            sel = [j for j, (_, _, c) in enumerate(users) if keep(c)]
+            hr, nd = hits([ranked[j] for j in sel], [tgt[j] for j in sel])
+            res[group] = (hr / max(len(sel), 1), nd / max(len(sel), 1))
+        out[name] = res
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=1500)
+    ap.add_argument("--items", type=int, default=500)
+    ap.add_argument("--cold-frac", type=float, default=0.2, help="share of test targets never trained on")
+    ap.add_argument("--id-steps", type=int, default=300,
+                    help="optimizer steps of the sasrec preset (batch 256)")
+    ap.add_argument("--content-steps", type=int, default=100, help="optimizer steps of content TransRec")
+    ap.add_argument("--content-batch", type=int, default=64)
+    ap.add_argument("--content-user", default="bidirectional", choices=["bidirectional", "causal"],
+                    help="content TransRec's user encoder (bidirectional: the paper's, read at the last "
+                         "position; causal: trained at every position, like SASRec)")
+    ap.add_argument("--max-len", type=int, default=20,
+                    help="data.max_len of both models (the world's longest sequence is 20; "
+                         "sasrec's own is 50)")
+    ap.add_argument("--evals", type=int, default=6, help="validations per run (best checkpoint among them)")
+    ap.add_argument("--models", default="id-sasrec,transrec-minilm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="400 users, 200 items, 60 + 20 steps (a smoke)")
+    ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
+    ap.add_argument("extra", nargs="*", help="key=value overrides for content TransRec")
+    args = ap.parse_args()
+    if args.quick:
+        args.users, args.items, args.id_steps, args.content_steps, args.evals = 400, 200, 60, 20, 2
+
+    t0 = time.time()
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="content_vs_id_"))
+    world = synthesize(work / "world", domain="source", n_users=args.users, n_items=args.items,
+                       image_frac=0.0, seed=args.seed)
+    cold = pick_cold(world, args.cold_frac, np.random.default_rng(args.seed))
+    data = hold_out(world, work / "train", cold, keep_last=2)
+    ds = Dataset.open(data)
+    count = {unsanitize_key(k): int(c) for k, c in zip(ds.item_ids, ds.train_count)}
+    assert all(count[i] == 0 for i in cold), "a held-out item was trained on"
+    users = [(items[:-1], items[-1], count[items[-1]] == 0)
+             for _, items in dataset_sequences(ds) if len(items) >= 3]
+    n_cold = sum(c for _, _, c in users)
+    print(f"world: {args.users} users, {args.items} titles; {len(cold)} items held out of training; "
+          f"{len(users)} test users, {n_cold} ({n_cold / len(users):.1%}) with a never-trained target",
+          flush=True)
+
+    runs = {
+        "id-sasrec": ("sasrec", [f"data.max_len={args.max_len}", f"optim.steps={args.id_steps}",
+                                 f"eval.every={max(1, args.id_steps // args.evals)}"]),
+        "transrec-minilm": ("tiny", CONTENT + [
+            f"model.user.kind={args.content_user}", f"data.max_len={args.max_len}",
+            f"model.user.max_len={max(args.max_len, 20)}", f"data.batch_size={args.content_batch}",
+            f"optim.steps={args.content_steps}", f"optim.warmup_steps={max(1, args.content_steps // 10)}",
+            f"eval.every={max(1, args.content_steps // args.evals)}"] + list(args.extra)),
+    }
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        preset, over = runs[name]
+        run, exp = work / f"run-{name}", work / f"export-{name}"
+        cfg = transrec.build_config(preset, overrides=over + [f"data.path={data}", f"run.out={run}",
+                                                              f"run.seed={args.seed}", "run.progress=off"])
+        print(f"== {name}: preset {preset} {' '.join(over)}", flush=True)
+        t = time.time()
+        result = transrec.train(cfg)
+        wall = time.time() - t
+        transrec.export(run, exp)  # the best checkpoint by validation
+        best = json.loads((run / "eval.json").read_text())["best"]
+        res = per_user(exp, data, users)
+        for proto, groups in res.items():
+            key = "" if proto == "masked" else "unmasked_"  # both runs evaluate masked
+            ref = best["test"][key + "ndcg@10"]
+            if abs(groups["all"][1] - ref) > 2e-3:
+                print(f"warning: {name} {proto} all-user NDCG@10 {groups['all'][1]:.4f} differs from "
+                      f"eval.json best.test {ref:.4f}", flush=True)
+            rows.append({"model": name, "preset": preset, "steps": result.step, "best_step": best["step"],
+                         "train_s": round(result.seconds, 1), "wall_s": round(wall, 1), "protocol": proto,
+                         "valid_ndcg@10": round(best["valid"][key + "ndcg@10"], 4),
+                         **{f"{g}_{m}@10": round(v[j], 4) for g, v in groups.items()
+                            for j, m in enumerate(("hr", "ndcg"))}})
+
+    print(f"\ncontent vs ID on the synthetic source world (titles only): {args.users} users, {args.items} "
+          f"items; {n_cold} of {len(users)} test targets ({n_cold / len(users):.1%}) never trained on; "
+          f"seed {args.seed}; {cpu_name()}; git {git_sha()}")
+    print(f"| model | protocol | best step / steps | train s | NDCG@10 all | HR@10 all "
+          f"| NDCG@10 cold ({n_cold}) | HR@10 cold | NDCG@10 warm ({len(users) - n_cold}) | HR@10 warm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
+              f"| {r['all_ndcg@10']:.4f} | {r['all_hr@10']:.4f} "
+              f"| {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
+              f"| {r['warm_ndcg@10']:.4f} | {r['warm_hr@10']:.4f} |")
+    print(f"total {time.time() - t0:.0f} s; work folder {work}")
+    if not args.no_csv:
+        stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} cores (CPU)",
+                 "git": git_sha(), "quick": args.quick, "n_users_world": args.users,
+                 "n_items_world": args.items, "test_users": len(users), "cold_users": n_cold,
+                 "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed}
+        append_rows(ROOT / "benchmarks" / "results" / "content_vs_id.csv", [{**stamp, **r} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
