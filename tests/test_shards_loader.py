@@ -25,10 +25,10 @@ from transrec.shards.synth import synthesize
 from transrec.errors import DataError
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny synthetic dataset with 7 sequence shards of uneven eval counts, and random content."""
-    path = synthesize(tmp_path_factory.mktemp("w") / "src", domain="source", n_users=130, n_items=70,
+def make_world(root):
+    """A tiny synthetic dataset (130 users of 1-12 items) with 7 sequence shards of uneven eval
+    counts, and random content: (dataset, content)."""
+    path = synthesize(root / "src", domain="source", n_users=130, n_items=70,
                       min_len=1, max_len=12, seed=3, seq_shard_size=20)
     ds = Dataset.open(path)
     rng = np.random.default_rng(0)
@@ -41,6 +41,11 @@ def world(tmp_path_factory):
                            rng.integers(1, 10, n_t).astype(np.int32),
                            rng.integers(0, 256, (n_i, 3, 4, 4)).astype(np.uint8))
     return ds, content
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("w"))
 
 
 def raw_sequences(ds):

@@ -9,12 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import webdataset as wds
+from test_shards_loader import make_world
 from transrec.engine.data import epoch_facts, epoch_line
 from transrec.shards import windows as W
-from transrec.shards.batch import IMAGE, TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
 from transrec.shards.loader import SequenceLoader
-from transrec.shards.synth import synthesize
 
 from transrec.config import build_config, set_key, validate
 from transrec.errors import ConfigError, DataError
@@ -60,18 +59,7 @@ def test_windows_of_a_part(m):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The loader tests' synthetic world: 130 users of 1-12 items in 7 sequence shards."""
-    path = synthesize(tmp_path_factory.mktemp("w") / "src", domain="source", n_users=130, n_items=70,
-                      min_len=1, max_len=12, seed=3, seq_shard_size=20)
-    ds = Dataset.open(path)
-    rng = np.random.default_rng(0)
-    mod = ds.modality
-    n_t, n_i = int((mod == TEXT).sum()), int((mod == IMAGE).sum())
-    row = np.zeros(ds.n_items, np.int64)
-    row[mod == TEXT] = np.arange(n_t)
-    row[mod == IMAGE] = np.arange(n_i)
-    content = ArrayContent(mod, row, rng.integers(1, 1000, (n_t, 9)).astype(np.int32),
-                           rng.integers(1, 10, n_t).astype(np.int32),
-                           rng.integers(0, 256, (n_i, 3, 4, 4)).astype(np.uint8))
+    ds, content = make_world(tmp_path_factory.mktemp("w"))
     parts = {}
     for s in wds.WebDataset([str(p.path) for p in ds.seq_shards], shardshuffle=False, empty_check=False):
         obj = json.loads(s["json"])
