@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cold_start import K, hold_out  # noqa: E402  (benchmarks/ is the script folder)
+from cold_start import K, hits, hold_out  # noqa: E402  (benchmarks/ is the script folder)
 from common import append_rows, cpu_name, git_sha  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,16 +77,6 @@ def pick_cold(world: Path, frac: float, rng: np.random.Generator) -> set[str]:
     return cold
 
 
-def hits(ranked: list[list[str]], targets: list[str]) -> tuple[float, float]:
-    """(HR@K, NDCG@K) summed over users (divide by the count)."""
-    hr = nd = 0.0
-    for r, t in zip(ranked, targets):
-        if t in r[:K]:
-            hr += 1
-            nd += 1 / math.log2(r.index(t) + 2)
-    return hr, nd
-
-
 def per_user(export: Path, data: Path, users: list[tuple[list[str], str, bool]]) -> dict:
     """``{protocol: {group: (hr@10, ndcg@10)}}`` for groups all / cold / warm."""
     rec = transrec.Recommender.from_export(export, device="cpu")
@@ -100,8 +89,7 @@ def per_user(export: Path, data: Path, users: list[tuple[list[str], str, bool]])
         res = {}
         for group, keep in (("all", lambda c: True), ("cold", lambda c: c), ("warm", lambda c: not c)):
             sel = [j for j, (_, _, c) in enumerate(users) if keep(c)]
-            hr, nd = hits([ranked[j] for j in sel], [tgt[j] for j in sel])
-            res[group] = (hr / max(len(sel), 1), nd / max(len(sel), 1))
+            res[group] = hits([ranked[j] for j in sel], [tgt[j] for j in sel])  # means over sel
         out[name] = res
     return out
 

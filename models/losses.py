@@ -183,6 +183,6 @@ class Criterion(torch.nn.Module):
             neg = sample_negatives(target, cand, cfg.num_negatives)
             total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
             loss = total / count.clamp_min(1.0)
-        metrics = {"loss": (total / count.clamp_min(1.0)).detach(), "loss_sum": total.detach(), "count": count,
-                   "num_keys": torch.tensor(float(num_keys), device=user.device)}
+        metrics = {"loss": (total / count.clamp_min(1.0)).detach(), "loss_sum": total.detach(),
+                   "count": count, "num_keys": torch.tensor(float(num_keys), device=user.device)}
         return loss, metrics
