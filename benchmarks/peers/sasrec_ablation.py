@@ -7,7 +7,8 @@ Every variant trains an ID SASRec (64 dimensions, 2 layers x 2 heads, dropout 0.
 item table, cross-entropy over the whole catalogue, Adam at a constant lr) on the training part of a
 dataset folder, and reports validation NDCG@10 under RecBole's protocol (full ranking, history kept)
 every ``--eval-every`` epochs, with the optimizer steps and the CPU seconds of training so far
-(process time: on a shared machine it moves far less than wall time; evaluation not counted). What a variant changes:
+(process time: on a shared machine it moves far less than wall time; evaluation not counted).
+What a variant changes:
 
 - the block: ``project`` is :class:`transrec.models.user.UserEncoder` itself (pre-norm, input =
   dropout(item + position), dropout inside the MLP as well as after it, torch's default Linear
