@@ -207,20 +207,41 @@ def recbole_config(args) -> dict:
     }
 
 
-def run_recbole(args, py: Path, atomic_root: Path, work: Path, env: dict) -> dict:
+def recbole_key(args) -> dict:
+    """What a RecBole result depends on: the world, the config, the threads."""
+    return {"users": args.users, "items": args.items, "min_len": args.min_len, "max_seq": args.max_seq,
+            "seed": args.seed, "threads": args.threads, "config": recbole_config(args)}
+
+
+def run_recbole(args, py: Path | None, atomic_root: Path, work: Path, env: dict) -> dict:
+    """RecBole's result: a fresh run, or with ``--reuse-recbole`` the one in WORK made with the same
+    world, config and threads (RecBole is the slow, fixed side while the project's is tuned)."""
+    out = work / "recbole_result.json"
+    if args.reuse_recbole and out.is_file():
+        res = json.loads(out.read_text())
+        if res.get("key") == json.loads(json.dumps(recbole_key(args))):
+            log(f"reusing RecBole's result of {res.get('date', '?')} from {out}")
+            res["reused"] = True
+            return res
+        log(f"{out} was made with another world or config: running RecBole again")
+    if py is None:
+        py = ensure_recbole_venv(Path(args.recbole_venv))
     spec = {"data_path": str(atomic_root), "dataset": DATASET, "config": recbole_config(args),
             "threads": args.threads, "dump_targets": True}
     (work / "recbole_spec.json").write_text(json.dumps(spec, indent=1))
-    out = work / "recbole_result.json"
     wall, cpu = run([py, "-P", HERE / "recbole_worker.py", work / "recbole_spec.json", out], env=env,
                     cwd=work)
     res = json.loads(out.read_text())
-    res["wall_seconds"], res["cpu_seconds"] = round(wall, 2), round(cpu, 2)
+    res.update(wall_seconds=round(wall, 2), cpu_seconds=round(cpu, 2), key=recbole_key(args),
+               date=time.strftime("%Y-%m-%d %H:%M"))
+    out.write_text(json.dumps(res))
     return res
 
 
 def transrec_overrides(args, n_train_users: int) -> list[str]:
-    steps_per_epoch = -(-n_train_users // 256)
+    sets = [o.split("=", 1)[1] for o in args.set if o.startswith("data.batch_size=")]
+    batch = int(sets[-1]) if sets else 256  # the preset's
+    steps_per_epoch = -(-n_train_users // batch)
     every = args.tr_every or steps_per_epoch
     return [f"data.max_len={args.max_len}", f"model.user.max_len={args.max_len}",
             "eval.exclude_history=false", "eval.ks=[10]", "run.monitor=valid/ndcg@10",
@@ -276,6 +297,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra transrec override (repeatable), e.g. --set optim.lr=2e-3")
     p.add_argument("--no-recbole", action="store_true", help="run the project side only")
+    p.add_argument("--reuse-recbole", action="store_true",
+                   help="reuse RecBole's result in --work if made with the same world, config and threads")
     p.add_argument("--label", default="", help="a note for the CSV rows")
     p.add_argument("--no-csv", action="store_true", help="print the table only")
     p.add_argument("--dry-run", action="store_true", help="toy sizes, a few minutes, no CSV rows")
@@ -292,7 +315,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    py = None if args.no_recbole else ensure_recbole_venv(Path(args.recbole_venv))
+    py = None if args.no_recbole or args.reuse_recbole else ensure_recbole_venv(Path(args.recbole_venv))
 
     t0 = time.perf_counter()
     world, atomic, conv = work / "world", work / "atomic", work / "from_recbole"
@@ -313,7 +336,7 @@ def main(argv=None) -> None:
         f"atomic files: every sequence identical ({time.perf_counter() - t0:.0f} s)")
 
     rb = None
-    if py is not None:
+    if not args.no_recbole:
         rb = run_recbole(args, py, atomic, work, env)
         check_split(seqs, rb)
         log(f"RecBole's split = the project's: {rb['n_test_users']} users with the same validation and "
@@ -334,7 +357,7 @@ def main(argv=None) -> None:
             "valid_ndcg@10": round(rb["valid"].get("ndcg@10", float("nan")), 4),
             "best": f"epoch {rb['best_epoch']} of {rb['epochs']} ({rb['steps_per_epoch']} steps each)",
             "train_s": rb["fit_seconds"], "wall_s": rb["wall_seconds"], "cpu_s": rb["cpu_seconds"],
-            "config": "recbole_config()"}))
+            "config": "recbole_config()" + (f", reused from {rb.get('date')}" if rb.get("reused") else "")}))
     rows.append(dict(common, side="transrec sasrec", **{
         "test_ndcg@10": round(tr["test"]["ndcg@10"], 4), "test_hr@10": round(tr["test"]["hr@10"], 4),
         "valid_ndcg@10": round(tr["valid"]["ndcg@10"], 4),
