@@ -250,7 +250,8 @@ def transrec_overrides(args, n_train_users: int) -> list[str]:
 
 
 def run_transrec(args, data: Path, work: Path, env: dict, n_train_users: int) -> dict:
-    out = work / "transrec_run"
+    out = work / ("transrec_run-" + "".join(c if c.isalnum() else "_" for c in args.label) if args.label
+                  else "transrec_run")
     if out.exists():
         shutil.rmtree(out)
     cli = ROOT / ".venv" / "bin" / "transrec"
