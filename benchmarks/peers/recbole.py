@@ -357,7 +357,8 @@ def main(argv=None) -> None:
             "test_ndcg@10": round(rb["test"]["ndcg@10"], 4), "test_hr@10": round(rb["test"]["hit@10"], 4),
             "valid_ndcg@10": round(rb["valid"].get("ndcg@10", float("nan")), 4),
             "best": f"epoch {rb['best_epoch']} of {rb['epochs']} ({rb['steps_per_epoch']} steps each)",
-            "train_s": rb["fit_seconds"], "wall_s": rb["wall_seconds"], "cpu_s": rb["cpu_seconds"],
+            "train_s": rb["fit_seconds"], "wall_s": rb.get("wall_seconds", ""),
+            "cpu_s": rb.get("cpu_seconds", ""),
             "config": "recbole_config()" + (f", reused from {rb.get('date')}" if rb.get("reused") else "")}))
     rows.append(dict(common, side="transrec sasrec", **{
         "test_ndcg@10": round(tr["test"]["ndcg@10"], 4), "test_hr@10": round(tr["test"]["hr@10"], 4),
