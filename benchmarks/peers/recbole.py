@@ -322,13 +322,23 @@ def main(argv=None) -> None:
     world, atomic, conv = work / "world", work / "atomic", work / "from_recbole"
     synth = ROOT / ".venv" / "bin" / "transrec"
     synth = synth if synth.exists() else shutil.which("transrec") or "transrec"
-    run([synth, "shards", "synth", "--domain", "source", "--out", world, "--users", args.users,
-         "--items", args.items, "--min-len", args.min_len, "--max-len", args.max_seq, "--image-frac", 0,
-         "--seed", args.seed, "--quiet"], env=env, quiet=True)
-    shutil.rmtree(atomic, ignore_errors=True)
-    counts = export_atomic(world, atomic / DATASET)
-    run([synth, "shards", "convert", "--format", "recbole", "--input", atomic / DATASET, "--out", conv],
-        env=env, quiet=True)
+    stamp = work / "data.json"  # the world the three folders below were made for
+    want = {"users": args.users, "items": args.items, "min_len": args.min_len, "max_seq": args.max_seq,
+            "seed": args.seed}
+    made = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if made.get("world") == want and (conv / "manifest.json").is_file():
+        counts = made["counts"]
+        log(f"reusing the world, its atomic files and their conversion in {work} (made for {want})")
+    else:  # made afresh; a run training on them meanwhile would see them change, so one run at a time here
+        stamp.unlink(missing_ok=True)
+        run([synth, "shards", "synth", "--domain", "source", "--out", world, "--users", args.users,
+             "--items", args.items, "--min-len", args.min_len, "--max-len", args.max_seq, "--image-frac", 0,
+             "--seed", args.seed, "--quiet"], env=env, quiet=True)
+        shutil.rmtree(atomic, ignore_errors=True)
+        counts = export_atomic(world, atomic / DATASET)
+        run([synth, "shards", "convert", "--format", "recbole", "--input", atomic / DATASET, "--out", conv],
+            env=env, quiet=True)
+        stamp.write_text(json.dumps({"world": want, "counts": counts}))
     seqs = check_round_trip(world, conv)
     n_train_users = sum(1 for s in seqs.values() if len(s) >= 2)
     lens = sorted(len(s) for s in seqs.values())
