@@ -87,7 +87,7 @@ def main(spec_path: str, out_path: str) -> None:
     out = {
         "n_users": int(dataset.user_num - 1),  # RecBole counts the padding id 0
         "n_items": int(dataset.item_num - 1),
-        "n_interactions": int(dataset.inter_num),
+        "n_samples": int(dataset.inter_num),  # after RecBole's augmentation: one row per (prefix, next item)
         "n_train_samples": int(len(train_data._dataset)),
         "n_valid_users": int(len(valid_data._dataset)),
         "n_test_users": int(len(test_data._dataset)),
