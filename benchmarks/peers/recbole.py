@@ -379,7 +379,7 @@ def main(argv=None) -> None:
     print(f"\nSASRec on the synthetic world ({counts['users']} users, {counts['items']} items, "
           f"{counts['interactions']} interactions), RecBole's protocol: leave-one-out by time, "
           "full ranking over all items, history items not removed; test split, best step by valid NDCG@10; "
-          f"{args.threads} torch threads, {cpu_name()}")
+          f"torch threads: {args.threads}; {cpu_name()}")
     print("| side | test NDCG@10 | test HR@10 | valid NDCG@10 | best | train s | process s | process CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
