@@ -1,6 +1,6 @@
 """Against RecBole: its SASRec and this project's ``sasrec`` preset on the same data, split and protocol.
 
-Run: .venv/bin/python benchmarks/peers/recbole.py [--users 4000 --items 1500] [--dry-run]
+Run: .venv/bin/python benchmarks/peers/recbole.py [--users 2000 --items 1000] [--set K=V ...] [--dry-run]
 
 1. A synthetic world (``transrec shards synth``, titles only: an ID model reads no content) is
    exported to RecBole atomic files (``NAME.inter``: ``user_id:token item_id:token timestamp:float``,
@@ -245,7 +245,8 @@ def transrec_overrides(args, n_train_users: int) -> list[str]:
     every = args.tr_every or steps_per_epoch
     return [f"data.max_len={args.max_len}", f"model.user.max_len={args.max_len}",
             "eval.exclude_history=false", "eval.ks=[10]", "run.monitor=valid/ndcg@10",
-            f"optim.steps={args.tr_steps}", f"eval.every={every}", f"run.patience={args.tr_patience}",
+            *([f"optim.steps={args.tr_steps}"] if args.tr_steps else []), f"eval.every={every}",
+            f"run.patience={args.tr_patience}",
             f"run.seed={args.seed}", "run.progress=off", "run.tensorboard=false", *args.set]
 
 
@@ -281,17 +282,18 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(ROOT / ".cache" / "recbole_peer"), help="scratch folder")
     p.add_argument("--recbole-venv", default=str(ROOT / ".cache" / "recbole-venv"),
                    help="RecBole's virtual environment (made when missing)")
-    p.add_argument("--users", type=int, default=4000)
-    p.add_argument("--items", type=int, default=1500)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=1000)
     p.add_argument("--min-len", type=int, default=5)
-    p.add_argument("--max-seq", type=int, default=30, help="longest synthetic sequence")
+    p.add_argument("--max-seq", type=int, default=20, help="longest synthetic sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=50, help="model history length, both sides")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, both sides (on a shared 2-core machine 2 threads wait on each other)")
     p.add_argument("--rb-epochs", type=int, default=200, help="RecBole: most epochs")
     p.add_argument("--rb-patience", type=int, default=10, help="RecBole: stopping_step (evaluations)")
-    p.add_argument("--tr-steps", type=int, default=3000, help="transrec: most optimizer steps")
+    p.add_argument("--tr-steps", type=int, default=0,
+                   help="transrec: most optimizer steps (0 = the preset's optim.steps)")
     p.add_argument("--tr-every", type=int, default=0,
                    help="transrec: steps between validations (0 = one pass over the training users)")
     p.add_argument("--tr-patience", type=int, default=10, help="transrec: run.patience (evaluations)")
