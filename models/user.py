@@ -56,6 +56,7 @@ class UserEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(dim, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(dim)
+        self.in_ln = nn.LayerNorm(dim) if cfg.input_norm else None  # model.user.input_norm
         self.grad_ckpt = bool(cfg.grad_ckpt)
         nn.init.normal_(self.pos.weight, std=0.02)
 
@@ -66,7 +67,10 @@ class UserEncoder(nn.Module):
             raise ConfigError(f"sequence of {n} positions is longer than model.user.max_len={self.max_len}")
         mask = mask.bool()
         pos = self.pos.weight[self.max_len - n:]
-        x = self.drop(item_emb + pos[None].to(item_emb.dtype)) * mask[..., None].to(item_emb.dtype)
+        x = item_emb + pos[None].to(item_emb.dtype)
+        if self.in_ln is not None:  # per position: a padded position still changes nothing
+            x = self.in_ln(x)
+        x = self.drop(x) * mask[..., None].to(item_emb.dtype)
         eye = torch.eye(n, dtype=torch.bool, device=x.device)
         allowed = mask[:, None, :].expand(b, n, n)
         if self.causal:

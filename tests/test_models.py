@@ -134,10 +134,12 @@ def test_config_errors_are_one_line():
 # padding, causality
 
 
-@pytest.mark.parametrize("kind", ["bidirectional", "causal"])
-def test_user_encoder_padding_never_changes_outputs(kind):
+@pytest.mark.parametrize("kind,input_norm", [("bidirectional", False), ("causal", False), ("causal", True)])
+def test_user_encoder_padding_never_changes_outputs(kind, input_norm):
     torch.manual_seed(0)
-    enc = UserEncoder(UserEncoderConfig(kind=kind, layers=2, heads=2, dropout=0.1, max_len=10), 16).eval()
+    cfg = UserEncoderConfig(kind=kind, layers=2, heads=2, dropout=0.1, max_len=10, input_norm=input_norm)
+    enc = UserEncoder(cfg, 16).eval()
+    assert (enc.in_ln is not None) == input_norm
     x = torch.randn(3, 6, 16)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
     out = enc(x, mask)

@@ -96,6 +96,9 @@ class UserEncoderConfig:
     "causal" (SASRec: trained at every position), or "auto": causal for the ID model, bidirectional
     for TransRec (:func:`user_kind`). Positions are learned and right-aligned (the
     newest item always gets the last position), max_len is the longest history it reads.
+    input_norm puts a LayerNorm on the input (item embedding + position) before the blocks, as
+    SASRec does: with small-initialised item tables the blocks' outputs otherwise swamp the item's
+    identity in the residual stream (the ``sasrec`` preset sets it).
     """
 
     kind: UserKind = "auto"
@@ -104,6 +107,7 @@ class UserEncoderConfig:
     dropout: float = 0.1
     max_len: int = 20
     grad_ckpt: bool = False
+    input_norm: bool = False
 
 
 @dataclass

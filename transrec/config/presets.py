@@ -96,11 +96,13 @@ def preset_base_gpu() -> Config:
 
 
 def preset_sasrec() -> Config:
-    """The well-known ID-based SASRec recipe: causal user encoder trained at every position, cross-
+    """The well-known ID-based SASRec recipe: causal user encoder trained at every position (a
+    LayerNorm on its input), cross-
     entropy over the whole catalogue, 2 layers x 2 heads, 64 dimensions, dropout 0.5, length 50,
     batch 256, constant lr 1e-3 (no warmup, no decay, no weight decay, no clipping)."""
     m = ModelConfig(kind="id", dim=64)
     m.user.kind, m.user.layers, m.user.heads, m.user.dropout, m.user.max_len = "causal", 2, 2, 0.5, 50
+    m.user.input_norm = True  # SASRec's LayerNorm on the input (benchmarks/peers/sasrec_ablation.py)
     m.loss.negatives, m.loss.temperature, m.loss.logq = "catalogue", 1.0, False
     cfg = Config(preset="sasrec", model=m)
     cfg.data = DataConfig(batch_size=256, max_len=50)
