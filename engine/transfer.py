@@ -126,9 +126,12 @@ def _both_protocols(row: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the comparison (test metrics unless marked 'val', at the step named):
-    the run's own protocol in the main columns, and test NDCG@10 / HR@10 under both protocols."""
+    each run's own protocol in the main columns, then test NDCG@10 / HR@10 under the protocol the
+    main columns do not show (both protocols when the rows' own ones differ)."""
+    own = {bool(r.get("exclude_history", True)) for r in rows}
+    extra = [x for x in (True, False) if len(own) > 1 or x not in own]
     cols = list(TABLE_COLUMNS) + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
-                                  for x in (True, False) for m in ("ndcg@10", "hr@10")]
+                                  for x in extra for m in ("ndcg@10", "hr@10")]
     head = [t for _, t in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in map(_both_protocols, rows):

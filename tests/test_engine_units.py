@@ -187,3 +187,21 @@ def test_plot_legends_tell_runs_apart_and_a_lone_validation_point_is_explained(t
     assert run_label(lora) == "c/lora (lora)"
     assert validation_note({"x": 1, "y": 0}).startswith("no validation curve")
     assert validation_note({"x": 1, "y": 3}) is None
+
+
+def test_comparison_table_shows_the_protocol_its_main_columns_do_not():
+    from transrec.engine.transfer import format_table
+
+    masked = {"mode": "full", "test_ndcg@10": 0.31, "test_hr@10": 0.52, "test_unmasked_ndcg@10": 0.21,
+              "test_unmasked_hr@10": 0.42, "exclude_history": True}
+    head, _, row = format_table([masked]).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    assert "NDCG@10 history masked" not in cols  # the main columns are that protocol already
+    assert cells["NDCG@10"] == "0.3100" and cells["NDCG@10 history ranked"] == "0.2100"
+    assert cells["HR@10 history ranked"] == "0.4200"
+    ranked = {"mode": "id", "test_ndcg@10": 0.2, "test_masked_ndcg@10": 0.25, "exclude_history": False}
+    head, _, r1, r2 = format_table([masked, ranked]).splitlines()
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    cells = dict(zip(cols, (c.strip() for c in r2.strip("|").split("|"))))
+    assert cells["NDCG@10 history masked"] == "0.2500" and cells["NDCG@10 history ranked"] == "0.2000"
