@@ -210,8 +210,7 @@ class Trainer:
         # partitioning; training and evaluation then gather items through the same wrapper.
         self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
                                   log=say if self.rank == 0 else (lambda _msg: None))
-        if hasattr(self.model, "set_catalogue_content"):  # negatives=catalogue, exact (catalogue_refresh 0)
-            self.model.set_catalogue_content(self.content)
+        self.model.set_catalogue_content(self.content)  # negatives=catalogue, exact (catalogue_refresh 0)
         self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
         self.skip_base = dict(SKIPPED_INPUT.counts)
         self.sequences_read = 0.0  # training sequences read by this process (the loader skip rate's base)

@@ -161,28 +161,29 @@ class Criterion(torch.nn.Module):
         if self.memory is not None:
             extra = self._memory_candidates(keys, log_q, items)
         count = row_mask.sum().to(torch.float32)
+        norm = count.clamp_min(1.0)
         num_keys = keys.shape[0]
-        if cfg.kind == "softmax" and extra is not None:
+        batch_bias = -log_q if cfg.logq else None
+        key_side = 0.0  # the batch keys' own term when extra candidates carry no gradient
+        if cfg.kind == "bce":
+            cand = torch.arange(keys.shape[0], device=keys.device)
+            neg = sample_negatives(target, cand, cfg.num_negatives)
+            total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
+        elif extra is None:
+            total = self._softmax(user, keys, target, row_mask, batch_bias)
+        else:
             extra_keys, extra_log_q = extra
             if cfg.l2_normalize:
                 extra_keys = F.normalize(extra_keys, dim=-1)
             all_keys = torch.cat([keys.detach(), extra_keys.detach().to(keys.dtype)])
             num_keys = all_keys.shape[0]
-            if extra_log_q is None:  # every item: a full softmax
+            if extra_log_q is None or not cfg.logq:  # None: every item, a full softmax
                 bias_all = None
             else:
-                bias_all = -torch.cat([log_q, extra_log_q.to(log_q.dtype)]) if cfg.logq else None
+                bias_all = -torch.cat([log_q, extra_log_q.to(log_q.dtype)])
             total = self._softmax(user, all_keys, target, row_mask, bias_all)  # the user side's gradient
-            key_side = self._softmax(user.detach(), keys, target, row_mask, -log_q if cfg.logq else None)
-            loss = (total + key_side) / count.clamp_min(1.0)
-        elif cfg.kind == "softmax":
-            total = self._softmax(user, keys, target, row_mask, -log_q if cfg.logq else None)
-            loss = total / count.clamp_min(1.0)
-        else:
-            cand = torch.arange(keys.shape[0], device=keys.device)
-            neg = sample_negatives(target, cand, cfg.num_negatives)
-            total = bce_sampled(user, keys, target, neg, row_mask, cfg.temperature).sum()
-            loss = total / count.clamp_min(1.0)
-        metrics = {"loss": (total / count.clamp_min(1.0)).detach(), "loss_sum": total.detach(),
+            key_side = self._softmax(user.detach(), keys, target, row_mask, batch_bias)
+        loss = (total + key_side) / norm
+        metrics = {"loss": (total / norm).detach(), "loss_sum": total.detach(),
                    "count": count, "num_keys": torch.tensor(float(num_keys), device=user.device)}
         return loss, metrics

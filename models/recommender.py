@@ -68,6 +68,7 @@ class SequentialRecommender(nn.Module):
         self.dim = int(cfg.dim)
         self.user = UserEncoder(dataclasses.replace(cfg.user, kind=user_kind(cfg)), self.dim)
         self.criterion = Criterion(cfg.loss, self.dim)
+        self.catalogue_content = None  # every item's content (set_catalogue_content)
 
     # -- the export folder ----------------------------------------------------------------------
     @staticmethod
@@ -136,6 +137,12 @@ class SequentialRecommender(nn.Module):
         optimizer step ``step``; only a content model with ``negatives=catalogue`` has one."""
         return False
 
+    def set_catalogue_content(self, content) -> None:
+        """The :class:`~transrec.shards.batch.ContentSource` of every item, which a content model's
+        exact catalogue softmax (``catalogue_refresh`` 0) encodes at every step; the ID model needs
+        none."""
+        self.catalogue_content = content
+
     def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(target row of ``unique_items``, valid) for each trained user state: every position with a
         next item (causal), or the last position only (bidirectional)."""
@@ -185,7 +192,6 @@ class TransRec(SequentialRecommender):
         super().__init__(cfg)
         if cfg.loss.negatives == "catalogue":  # every item's embedding, refreshed (see LossConfig)
             self.criterion.catalogue = CatalogueTable(n_items or 0, self.dim, cfg.loss.catalogue_refresh)
-        self.catalogue_content = None  # the content of every item (negatives=catalogue, exact)
         self.text_encoder = TextItemEncoder(cfg.text, self.dim)
         self.image_encoder = ImageItemEncoder(cfg.image, self.dim)
         self.modality = nn.Embedding(2, self.dim) if cfg.modality_embedding else None
@@ -236,11 +242,6 @@ class TransRec(SequentialRecommender):
         return table
 
     # -- catalogue negatives (see LossConfig) -----------------------------------------------------
-    def set_catalogue_content(self, content) -> None:
-        """The :class:`~transrec.shards.batch.ContentSource` of every item, which the exact catalogue
-        softmax (``catalogue_refresh`` 0) encodes at every step."""
-        self.catalogue_content = content
-
     def catalogue_due(self, step: int) -> bool:
         table = getattr(self.criterion, "catalogue", None)
         return table is not None and table.due(step)
