@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
 from cold_start import K, hits, hold_out  # noqa: E402  (benchmarks/ is the script folder)
-from common import append_rows, cpu_name, git_sha  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -51,7 +51,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

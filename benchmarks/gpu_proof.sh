@@ -12,9 +12,9 @@
 #           also naive over unique items, the engine without the prefix cache, with impl=torch, in fp32
 #   memory  peak GPU memory of base-gpu at batch 256 under ZeRO 0, 2 and 3 on one card
 #   prefix  benchmarks/prefix_cache.py --gpu: dedup alone vs dedup + the frozen-prefix cache
-#   kernels benchmarks/kernels.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
+#   kernels benchmarks/kernel_bench.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
 #   ksweep  (only when named: --only env,ksweep, a run of its own) the kernel design sweep,
-#           benchmarks/kernels.py --sweep at the four kernel shapes: each design of the Triton kernels
+#           benchmarks/kernel_bench.py --sweep at the four kernel shapes: each design of the Triton kernels
 #           (full / forward / backward) and, where the card is underfilled, its split-M variants,
 #           then each kernel stage alone at each config of its table (unsplit, and split where the
 #           shape splits); its rows choose kernels/triton_config.py's DESIGN, SPLIT_DEFAULT and
@@ -234,19 +234,19 @@ part_prefix() {
 
 part_ksweep() {
   if [ $DRY = 1 ]; then  # the Triton code path under the interpreter, one toy shape
-    TRITON_INTERPRET=1 $PY benchmarks/kernels.py --dry-run --sweep --check-n 64 --shapes 40x16 --out "$OUT"
+    TRITON_INTERPRET=1 $PY benchmarks/kernel_bench.py --dry-run --sweep --check-n 64 --shapes 40x16 --out "$OUT"
   else  # 8192^2x256 first (the cheapest shape, and split-M's: 128 programs of 64 rows on 132 SMs), then
     # D = 768 (the design question is sharpest there); rows are written as they are measured
-    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernels.py --sweep \
+    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernel_bench.py --sweep \
       --shapes 8192x256,32768x768,32768x256,65536x256 --out "$OUT"
   fi
 }
 
 part_kernels() {
   if [ $DRY = 1 ]; then
-    $PY benchmarks/kernels.py --dry-run --modes full --providers transrec,torch --out "$OUT"
+    $PY benchmarks/kernel_bench.py --dry-run --modes full --providers transrec,torch --out "$OUT"
   else
-    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernels.py --modes full \
+    TRITON_PRINT_AUTOTUNING=1 $PY benchmarks/kernel_bench.py --modes full \
       --shapes 65536x256,32768x256,32768x768,8192x256 --out "$OUT"
   fi
 }

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_rows, cpu_name, git_sha  # noqa: E402
+from bench_common import ROOT, append_rows, cpu_name, git_sha  # noqa: E402
 
 VARIANTS = ("inbatch", "one-softmax", "fresh-detached", "fresh-grad", "memory")
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import append_rows  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -4,9 +4,12 @@ Without CUDA, DeepSpeed is told it runs on the CPU before any engine module impo
 detect that itself, it announces it on stdout, mixed into the results commands print there.
 """
 
-import os
+from transrec._toplevel import bare_import
 
-import torch
+if not bare_import(__name__, __file__):  # a bare `import engine` gets the installed distribution
+    import os
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

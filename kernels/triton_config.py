@@ -152,7 +152,7 @@ TABLES = {"fwd": _FWD, "lse": _LSE, "bwd": _BWD, "dq": _DQ}
 #   "split"  the forward computes LSE and the target logit only; backward = the dK pass + a dQ pass
 #            (flash-attention-2 style). 10 N M D flops; no [N, D] fp32 buffer; each kernel holds
 #            one accumulator without rescaling.
-# The choice per D class is meant to be made by the GPU sweep (benchmarks/kernels.py --designs);
+# The choice per D class is meant to be made by the GPU sweep (benchmarks/kernel_bench.py --designs);
 # until a card has timed both it stays "fused", the design the H200 figures of issue 11 were
 # measured with. TRANSREC_TRITON_DESIGN=fused|split overrides it for every class.
 DESIGNS = ("fused", "split")
@@ -168,7 +168,7 @@ DESIGN_ENV = "TRANSREC_TRITON_DESIGN"
 # atomics). Only the LSE forward splits (the fused forward keeps its dQ accumulator whole: its partial
 # A would need rescaling per chunk and an [S, N, D] buffer in the forward). Partial buffers of the
 # backward passes stay under SPLIT_BUFFER_BYTES (S is lowered to fit): O(S (N + M) D), never N x M.
-# Opt-in until a card has timed it (benchmarks/kernels.py --sweep): "off" by default; "auto" uses
+# Opt-in until a card has timed it (benchmarks/kernel_bench.py --sweep): "off" by default; "auto" uses
 # split_count; an integer forces S. $TRANSREC_TRITON_SPLIT, or the ``split`` argument of a call.
 # sm_90 (`sm90_check lse|dq|bwd D --split S`, Triton 3.6 / 3.9): the split launches use the same tables;
 # D = 256, S = 3: no spill in any row (bwd 64x64x8w/2 unresident 0 / 24 B); D = 768, S = 2: the same

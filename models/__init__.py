@@ -7,25 +7,28 @@ Usage::
     loss, metrics = model(batch)                    # batch: transrec.shards.batch.Batch
 """
 
-from transrec.models.lora import (
-    load_adapters,
-    load_base_weights,
-    lora_state_dict,
-    merge_lora,
-    save_adapters,
-    trainable_report,
-)
-from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
+from transrec._toplevel import bare_import
 
-from transrec.config.model import (
-    ImageEncoderConfig,
-    LoRAConfig,
-    LossConfig,
-    ModelConfig,
-    TextEncoderConfig,
-    UserEncoderConfig,
-    validate_model_config,
-)
+if not bare_import(__name__, __file__):  # a bare `import models` gets the installed distribution
+    from transrec.models.lora import (
+        load_adapters,
+        load_base_weights,
+        lora_state_dict,
+        merge_lora,
+        save_adapters,
+        trainable_report,
+    )
+    from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
+
+    from transrec.config.model import (
+        ImageEncoderConfig,
+        LoRAConfig,
+        LossConfig,
+        ModelConfig,
+        TextEncoderConfig,
+        UserEncoderConfig,
+        validate_model_config,
+    )
 
 __all__ = [
     "ImageEncoderConfig", "LoRAConfig", "LossConfig", "ModelConfig", "TextEncoderConfig",

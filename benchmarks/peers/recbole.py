@@ -44,8 +44,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent))  # benchmarks/, for common.py
-from common import append_rows, cpu_name, git_sha  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # benchmarks/, for bench_common.py
+from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
 
 RECBOLE_PINS = ["recbole==1.2.1", "numpy<2", "pandas<2.3", "scipy<1.14",
                 # torch 2.13.0 needs setuptools >= 77; ray (a RecBole dependency that is never imported

@@ -22,8 +22,8 @@ encoder time by about the dedup ratio (``paired_encoder_speedup``: naive and ded
 alternated on one model in one process, a ratio that other load on the machine hardly moves);
 checkpointing lowers peak memory.
 
-    .venv/bin/python benchmarks/models.py                   # all rows, CSV + PNG in benchmarks/results/
-    .venv/bin/python benchmarks/models.py --batches 32 --variants naive,dedup --reps 2
+    .venv/bin/python benchmarks/model_bench.py                   # all rows, CSV + PNG in benchmarks/results/
+    .venv/bin/python benchmarks/model_bench.py --batches 32 --variants naive,dedup --reps 2
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -9,11 +9,11 @@ triton.testing.do_bench, extra peak memory over the inputs, TFLOP/s and the shar
 measured in the same run. Rows are appended to benchmarks/results/kernels.csv with card, date and git
 sha; a PNG per card goes beside it.
 
-    .venv/bin/python benchmarks/kernels.py                      # GPU, everything
-    .venv/bin/python benchmarks/kernels.py --shapes 8192x256 --providers transrec,torch
-    .venv/bin/python benchmarks/kernels.py --cpu                # chunked vs eager on the CPU, seconds
-    .venv/bin/python benchmarks/kernels.py --dry-run            # the GPU code path on the CPU (tests)
-    .venv/bin/python benchmarks/kernels.py --sweep              # GPU: the design sweep (below)
+    .venv/bin/python benchmarks/kernel_bench.py                      # GPU, everything
+    .venv/bin/python benchmarks/kernel_bench.py --shapes 8192x256 --providers transrec,torch
+    .venv/bin/python benchmarks/kernel_bench.py --cpu                # chunked vs eager on the CPU, seconds
+    .venv/bin/python benchmarks/kernel_bench.py --dry-run            # the GPU code path on the CPU (tests)
+    .venv/bin/python benchmarks/kernel_bench.py --sweep              # GPU: the design sweep (below)
 
 The design sweep (``--sweep``, what ``benchmarks/gpu_proof.sh --only env,ksweep`` runs) picks between
 the kernel designs of ``kernels/triton_config.py`` on a card: per shape, this project's kernel once
@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
