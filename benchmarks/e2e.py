@@ -108,6 +108,7 @@ def naive_step(model, batch, temperature: float, logq: bool, l2: bool):
     """Encode every valid position's item on its own, materialise the logits, cross-entropy."""
     import torch
     import torch.nn.functional as F
+
     from transrec.shards.batch import ImageContent, TextContent
 
     mask = batch.mask
@@ -166,6 +167,7 @@ def naive_unique_step(model, batch, temperature: float, logq: bool, l2: bool):
 
 def run_naive(args) -> dict:
     import torch
+
     from transrec.engine.data import make_loader, open_data
     from transrec.engine.trainer import seed_everything
     from transrec.models import build_model
@@ -213,6 +215,7 @@ def run_naive(args) -> dict:
 
 def run_engine(args) -> dict:
     import torch
+
     from transrec.engine.trainer import Trainer
 
     cfg = make_config(args)

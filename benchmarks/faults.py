@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from bench_common import append_rows, cpu_name, git_sha
+
 from transrec.engine.checkpoint import CheckpointManager, weights_only_loads
 from transrec.engine.export import consolidated_state_dict
 from transrec.shards.synth import synthesize

@@ -71,6 +71,7 @@ def peak_rss_mib() -> float:
 
 def make_world(seed: int = 0):
     import numpy as np
+
     from transrec.shards.batch import ArrayContent
 
     rng = np.random.default_rng(seed)
@@ -89,6 +90,7 @@ def make_world(seed: int = 0):
 
 def make_batch(content, pop, batch: int, seed: int):
     import numpy as np
+
     from transrec.shards.batch import collate_windows
 
     rng = np.random.default_rng(seed)
@@ -123,6 +125,7 @@ def model_cfg(variant: str):
 def run_one(variant: str, batch_size: int, reps: int, device: str) -> dict:
     """One row, in this process (called in a fresh subprocess by the driver)."""
     import torch
+
     from transrec.models import build_model
 
     torch.manual_seed(0)
@@ -201,6 +204,7 @@ def run_one(variant: str, batch_size: int, reps: int, device: str) -> dict:
 
 def _per_position_table(model, b):
     import torch
+
     from transrec.shards.batch import ImageContent, TextContent
 
     rows = b.inverse[b.mask]

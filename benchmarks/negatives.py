@@ -38,12 +38,11 @@ VARIANTS = ("inbatch", "one-softmax", "fresh-detached", "fresh-grad", "memory")
 
 
 def run(variant: str, data: str, steps: int, memory: int, seed: int) -> dict:
+    from transrec.config import build_config
     from transrec.engine.data import make_loader, open_data
     from transrec.engine.evaluate import evaluate
     from transrec.models import build_model
     from transrec.models.losses import Criterion
-
-    from transrec.config import build_config
 
     cfg = build_config("tiny", overrides=[f"data.path={data}", "model.kind=id", "model.loss.impl=torch"])
     ds, content = open_data(cfg)

@@ -119,6 +119,7 @@ def machine_name(device: str) -> str:
 def make_catalogue(p: Preset, folder: Path, seed: int = 0):
     """An ArrayContent over memory-mapped arrays (the item cache's layout), half text half image."""
     import numpy as np
+
     from transrec.shards.batch import IMAGE, TEXT, ArrayContent
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,6 +182,7 @@ def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss
             producers: int = 1, eval_items: int = 1024) -> dict:
     import numpy as np
     import torch
+
     from transrec.models import build_model
     from transrec.models.prefix import maybe_wrap
     from transrec.shards.batch import collate_windows

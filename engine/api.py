@@ -7,14 +7,13 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from transrec.config import Config, build_config, parse_override, set_key
 from transrec.engine.export import export_run
 from transrec.engine.recommend import Recommendations, Recommender
 from transrec.engine.standalone import evaluate_run
 from transrec.engine.trainer import TrainResult
 from transrec.engine.trainer import train as _train
 from transrec.models.export import read_export
-
-from transrec.config import Config, build_config, parse_override, set_key
 
 __all__ = ["train", "evaluate", "export", "build_config", "Recommender", "Recommendations",
            "TrainResult", "Metrics", "ExportInfo"]

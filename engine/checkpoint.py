@@ -48,8 +48,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
-from transrec.engine import distributed as D
 
+from transrec.engine import distributed as D
 from transrec.errors import UserError
 
 SCHEMA = 1

@@ -7,13 +7,13 @@ them imports the trainer.
 from __future__ import annotations
 
 import numpy as np
+
+from transrec.config import Config
+from transrec.errors import ConfigError
 from transrec.models.recommender import content_spec
 from transrec.shards.cache import build_or_load_item_cache
 from transrec.shards.dataset import Dataset
 from transrec.shards.loader import SequenceLoader
-
-from transrec.config import Config
-from transrec.errors import ConfigError
 
 
 class NoContent:

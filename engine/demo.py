@@ -20,15 +20,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transrec.config import preset_demo_cpu
 from transrec.engine.export import export_run
 from transrec.engine.plot import plot_runs
 from transrec.engine.tracking import say as log_line
 from transrec.engine.trainer import Trainer
 from transrec.engine.transfer import compare, format_table
-from transrec.shards.synth import synthesize
-
-from transrec.config import preset_demo_cpu
 from transrec.errors import UserError
+from transrec.shards.synth import synthesize
 
 
 @dataclass

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from transrec.config import Config, from_dict, load_yaml
 from transrec.engine.checkpoint import CheckpointError, CheckpointManager, check_no_pickle, weights_only_loads
+from transrec.errors import UserError
 from transrec.models import SequentialRecommender, build_model
 from transrec.models.export import check_export_target
 from transrec.models.lora import has_lora, merge_lora
-
-from transrec.config import Config, from_dict, load_yaml
-from transrec.errors import UserError
 
 
 def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> tuple[dict, dict]:

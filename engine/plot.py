@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from transrec.engine.tracking import read_metrics
 
+from transrec.engine.tracking import read_metrics
 from transrec.errors import UserError
 
 

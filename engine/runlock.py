@@ -22,9 +22,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from transrec.shards.locking import pid_alive
-
 from transrec.errors import UserError
+from transrec.shards.locking import pid_alive
 
 LOCK_FILE = "train.lock"
 

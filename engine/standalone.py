@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.export import load_run
 from transrec.engine.tracking import bars_enabled
-
 from transrec.errors import UserError
 
 

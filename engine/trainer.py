@@ -36,20 +36,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from transrec.engine import distributed as D
-from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
-from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
-from transrec.engine.evaluate import encode_catalogue, evaluate
-from transrec.engine.guard import Diverged, FiniteGuard
-from transrec.engine.optim import make_optimizer, make_scheduler
-from transrec.engine.runlock import RunFolderBusy, RunLock
-from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
-from transrec.models import build_model
-from transrec.models.negatives import step_buffers
-from transrec.models.prefix import maybe_wrap
-from transrec.shards.batch import Batch
-from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
-from transrec.shards.stats import skip_summary, skip_violation
 
 from transrec.config import (
     Config,
@@ -63,7 +49,21 @@ from transrec.config import (
     validate,
 )
 from transrec.config.model import user_kind
+from transrec.engine import distributed as D
+from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
+from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
+from transrec.engine.evaluate import encode_catalogue, evaluate
+from transrec.engine.guard import Diverged, FiniteGuard
+from transrec.engine.optim import make_optimizer, make_scheduler
+from transrec.engine.runlock import RunFolderBusy, RunLock
+from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
 from transrec.errors import ConfigError, DataError, UserError
+from transrec.models import build_model
+from transrec.models.negatives import step_buffers
+from transrec.models.prefix import maybe_wrap
+from transrec.shards.batch import Batch
+from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
+from transrec.shards.stats import skip_summary, skip_violation
 
 
 def seed_everything(seed: int) -> None:

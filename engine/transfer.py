@@ -26,14 +26,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from transrec.config import Config, LoRAConfig, parse_override, set_key
 from transrec.engine.evaluate import protocol_prefix
 from transrec.engine.plot import plot_comparison
 from transrec.engine.tracking import say
 from transrec.engine.trainer import Trainer
-from transrec.models.export import export_config, read_export
-
-from transrec.config import Config, LoRAConfig, parse_override, set_key
 from transrec.errors import ConfigError
+from transrec.models.export import export_config, read_export
 
 MODES = ("scratch", "full", "topk", "lora")
 

@@ -33,6 +33,7 @@ N x M. The fused forward does not split: its A accumulator would need a per-chun
 from __future__ import annotations
 
 import torch
+
 from transrec.kernels.chunked import inbatch_softmax_chunked_reduced, inbatch_softmax_chunked_rows
 from transrec.kernels.reference import inbatch_softmax_reference
 from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D

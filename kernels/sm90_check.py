@@ -52,6 +52,7 @@ def _target():
 # ----- what the launchers would launch -----
 def _inputs(dtype, n, m, d):
     import torch  # lazy: after TRITON_INTERPRET is cleared
+
     from transrec.kernels.triton_op import canonical_inputs  # lazy: after TRITON_INTERPRET is cleared
 
     q = torch.zeros(n, d, dtype=dtype)
@@ -66,6 +67,7 @@ def launches(stage: str, d: int, dtypes=None, ms=(1024, 1000), splits=(1, 2)):
     side (split-M, triton_config.num_splits: the PARTIAL heuristic; S itself is not specialised on, the
     fused forward never splits). Sizes are otherwise immaterial (the kernels do not specialise on them)."""
     import torch  # lazy: after TRITON_INTERPRET is cleared
+
     from transrec.kernels.triton_backward import (  # lazy: after TRITON_INTERPRET is cleared
         backward_dk_launch,
         backward_dq_launch,
@@ -311,6 +313,7 @@ def report(stage: str, d: int, dtype_name: str = "bfloat16", sweep: bool = False
     over a wider grid (``sweep``): the numbers to choose a table by. ``split`` > 1: the split-M
     launch (partial results; the fused forward has none)."""
     import torch  # lazy: after TRITON_INTERPRET is cleared
+
     from transrec.kernels.triton_config import config_kwargs  # lazy: after TRITON_INTERPRET is cleared
 
     dtype = getattr(torch, dtype_name)

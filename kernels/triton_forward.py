@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from transrec.kernels.triton_common import LN2, LOG2E, load_rows, mma, split_range, store_rows, store_stats
 from transrec.kernels.triton_config import (
     INTERPRET_BLOCK,

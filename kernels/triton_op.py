@@ -17,6 +17,7 @@ kernel call each, never N x M.
 from __future__ import annotations
 
 import torch
+
 from transrec.kernels.triton_backward import triton_backward_dk, triton_backward_dq
 from transrec.kernels.triton_config import (
     LAUNCH_DTYPES,

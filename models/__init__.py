@@ -10,16 +10,6 @@ Usage::
 from transrec._toplevel import bare_import
 
 if not bare_import(__name__, __file__):  # a bare `import models` gets the installed distribution
-    from transrec.models.lora import (
-        load_adapters,
-        load_base_weights,
-        lora_state_dict,
-        merge_lora,
-        save_adapters,
-        trainable_report,
-    )
-    from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
-
     from transrec.config.model import (
         ImageEncoderConfig,
         LoRAConfig,
@@ -29,6 +19,15 @@ if not bare_import(__name__, __file__):  # a bare `import models` gets the insta
         UserEncoderConfig,
         validate_model_config,
     )
+    from transrec.models.lora import (
+        load_adapters,
+        load_base_weights,
+        lora_state_dict,
+        merge_lora,
+        save_adapters,
+        trainable_report,
+    )
+    from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
 
 __all__ = [
     "ImageEncoderConfig", "LoRAConfig", "LossConfig", "ModelConfig", "TextEncoderConfig",

@@ -24,10 +24,10 @@ import hashlib
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transrec.models.lora import has_lora, inject_lora, is_lora_param
 
 from transrec.config.model import parse_trainable
 from transrec.errors import ConfigError
+from transrec.models.lora import has_lora, inject_lora, is_lora_param
 
 
 def _has_dropout(modules: list[nn.Module]) -> bool:

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, ResNetConfig, ResNetModel, ViTConfig, ViTModel
-from transrec.models.encoder_base import ItemEncoderBase
-from transrec.models.pooling import Pooling, flatten_feature_map
-from transrec.shards.batch import ImageContent
 
 from transrec.config.model import ImageEncoderConfig
 from transrec.errors import ConfigError
+from transrec.models.encoder_base import ItemEncoderBase
+from transrec.models.pooling import Pooling, flatten_feature_map
+from transrec.shards.batch import ImageContent
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,9 +18,9 @@ from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transrec.models.negatives import STATE_PREFIX
 
 from transrec.errors import ConfigError
+from transrec.models.negatives import STATE_PREFIX
 
 # Default LoRA targets per architecture (module-name suffixes inside a block).
 DEFAULT_TARGETS = {

@@ -46,11 +46,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from transrec.errors import ConfigError
 from transrec.kernels import inbatch_softmax
 from transrec.models.global_negatives import gather_keys, gather_ragged
 from transrec.models.negatives import NegativeMemory
-
-from transrec.errors import ConfigError
 
 # gather_fn(keys [U, d], items [U], log_q [U]) -> (keys_all [M, d], items_all [M], log_q_all [M], offset)
 GatherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]

@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from transrec.config.schema import DataConfig
+from transrec.errors import ConfigError, DataError
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.recommender import TransRec
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
@@ -56,9 +59,6 @@ from transrec.shards.prefix_cache import (
     prefix_key,
     store_path,
 )
-
-from transrec.config.schema import DataConfig
-from transrec.errors import ConfigError, DataError
 
 log = logging.getLogger("transrec.prefix_cache")
 

@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from transrec.config import Config
+from transrec.config.model import ModelConfig, user_kind, validate_model_config
+from transrec.errors import ConfigError
 from transrec.models.export import export_config, load_export_into, read_export, write_export
 from transrec.models.image import ImageItemEncoder
 from transrec.models.losses import Criterion, GatherFn
@@ -37,10 +41,6 @@ from transrec.models.negatives import STATE_PREFIX, CatalogueTable
 from transrec.models.text import TextItemEncoder, tokenizer_path
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import Batch, ImageContent, TextContent
-
-from transrec.config import Config
-from transrec.config.model import ModelConfig, user_kind, validate_model_config
-from transrec.errors import ConfigError
 
 
 @contextlib.contextmanager

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
+
+from transrec.config.model import TextEncoderConfig
+from transrec.errors import ConfigError
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.pooling import Pooling
 from transrec.shards.batch import TextContent
 from transrec.shards.cache import BUNDLED_TOKENIZER
-
-from transrec.config.model import TextEncoderConfig
-from transrec.errors import ConfigError
 
 TEXT_PRESET_SHAPES = {  # layers, hidden, heads, intermediate
     "tiny": (2, 128, 2, 512),

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
-from transrec.shards.format import DatasetWriter
-from transrec.shards.stats import SkipStats
 
 from transrec.errors import DataError, UserError
+from transrec.shards.format import DatasetWriter
+from transrec.shards.stats import SkipStats
 
 log = logging.getLogger("transrec.shards")
 

@@ -30,12 +30,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoTokenizer
+
+from transrec.errors import DataError
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
 from transrec.shards.locking import locked_build
 from transrec.shards.stats import GLOBAL, SkipStats
-
-from transrec.errors import DataError
 
 CACHE_FORMAT = 1
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transrec.errors import DataError, UserError
 from transrec.shards.build import (
     ITEM_COLS,
     TITLE_COLS,
@@ -34,8 +35,6 @@ from transrec.shards.build import (
     read_table,
 )
 from transrec.shards.stats import SkipStats
-
-from transrec.errors import DataError, UserError
 
 FORMATS = ("recbole", "mind", "amazon", "csv-images")
 

@@ -9,10 +9,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
-from transrec.shards.format import MANIFEST, SCHEMA_VERSION, sha256_file, split_counts
 
 from transrec.errors import DataError
+from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
+from transrec.shards.format import MANIFEST, SCHEMA_VERSION, sha256_file, split_counts
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from urllib.parse import unquote
 
 import numpy as np
 import webdataset as wds
-from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
 
 from transrec.errors import DataError
+from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import webdataset as wds
+
 from transrec.shards.batch import IMAGE, TEXT
 from transrec.shards.cache import cache_key
 from transrec.shards.dataset import Dataset

@@ -59,13 +59,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
+
+from transrec.errors import DataError
 from transrec.shards.batch import Batch, ContentSource, collate_windows, map_leaves, map_tensors
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import eval_target, train_part
 from transrec.shards.stats import GLOBAL, SkipStats
 from transrec.shards.windows import WINDOWS, samples_per_shard, train_windows
-
-from transrec.errors import DataError
 
 log = logging.getLogger("transrec.shards")
 SPLITS = ("train", "valid", "test")

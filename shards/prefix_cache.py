@@ -51,9 +51,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT, ImageContent, TextContent
 
 from transrec.errors import ConfigError, DataError
+from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT, ImageContent, TextContent
 
 PREFIX_FORMAT = 1
 # name -> (torch dtype of the values, numpy dtype of the stored words)

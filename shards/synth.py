@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
 from transrec.shards.format import DatasetWriter
 
 CATEGORIES = ("shirt", "shoe", "bag", "hat", "lamp", "mug", "book", "chair")

@@ -46,6 +46,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
 from transrec.shards.format import train_part
 
 log = logging.getLogger("transrec.shards")

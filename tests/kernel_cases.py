@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from transrec.kernels import inbatch_softmax
 
 # Triton runs on CUDA where there is a GPU, else on the CPU under TRITON_INTERPRET=1 (conftest).

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
 from transrec.engine.distributed import free_port
 
 

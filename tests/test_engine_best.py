@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transrec.engine.checkpoint import CheckpointManager, tag_for
-from transrec.engine.export import consolidated_state_dict, export_run
-from transrec.engine.trainer import Trainer
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
+from transrec.engine.checkpoint import CheckpointManager, tag_for
+from transrec.engine.export import consolidated_state_dict, export_run
+from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch.serialization import get_unsafe_globals_in_checkpoint
-from transrec.engine.checkpoint import CheckpointError, CheckpointManager, weights_only_loads
-from transrec.engine.export import export_run
-from transrec.engine.trainer import Trainer
-from transrec.models import SequentialRecommender
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
+from transrec.engine.checkpoint import CheckpointError, CheckpointManager, weights_only_loads
+from transrec.engine.export import export_run
+from transrec.engine.trainer import Trainer
 from transrec.errors import UserError
+from transrec.models import SequentialRecommender
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from transrec.shards.format import sha256_file
 
 from transrec.cli import main
+from transrec.shards.format import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "eval", "export", "transfer", "compare", "demo", "plot")

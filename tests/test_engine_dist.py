@@ -31,9 +31,8 @@ BASE = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "data.b
 # ----------------------------------------------------------------------------- driver (in a rank)
 
 def _driver(spec: dict) -> None:
-    from transrec.engine.trainer import Trainer
-
     from transrec.config import build_config
+    from transrec.engine.trainer import Trainer
 
     cfg = build_config("tiny", overrides=BASE + spec.get("overrides", []))
     out = Path(spec["result"])
@@ -50,6 +49,7 @@ def _driver(spec: dict) -> None:
             _die_in_save(trainer)
         if spec.get("catalogue"):  # the trained weights and item embeddings (all ranks take part)
             import deepspeed
+
             from transrec.engine.evaluate import encode_catalogue
 
             net = trainer.engine.module
@@ -94,6 +94,7 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
     """
     import deepspeed
     import torch.distributed as dist
+
     from transrec.engine.data import make_loader
     from transrec.shards.batch import collate_windows
 
@@ -161,10 +162,9 @@ def _tail(tmp: Path, spec_path: Path) -> str:
 @pytest.fixture(scope="session")
 def world_data(tmp_path_factory):
     """A small source world with 8 sequence shards and its item cache, built once."""
+    from transrec.config import build_config
     from transrec.engine.data import open_data
     from transrec.shards.synth import synthesize
-
-    from transrec.config import build_config
 
     root = tmp_path_factory.mktemp("engine_world")
     path = synthesize(root / "source", domain="source", n_users=160, n_items=64, seed=3, max_len=12)

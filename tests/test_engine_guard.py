@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from spawn_ranks import run_ranks
-from transrec.engine.guard import DIVERGED_EXIT, Diverged
-from transrec.engine.trainer import Trainer
-from transrec.models.export import write_export
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
+from transrec.engine.guard import DIVERGED_EXIT, Diverged
+from transrec.engine.trainer import Trainer
 from transrec.errors import UserError
+from transrec.models.export import write_export
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from transrec.engine.tracking import bars_enabled, eval_line, step_line
 
 ROOT = Path(__file__).resolve().parents[1]

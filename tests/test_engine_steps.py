@@ -9,11 +9,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+
+from transrec.config import build_config
 from transrec.engine import trainer as trainer_mod
 from transrec.engine.optim import FlatAdamW
 from transrec.engine.trainer import Trainer
-
-from transrec.config import build_config
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false", "eval.max_users=0"]

@@ -49,9 +49,8 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3], ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("preset", ["small-gpu", "base-gpu"])
 def test_gpu_preset_trains_and_evaluates_on_cpu(preset, stage, data, tmp_path):
-    from transrec.shards.dataset import Dataset
-
     from transrec.config import build_config
+    from transrec.shards.dataset import Dataset
 
     cfg = build_config(preset)
     # the switches under test are the preset's own

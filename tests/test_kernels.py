@@ -19,6 +19,7 @@ from kernel_cases import (
     plain_torch,
     rel_err,
 )
+
 from transrec.kernels import KernelInputError, inbatch_softmax
 
 SHAPES = [(47, 123, 31), (252, 507, 123)]

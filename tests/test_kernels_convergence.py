@@ -5,6 +5,7 @@ gradients that are right on average but wrong in a corner)."""
 from __future__ import annotations
 
 import torch
+
 from transrec.kernels import inbatch_softmax
 
 

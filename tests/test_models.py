@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from transrec.errors import ConfigError
 from transrec.models import (
     ImageEncoderConfig,
     LoRAConfig,
@@ -26,8 +28,6 @@ from transrec.models import (
 from transrec.models.losses import Criterion, bce_sampled, first_copy, sample_negatives
 from transrec.models.user import UserEncoder
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent, collate_windows
-
-from transrec.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -618,9 +618,8 @@ def test_model_trains_under_autocast_bf16(content, kind):
 @pytest.mark.parametrize("kind", ["transrec", "id"])
 def test_export_round_trip_is_exact(content, kind, tmp_path):
     """save_export then from_export gives the same architecture and every weight bit for bit."""
-    from transrec.models import SequentialRecommender
-
     from transrec.config import Config
+    from transrec.models import SequentialRecommender
 
     torch.manual_seed(0)
     cfg = Config(model=tiny_cfg() if kind == "transrec" else ModelConfig(kind="id", dim=32))

@@ -16,6 +16,7 @@ B_PER_RANK, L = 4, 6
 
 def _setup():
     from test_models import make_content, tiny_cfg
+
     from transrec.models import build_model
     from transrec.shards.batch import collate_windows
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from transformers import ConvNextConfig, ConvNextModel, ViTConfig, ViTModel
+
 from transrec.models import ImageEncoderConfig
 from transrec.models.image import (
     ConvNextAdapter,

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_models import make_batch, make_content, tiny_cfg
-from transrec.models import LossConfig, build_model
-from transrec.models.losses import Criterion
-from transrec.models.negatives import STATE_PREFIX, CatalogueTable, NegativeMemory, step_buffers
 
 from transrec.config import Config
 from transrec.config.overrides import from_dict, set_key
 from transrec.errors import ConfigError
+from transrec.models import LossConfig, build_model
+from transrec.models.losses import Criterion
+from transrec.models.negatives import STATE_PREFIX, CatalogueTable, NegativeMemory, step_buffers
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from transrec.models import ImageEncoderConfig, LoRAConfig, TextEncoderConfig, merge_lora
 from transrec.models.image import ImageItemEncoder, efficientnet_lite0
 from transrec.models.text import TextItemEncoder, minilm_path

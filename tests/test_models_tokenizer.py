@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 from transformers import AutoTokenizer
+
+from transrec.config import build_config
 from transrec.engine.trainer import make_loader, open_data
+from transrec.errors import ConfigError
 from transrec.models import build_model
 from transrec.models.text import VOCAB_SIZE, tokenizer_path
 from transrec.shards.cache import BUNDLED_TOKENIZER, default_tokenizer_path, tokenizer_identity
 from transrec.shards.synth import synthesize
-
-from transrec.config import build_config
-from transrec.errors import ConfigError
 
 
 @pytest.fixture

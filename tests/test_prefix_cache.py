@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from transrec.errors import DataError
 from transrec.models import (
     ImageEncoderConfig,
     LoRAConfig,
@@ -28,8 +30,6 @@ from transrec.models.prefix import build_or_load_prefix_store, maybe_wrap
 from transrec.shards import prefix_cache as pc
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent, collate_windows
 from transrec.shards.prefix_cache import PrefixCachedContent, from_words, to_words
-
-from transrec.errors import DataError
 
 
 def make_content(n_items: int = 48, seed: int = 0, T: int = 12, size: int = 32) -> ArrayContent:

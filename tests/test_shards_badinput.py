@@ -8,15 +8,15 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+
+from transrec.cli import main
+from transrec.errors import DataError
 from transrec.shards import stats as stats_mod
 from transrec.shards.cache import build_or_load_item_cache
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import DatasetWriter, sha256_file
 from transrec.shards.loader import SequenceLoader
 from transrec.shards.stats import SkipStats
-
-from transrec.cli import main
-from transrec.errors import DataError
 
 
 def png(colour):

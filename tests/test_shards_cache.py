@@ -9,6 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
+
 from transrec.shards import cache as cache_mod
 from transrec.shards.batch import IMAGE, TEXT
 from transrec.shards.cache import build_or_load_item_cache, default_tokenizer_path

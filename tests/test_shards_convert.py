@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-from transrec.shards.dataset import Dataset
-from transrec.shards.format import sanitize_key
 
 from transrec.cli import main
 from transrec.errors import UserError
+from transrec.shards.dataset import Dataset
+from transrec.shards.format import sanitize_key
 
 
 def jpg(colour, size=(40, 30)):

@@ -9,6 +9,7 @@ import webdataset as wds
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import SCHEMA_VERSION, DatasetWriter, sanitize_key, unsanitize_key

@@ -4,11 +4,11 @@ help and its missing-items error."""
 import json
 
 import pytest
+
+from transrec.cli import main
 from transrec.shards.cache import build_or_load_item_cache
 from transrec.shards.format import DatasetWriter
 from transrec.shards.info import gini
-
-from transrec.cli import main
 
 
 @pytest.fixture()

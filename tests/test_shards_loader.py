@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+
+from transrec.errors import DataError
 from transrec.shards.batch import (
     IMAGE,
     PAD,
@@ -21,8 +23,6 @@ from transrec.shards.dataset import Dataset
 from transrec.shards.format import DatasetWriter
 from transrec.shards.loader import SequenceLoader, pack_batch, unpack_batch
 from transrec.shards.synth import synthesize
-
-from transrec.errors import DataError
 
 
 def make_world(root):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+
 from transrec.shards.dataset import Dataset
 from transrec.shards.synth import COLOURS, synthesize
 

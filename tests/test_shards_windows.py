@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 from test_shards_loader import make_world
+
+from transrec.config import build_config, set_key, validate
 from transrec.engine.data import epoch_facts, epoch_line
+from transrec.errors import ConfigError, DataError
 from transrec.shards import windows as W
 from transrec.shards.dataset import Dataset
 from transrec.shards.loader import SequenceLoader
-
-from transrec.config import build_config, set_key, validate
-from transrec.errors import ConfigError, DataError
 
 
 def expected(part, m, mode):

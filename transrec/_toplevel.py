@@ -1,7 +1,8 @@
 """Bare top-level names for the project's folders.
 
-The repo root holds the folders ``engine/``, ``kernels/``, ``models/`` and ``shards/``; they are
-installed as ``transrec.engine``, ``transrec.kernels``, ``transrec.models`` and ``transrec.shards``
+The repo root holds the folders ``engine/``, ``inference/``, ``kernels/``, ``models/`` and ``shards/``;
+they are installed as ``transrec.engine``, ``transrec.inference``, ``transrec.kernels``,
+``transrec.models`` and ``transrec.shards``
 and are never meant to be imported under their bare names. Python started in the repo root
 (``python -c``, ``python -m``, pytest, ``torchrun -m``, a REPL or a notebook) puts the root first
 on ``sys.path``, so a bare ``import kernels`` would find the folder instead of the ``kernels``
@@ -23,7 +24,7 @@ import importlib
 import os
 import sys
 
-PACKAGES = ("engine", "kernels", "models", "shards")
+PACKAGES = ("engine", "inference", "kernels", "models", "shards")
 
 
 def _same_folder(entry: str, folder: str) -> bool:

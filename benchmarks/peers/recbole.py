@@ -114,6 +114,7 @@ def project_sequences(data: Path) -> dict[str, list[str]]:
 def project_titles(data: Path) -> dict[str, tuple[str, bytes | None, str]]:
     """item id -> (title, image bytes or None, image extension) in the dataset's index order."""
     import webdataset as wds  # noqa: PLC0415  (lazy: the project's dependency)
+
     from transrec.shards.dataset import Dataset  # noqa: PLC0415
     from transrec.shards.format import unsanitize_key  # noqa: PLC0415
 
