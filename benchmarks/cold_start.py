@@ -13,7 +13,10 @@ their content) to predict the user's real last item:
   held-out items only (the "which new item" question);
 - *warm* users: the last item was seen in training (for reference).
 
-Baselines: popularity (training counts; held-out items count 0, ties broken at random) and random.
+Every ranking (TransRec's, the baselines') masks the user's history except the target and orders tied
+items uniformly at random, reporting the exact expectation (the rule of ``transrec eval``).
+Baselines: popularity (training counts; every held-out item counts 0, so they all tie) and random
+(every item tied: the exact chance level).
 An ID-based model cannot score a held-out item at all: its embedding never trained. Rows are
 appended to benchmarks/results/cold_start.csv with date, machine and git sha.
 """
@@ -21,7 +24,6 @@ appended to benchmarks/results/cold_start.csv with date, machine and git sha.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -29,18 +31,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import transrec  # noqa: E402
+from transrec.engine.metrics import ranking_metrics, target_ranks  # noqa: E402
 from transrec.engine.recommend import dataset_sequences  # noqa: E402
 from transrec.shards.dataset import Dataset  # noqa: E402
 from transrec.shards.format import DatasetWriter, unsanitize_key  # noqa: E402
 from transrec.shards.synth import synthesize  # noqa: E402
-
-import transrec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -71,27 +74,18 @@ def hold_out(world: Path, out: Path, cold: set[str], keep_last: int = 0) -> Path
     return w.close()
 
 
-def hits(ranked: list[list[str]], targets: list[str]) -> tuple[float, float]:
-    """HR@K and NDCG@K of one target per user."""
-    hr = nd = 0.0
-    for r, t in zip(ranked, targets):
-        if t in r[:K]:
-            hr += 1
-            nd += 1 / math.log2(r.index(t) + 2)
-    n = max(len(targets), 1)
-    return hr / n, nd / n
-
-
-def baseline(histories, targets, candidates: list[str], score: dict[str, float], rng) -> tuple[float, float]:
-    """Top-K by ``score`` (ties at random), the history left out."""
-    ranked = []
-    for h in histories:
-        seen = set(h)
-        cand = [c for c in candidates if c not in seen]
-        noise = rng.random(len(cand))
-        order = sorted(range(len(cand)), key=lambda j: (-score.get(cand[j], 0.0), noise[j]))
-        ranked.append([cand[j] for j in order[:K]])
-    return hits(ranked, targets)
+def baseline(histories, targets, candidates: list[str], score: dict[str, float]) -> dict:
+    """HR@K and NDCG@K of ranking ``candidates`` by a fixed ``score`` (0 where absent), the history
+    masked except the target, ties in a uniformly random order (exact expectations, the rule of
+    ``transrec eval``): an empty ``score`` is the random ranking's expectation."""
+    column = {c: j for j, c in enumerate(candidates)}
+    base = torch.tensor([score.get(c, 0.0) for c in candidates], dtype=torch.float64)
+    scores = base.repeat(len(targets), 1)
+    for i, (h, t) in enumerate(zip(histories, targets)):
+        cols = [column[x] for x in set(h) if x in column and x != t]
+        scores[i, cols] = float("-inf")
+    ranks = target_ranks(scores, torch.tensor([column[t] for t in targets]))
+    return ranking_metrics(ranks, ks=(K,))
 
 
 def main() -> int:
@@ -140,13 +134,13 @@ def main() -> int:
                                 ("warm", None, "all items")):
         hist, tgt = groups[group]
         cand_list = cands if cands is not None else rec.item_ids
-        recs = rec.recommend_many(hist, K, candidates=cands)
-        tr = hits([r.ids for r in recs], tgt)
-        po = baseline(hist, tgt, cand_list, pop, np.random.default_rng(1))
-        ra = baseline(hist, tgt, cand_list, {}, np.random.default_rng(2))
+        tr = rec.evaluate(hist, tgt, ks=(K,), candidates=cands)
+        po = baseline(hist, tgt, cand_list, pop)
+        ra = baseline(hist, tgt, cand_list, {})
         rows.append({"users": f"{group} target", "n_users": len(tgt), "candidates": label,
-                     "n_candidates": len(cand_list), "transrec_hr@10": tr[0], "transrec_ndcg@10": tr[1],
-                     "popularity_hr@10": po[0], "popularity_ndcg@10": po[1], "random_hr@10": ra[0]})
+                     "n_candidates": len(cand_list), "transrec_hr@10": tr["hr@10"],
+                     "transrec_ndcg@10": tr["ndcg@10"], "popularity_hr@10": po["hr@10"],
+                     "popularity_ndcg@10": po["ndcg@10"], "random_hr@10": ra["hr@10"]})
 
     print(f"cold start on the synthetic source world: {args.users} users, {args.items} items, "
           f"{len(cold)} ({args.cold_frac:.0%}) held out of training; tiny preset, {args.steps} steps "

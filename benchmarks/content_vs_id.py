@@ -38,17 +38,16 @@ from pathlib import Path
 
 import numpy as np
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
-from cold_start import K, hits, hold_out  # noqa: E402  (benchmarks/ is the script folder)
+from cold_start import K, hold_out  # noqa: E402  (benchmarks/ is the script folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import transrec  # noqa: E402
 from transrec.engine.recommend import dataset_sequences  # noqa: E402
 from transrec.shards.dataset import Dataset  # noqa: E402
 from transrec.shards.format import unsanitize_key  # noqa: E402
 from transrec.shards.synth import synthesize  # noqa: E402
-
-import transrec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"masked": True, "unmasked": False}  # name -> exclude_history
@@ -85,11 +84,11 @@ def per_user(export: Path, data: Path, users: list[tuple[list[str], str, bool]])
     tgt = [t for _, t, _ in users]
     out = {}
     for name, excl in PROTOCOLS.items():
-        ranked = [r.ids for r in rec.recommend_many(hist, K, exclude_history=excl)]
         res = {}
         for group, keep in (("all", lambda c: True), ("cold", lambda c: c), ("warm", lambda c: not c)):
             sel = [j for j, (_, _, c) in enumerate(users) if keep(c)]
-            res[group] = hits([ranked[j] for j in sel], [tgt[j] for j in sel])  # means over sel
+            m = rec.evaluate([hist[j] for j in sel], [tgt[j] for j in sel], ks=(K,), exclude_history=excl)
+            res[group] = (m["hr@10"], m["ndcg@10"])
         out[name] = res
     return out
 

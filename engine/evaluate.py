@@ -6,10 +6,18 @@
    parameters collectively), and the embeddings are all-gathered: ``[n_items, d]`` on every rank.
 2. Each evaluation batch holds a user's history and the held-out target in the last column; the
    user encoder reads the history, scores ``[B, n_items]`` stay on the device, the history is masked
-   and ``rank = 1 + #strictly higher`` (:mod:`transrec.engine.metrics`). A non-finite score
-   (NaN compares false, so it would rank first) stops the evaluation with one line on every rank.
+   and the target's rank interval ``[1 + #strictly higher, that + #tied]`` is counted; the metrics
+   are their exact expectations under a uniformly random order of tied items
+   (:mod:`transrec.engine.metrics`), so ties never favour the target. A non-finite score (NaN
+   compares false, so it would rank first) stops the evaluation with one line on every rank.
 3. Ranks are gathered with their user ids and each user is counted once (a loader that repeats
    samples to give every rank the same number of batches would otherwise count some twice).
+4. ``distinct_scores``: the median, over the first ``DISTINCT_SAMPLE`` users, of the fraction of
+   catalogue scores that are distinct values. A healthy model scores nearly every item differently
+   (duplicated content lowers it a little); a collapsed item tower (every embedding the same, a dead
+   projection, an enormous temperature) scores them all alike. Below ``COLLAPSE_BELOW`` (or at two
+   distinct values or fewer, for catalogues under a few hundred items) the evaluation logs one
+   warning line: its metrics are then those of chance.
 """
 
 from __future__ import annotations
@@ -17,12 +25,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from transrec.engine import distributed as D
-from transrec.engine.metrics import DEFAULT_KS, finalize, metric_sums, target_ranks
-from transrec.engine.tracking import progress
+from transrec.engine.metrics import DEFAULT_KS, distinct_fraction, finalize, metric_sums, target_ranks
+from transrec.engine.tracking import progress, say
+from transrec.errors import UserError
 from transrec.models.global_negatives import gather_ragged
 
-from transrec.errors import UserError
+DISTINCT_SAMPLE = 256  # users whose score rows are checked for ties (sorting every row costs more)
+COLLAPSE_BELOW = 0.01  # distinct_scores under this: the item tower has collapsed
+
+
+def collapse_warning(distinct: float, n_items: int) -> str | None:
+    """The one warning line for a ``distinct_scores`` figure, or None when it is healthy."""
+    if not distinct < max(COLLAPSE_BELOW, 2.5 / max(n_items, 1)):
+        return None
+    return (f"warning: the item tower has collapsed: only {distinct:.2%} of the {n_items} catalogue "
+            f"scores per user are distinct (median), so the ranking is a coin toss among tied items "
+            f"and the metrics are those of chance")
 
 
 def _unwrap(model):
@@ -105,14 +125,19 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         if item_emb is None:
             item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show)
         rank, world = D.rank(), D.world_size()
-        users, ranks = [], []
-        seen = 0
+        users, ranks, distinct = [], [], []
+        seen = sampled = 0
         nonfinite = torch.zeros((), device=device)  # scores that are NaN/inf, checked once at the end
         for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
             valid = getattr(batch, "row_valid", None)  # filler rows that pad the last batches
             batch = batch.to(device)
             scores = score_users(model, batch, item_emb)
             nonfinite += (~torch.isfinite(scores)).sum()
+            if sampled < DISTINCT_SAMPLE:
+                rows = scores if valid is None else scores[valid.to(device)]
+                rows = rows[: DISTINCT_SAMPLE - sampled]
+                distinct.append(distinct_fraction(rows))
+                sampled += rows.shape[0]
             masked = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
             unmasked = target_ranks(scores, batch.seq[:, -1], None, None)
             r = torch.stack([masked, unmasked] if exclude_history else [unmasked, masked], dim=1)
@@ -127,7 +152,8 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
             if max_users and seen * world >= max_users:
                 break
         users_t = torch.cat(users) if users else torch.zeros(0, dtype=torch.long, device=device)
-        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, 2, dtype=torch.long, device=device)
+        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, 2, 2, dtype=torch.long, device=device)
+        distinct_t = torch.cat(distinct) if distinct else torch.zeros(0, dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(nonfinite)
         if nonfinite.item():
@@ -136,6 +162,7 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
                             "or retrain with a lower optim.lr")
         if world > 1:
             users_t, ranks_t = gather_ragged(users_t), gather_ragged(ranks_t)
+            distinct_t = gather_ragged(distinct_t)
         # Each user once (the first occurrence), whatever padding the loader used.
         order = torch.argsort(users_t, stable=True)
         users_s, ranks_s = users_t[order], ranks_t[order]
@@ -148,6 +175,10 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         other = finalize(metric_sums(ranks_u[:, 1], ks))
         prefix = protocol_prefix(not exclude_history)
         out.update({prefix + k: v for k, v in other.items() if k != "users"})
+        out["distinct_scores"] = float(distinct_t.median()) if distinct_t.numel() else float("nan")
+        line = collapse_warning(out["distinct_scores"], int(item_emb.shape[0]))
+        if line and rank == 0:
+            say(line)
         return out
     finally:
         net.train(was_training)

@@ -39,8 +39,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
 from transrec.engine.data import open_data
 from transrec.engine.evaluate import encode_catalogue
+from transrec.engine.metrics import DEFAULT_KS, ranking_metrics, target_ranks
+from transrec.errors import UserError
 from transrec.models.export import export_config, read_export
 from transrec.models.recommender import SequentialRecommender, content_spec
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent
@@ -49,8 +52,6 @@ from transrec.shards.cache import load_tokenizer, prepare_image, tokenize_titles
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import unsanitize_key
 from transrec.shards.stats import SkipStats
-
-from transrec.errors import UserError
 
 CATALOGUE_TABLES = ("items.csv", "items.tsv", "items.jsonl")
 
@@ -395,21 +396,12 @@ class Recommender:
         cand_ids, cand = self._candidates(candidates)
         if not cand_ids:
             raise UserError("no candidate items")
-        col_of = None
         out: list[Recommendations] = []
         for lo in range(0, len(histories), self.batch_size):
             rows = self._history_rows(histories[lo:lo + self.batch_size])
             scores = self._scores(rows, cand)
             if exclude_history:
-                if col_of is None:  # table row -> candidate column
-                    col_of = torch.full((self._n,), -1, dtype=torch.long)
-                    col_of[cand.cpu()] = torch.arange(len(cand_ids))
-                    col_of = col_of.to(self.device)
-                for i, r in enumerate(rows):
-                    r = torch.as_tensor(r, dtype=torch.long, device=self.device)
-                    r = r[r < col_of.shape[0]]
-                    cols = col_of[r]
-                    scores[i, cols[cols >= 0]] = float("-inf")
+                self._mask_history(scores, rows, cand)
             kk = min(k, scores.shape[1])
             top, at = torch.topk(scores, kk, dim=1)
             top, at = top.cpu(), at.cpu()
@@ -418,6 +410,50 @@ class Recommender:
                 out.append(Recommendations([cand_ids[j] for j in at[i][keep].tolist()],
                                            top[i][keep].tolist()))
         return out
+
+    def _column_of(self, cand: torch.Tensor) -> torch.Tensor:
+        """Table row -> candidate column (-1: not a candidate), on the device."""
+        col_of = torch.full((self._n,), -1, dtype=torch.long)
+        col_of[cand.cpu()] = torch.arange(cand.shape[0])
+        return col_of.to(self.device)
+
+    def _mask_history(self, scores: torch.Tensor, rows: list[list[int]], cand: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> None:
+        """``-inf`` (in place) at every history item's column; ``keep[i]``, a column, stays."""
+        col_of = self._column_of(cand)
+        for i, r in enumerate(rows):
+            r = torch.as_tensor(r, dtype=torch.long, device=self.device)
+            cols = col_of[r[r < col_of.shape[0]]]
+            cols = cols[cols >= 0]
+            if keep is not None:
+                cols = cols[cols != keep[i]]
+            scores[i, cols] = float("-inf")
+
+    @torch.no_grad()
+    def evaluate(self, histories: Sequence[Sequence], targets: Sequence[str], ks=DEFAULT_KS, *,
+                 exclude_history: bool = True, candidates: Sequence[str] | None = None) -> dict:
+        """Full-ranking HR@K, NDCG@K and MRR of ``targets[u]`` (pool ids) after ``histories[u]``,
+        ranked among the pool (or ``candidates``) by the rule ``transrec eval`` uses: the history
+        masked except the target itself (with ``exclude_history``), ties in a uniformly random order
+        (:mod:`transrec.engine.metrics`). The keys are those of :func:`ranking_metrics`."""
+        if len(histories) != len(targets):
+            raise UserError(f"{len(histories)} histories but {len(targets)} targets")
+        cand_ids, cand = self._candidates(candidates)
+        column = {c: j for j, c in enumerate(cand_ids)}
+        missing = [t for t in targets if str(t) not in column]
+        if missing:
+            raise UserError(f"target {missing[0]!r} is not among the {len(cand_ids)} candidates "
+                            f"({len(missing)} targets are not)")
+        ranks = []
+        for lo in range(0, len(histories), self.batch_size):
+            rows = self._history_rows(histories[lo:lo + self.batch_size])
+            scores = self._scores(rows, cand)
+            tgt = torch.tensor([column[str(t)] for t in targets[lo:lo + self.batch_size]], device=self.device)
+            if exclude_history:
+                self._mask_history(scores, rows, cand, keep=tgt)
+            ranks.append(target_ranks(scores, tgt))
+        ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, 2, dtype=torch.long)
+        return ranking_metrics(ranks_t, ks)
 
     @torch.no_grad()
     def score(self, history: Sequence, items: Sequence) -> np.ndarray:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, ClientState
-from transrec.engine.optim import WarmupCosine, make_optimizer
 
 from transrec.config import build_config
+from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, ClientState
+from transrec.engine.optim import WarmupCosine, make_optimizer
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -113,29 +113,41 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
             seen_before = set(batch.hist_items[batch.hist_rows == b].tolist()) - {target}
             hist = seen_before if exclude_history else set()
             s = table @ user[b].double().numpy()
-            above = [j for j in range(ds.n_items) if j not in hist and j != target and s[j] > s[target]]
             other = set() if exclude_history else seen_before  # the other protocol, reported beside
-            other_ranks.append(1 + sum(1 for j in range(ds.n_items)
-                                       if j not in other and j != target and s[j] > s[target]))
+            other_ranks.append(_interval(s, target, other, ds.n_items))
             ties += sum(1 for j in range(ds.n_items) if j != target and s[j] == s[target])
             history_above += any(s[j] > s[target] for j in seen_before)  # where the protocols differ
-            ranks.append(1 + len(above))
+            ranks.append(_interval(s, target, hist, ds.n_items))
     assert ties > 0 and history_above > 0 and got["users"] == len(ranks) > 20
-    for k in (1, 5, 10):
-        assert got[f"hr@{k}"] == pytest.approx(np.mean([r <= k for r in ranks]), abs=1e-9)
-        ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks])
-        assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-9)
-    assert got["mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-9)
-    prefix = "unmasked_" if exclude_history else "masked_"
+    assert any(w > b for b, w in ranks)  # some targets share their score with other items
+    _assert_expected(got, "", ranks)
     assert other_ranks != ranks
+    _assert_expected(got, "unmasked_" if exclude_history else "masked_", other_ranks)
+
+
+def _interval(s, target, masked, n):
+    """(best, worst) rank of ``target`` among the items not in ``masked``, counted item by item."""
+    above = sum(1 for j in range(n) if j not in masked and j != target and s[j] > s[target])
+    tied = sum(1 for j in range(n) if j not in masked and j != target and s[j] == s[target])
+    return 1 + above, 1 + above + tied
+
+
+def _assert_expected(got, prefix, intervals):
+    """Each user's metrics are the mean over every rank of their interval (ties in a uniformly
+    random order), then the mean over users."""
+    def mean(f):
+        return float(np.mean([np.mean([f(r) for r in range(b, w + 1)]) for b, w in intervals]))
+
     for k in (1, 5, 10):
-        ndcg = np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in other_ranks])
-        assert got[f"{prefix}ndcg@{k}"] == pytest.approx(ndcg, abs=1e-9)
-        assert got[f"{prefix}hr@{k}"] == pytest.approx(np.mean([r <= k for r in other_ranks]), abs=1e-9)
-    assert got[f"{prefix}mrr"] == pytest.approx(np.mean([1 / r for r in other_ranks]), abs=1e-9)
+        assert got[f"{prefix}hr@{k}"] == pytest.approx(mean(lambda r, k=k: float(r <= k)), abs=1e-9)
+        assert got[f"{prefix}ndcg@{k}"] == pytest.approx(
+            mean(lambda r, k=k: 1 / math.log2(r + 1) if r <= k else 0.0), abs=1e-9)
+    assert got[f"{prefix}mrr"] == pytest.approx(mean(lambda r: 1 / r), abs=1e-9)
 
 
-def test_a_constant_score_model_ranks_every_target_first(tmp_path):
+def test_a_constant_score_model_evaluates_at_chance_and_warns_of_collapse(tmp_path, capsys):
+    """Every item scores the same (the item table zeroed): the ranking is a coin toss among all
+    items, never a win for the target; distinct_scores says so and one warning line is logged."""
     from transrec.engine.data import NoContent, make_loader
     from transrec.engine.evaluate import evaluate
     from transrec.models import build_model
@@ -149,8 +161,14 @@ def test_a_constant_score_model_ranks_every_target_first(tmp_path):
     content = NoContent(ds)
     loader = make_loader(cfg, ds, content, "valid", batch_size=32, rank=0, world=1, seed=0)
     got = evaluate(model, loader, content, ks=(5, 10), item_chunk=16, show=False)
+    n = ds.n_items
     assert got["users"] == sum(s.n_eval for s in ds.seq_shards)
-    assert got["hr@5"] == got["ndcg@10"] == got["mrr"] == 1.0
+    assert got["unmasked_hr@5"] == pytest.approx(5 / n, abs=1e-12)
+    assert got["unmasked_hr@10"] == pytest.approx(10 / n, abs=1e-12)
+    assert got["unmasked_mrr"] == pytest.approx(math.fsum(1 / r for r in range(1, n + 1)) / n, abs=1e-12)
+    assert 5 / n < got["hr@5"] < 5 / (n - 9)  # chance among what the masked history leaves
+    assert got["distinct_scores"] == pytest.approx(1 / n, abs=1e-12)
+    assert capsys.readouterr().err.count("item tower has collapsed") == 1
 
 
 def test_metrics_log_and_plot(tmp_path):
@@ -170,9 +188,8 @@ def test_metrics_log_and_plot(tmp_path):
 
 
 def test_plot_legends_tell_runs_apart_and_a_lone_validation_point_is_explained(tmp_path):
-    from transrec.engine.plot import run_label, validation_note
-
     from transrec.config import build_config, save_yaml
+    from transrec.engine.plot import run_label, validation_note
 
     for parent, mode in (("a", "full"), ("b", "full")):
         run = tmp_path / parent / mode

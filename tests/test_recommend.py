@@ -10,20 +10,21 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+
+from transrec.cli import main
+from transrec.config import build_config
+from transrec.config.model import LoRAConfig
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate, score_users
 from transrec.engine.metrics import ranking_metrics
 from transrec.engine.recommend import Recommender, dataset_sequences, read_histories
+from transrec.errors import UserError
 from transrec.models import SequentialRecommender, build_model
 from transrec.models.export import load_export_into
 from transrec.models.lora import is_lora_param
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import eval_target, unsanitize_key
 from transrec.shards.synth import synthesize
-
-from transrec.cli import main
-from transrec.config import build_config
-from transrec.config.model import LoRAConfig
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,15 @@ def test_scores_and_ranks_equal_full_ranking_evaluation(world):
         ts = s[index[t]].clone()
         s[[index[i] for i in h]] = float("-inf")
         s[index[t]] = ts
-        ranks.append(int((s > ts).sum()) + 1)
+        ranks.append([int((s > ts).sum()) + 1, int((s >= ts).sum())])
     got = ranking_metrics(torch.tensor(ranks))
+    direct = rec.evaluate(hists, targets)  # the same rule, through the public method
     for key in ("hr@10", "ndcg@10", "mrr"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
+        assert direct[key] == pytest.approx(want[key], rel=1e-6), key
+    assert direct["users"] == len(targets)
+    with pytest.raises(UserError, match="is not among the 3 candidates"):
+        rec.evaluate(hists[:1], [targets[0]], candidates=[i for i in rec.item_ids if i != targets[0]][:3])
     # a user who is a mix of ids and raw content scores exactly as the same items by id
     raw = _raw_items(data)
     by_id = {r[0]: r for r in raw}
