@@ -9,8 +9,9 @@ Run: .venv/bin/python benchmarks/peers/recbole.py [--users 2000 --items 1000] [-
    recbole``. The round trip must give every user the same sequence, and RecBole's own split must
    give every user the same validation and test targets as the project's leave-one-out rule; the
    run stops otherwise. Both sides train on those files.
-2. RecBole's SASRec runs in its own virtual environment (made here on first use: torch 2.13.0 first,
-   then ``recbole==1.2.1`` with ``numpy<2``, ``pandas<2.3``, ``scipy<1.14``), driven by
+2. RecBole's SASRec runs in its own virtual environment (made on first use under
+   ``.cache/recbole-venv``: torch 2.13.0 first, then ``recbole==1.2.1`` with ``numpy<2``,
+   ``pandas<2.3``, ``scipy<1.14``), driven by
    ``recbole_worker.py`` in a subprocess (RecBole's ``quick_start`` imports ray, so the worker calls
    Config / create_dataset / data_preparation / the model / Trainer itself). Its config matches the
    preset: 2 layers, 2 heads, hidden 64 (inner 256 = the preset's 4 x dim), dropout 0.5 (hidden and
@@ -19,6 +20,12 @@ Run: .venv/bin/python benchmarks/peers/recbole.py [--users 2000 --items 1000] [-
    history items not removed, early stopping on validation NDCG@10.
 3. The project trains ``transrec train --preset sasrec eval.exclude_history=false`` (RecBole's
    protocol) with early stopping on validation NDCG@10 and reports the test metrics at the best step.
+
+Both sides are scored by one rule: the project's (ties among equal scores in a uniformly random order,
+exact expectations). RecBole's own evaluator takes ``torch.topk``'s order among tied items, which can
+put a tied target first; the worker therefore also returns each test target's rank interval from
+RecBole's own scores, and RecBole's row reports the project's rule on them, with RecBole's own figure
+and the number of test targets that had a tie beside it.
 
 Both run one after the other with the same thread count. The table gives test NDCG@10 and HR@10,
 the best step, the training time (optimizer steps and validation, without start-up) and the whole
@@ -49,7 +56,7 @@ from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
 
 RECBOLE_PINS = ["recbole==1.2.1", "numpy<2", "pandas<2.3", "scipy<1.14",
                 # torch 2.13.0 needs setuptools >= 77; ray (a RecBole dependency that is never imported
-                # here) still finds pkg_resources in setuptools < 81
+                # by this benchmark) still finds pkg_resources in setuptools < 81
                 "setuptools>=77,<81"]
 TORCH_PIN = "torch==2.13.0"
 DATASET = "synth"
@@ -92,7 +99,7 @@ def ensure_recbole_venv(venv: Path) -> Path:
     if not py.exists():
         run([sys.executable, "-m", "venv", venv])  # a venv of the base interpreter, even from a venv
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    run(pip + [TORCH_PIN])  # first and pinned: the CPU build on this disk, never another one
+    run(pip + [TORCH_PIN])  # first and pinned, so that pip never pulls another torch build
     cons = venv / "torch-pin.txt"
     cons.write_text(TORCH_PIN + "\n")
     run(pip + ["-c", cons] + RECBOLE_PINS)
@@ -268,6 +275,24 @@ def run_transrec(args, data: Path, work: Path, env: dict, n_train_users: int) ->
             "last_step": ev.get("step"), "overrides": transrec_overrides(args, n_train_users)}
 
 
+TIE_RULE = "ties in a uniformly random order (exact expectation)"
+
+
+def recbole_under_project_rule(rb: dict) -> dict:
+    """RecBole's test metrics recomputed from its rank intervals by the project's rule."""
+    if "test_intervals" not in rb:
+        raise SystemExit("recbole peer: RecBole's result has no rank intervals (made by an older worker); "
+                         "run without --reuse-recbole")
+    import torch  # noqa: PLC0415  (lazy: this file loads no torch at module level)
+
+    from transrec.engine.metrics import ranking_metrics  # noqa: PLC0415
+
+    iv = torch.tensor(rb["test_intervals"], dtype=torch.long)
+    out = ranking_metrics(iv, ks=(10,))
+    out["tied_targets"] = int((iv[:, 1] > iv[:, 0]).sum())
+    return out
+
+
 def train_seconds(records: list[dict]) -> float | None:
     """Seconds from the first to the last training record of metrics.jsonl (steps and validation)."""
     ts = [r["time"] for r in records if isinstance(r.get("time"), int | float)]
@@ -332,7 +357,7 @@ def main(argv=None) -> None:
     if made.get("world") == want and (conv / "manifest.json").is_file():
         counts = made["counts"]
         log(f"reusing the world, its atomic files and their conversion in {work} (made for {want})")
-    else:  # made afresh; a run training on them meanwhile would see them change, so one run at a time here
+    else:  # made afresh; a run training on them meanwhile would see them change: one run per --work folder
         stamp.unlink(missing_ok=True)
         run([synth, "shards", "synth", "--domain", "source", "--out", world, "--users", args.users,
              "--items", args.items, "--min-len", args.min_len, "--max-len", args.max_seq, "--image-frac", 0,
@@ -363,11 +388,15 @@ def main(argv=None) -> None:
     common = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} (CPU)", "git": git_sha(),
               "users": counts["users"], "items": counts["items"], "interactions": counts["interactions"],
               "seed": args.seed, "threads": args.threads, "protocol": "LOO TO, full ranking, history kept",
-              "label": args.label}
+              "label": args.label, "tie_rule": TIE_RULE}
     rows = []
     if rb is not None:
+        rb_rule = recbole_under_project_rule(rb)
         rows.append(dict(common, side="RecBole 1.2.1 SASRec", **{
-            "test_ndcg@10": round(rb["test"]["ndcg@10"], 4), "test_hr@10": round(rb["test"]["hit@10"], 4),
+            "test_ndcg@10": round(rb_rule["ndcg@10"], 4), "test_hr@10": round(rb_rule["hr@10"], 4),
+            "recbole_topk_test_ndcg@10": round(rb["test"]["ndcg@10"], 4),
+            "recbole_topk_test_hr@10": round(rb["test"]["hit@10"], 4),
+            "tied_targets": rb_rule["tied_targets"],
             "valid_ndcg@10": round(rb["valid"].get("ndcg@10", float("nan")), 4),
             "best": f"epoch {rb['best_epoch']} of {rb['epochs']} ({rb['steps_per_epoch']} steps each)",
             "train_s": rb["fit_seconds"], "wall_s": rb.get("wall_seconds", ""),
@@ -389,7 +418,10 @@ def main(argv=None) -> None:
         print(f"| {r['side']} | {r['test_ndcg@10']:.4f} | {r['test_hr@10']:.4f} | {r['valid_ndcg@10']:.4f} | "
               f"{r['best']} | {r['train_s']} | {r['wall_s']} | {r['cpu_s']} |")
     if rb is not None:
-        ratio = tr["test"]["ndcg@10"] / max(rb["test"]["ndcg@10"], 1e-12)
+        print(f"\nRecBole's own evaluator (torch.topk's order among ties): test NDCG@10 "
+              f"{rb['test']['ndcg@10']:.4f}, HR@10 {rb['test']['hit@10']:.4f}; {rb_rule['tied_targets']} of "
+              f"{rb_rule['users']} test targets shared their score with another item")
+        ratio = tr["test"]["ndcg@10"] / max(rb_rule["ndcg@10"], 1e-12)
         print(f"\ntransrec / RecBole test NDCG@10: {ratio:.3f} (target >= 0.95); training time "
               f"{tr_train} s against {rb['fit_seconds']} s")
     if not (args.dry_run or args.no_csv):

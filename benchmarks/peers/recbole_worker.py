@@ -11,7 +11,11 @@ pickled dict that torch >= 2.6 refuses to load by default), and the test split i
 
 SPEC.json: ``{"data_path", "dataset", "config": {RecBole keys}, "threads", "dump_targets"}``.
 OUT.json: dataset counts, the split's validation/test targets per user (for the caller's check that
-both sides see the same split), timings, the validation curve and the best epoch's metrics.
+both sides see the same split), timings, the validation curve and the best epoch's metrics, and
+``test_intervals``: for each test user, the target's best and worst possible rank under RecBole's own
+scores and masking (``[1 + #strictly higher, that + #tied]``). RecBole's metrics take the order of
+``torch.topk`` among tied items; the caller scores the intervals with the project's rule (ties in a
+uniformly random order, exact expectations), so both sides are compared under one rule.
 """
 
 from __future__ import annotations
@@ -78,6 +82,20 @@ def main(spec_path: str, out_path: str) -> None:
         model.load_state_dict(trainer.best_state)
     test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
 
+    def rank_intervals(loader) -> list[list[int]]:
+        """[best, worst] rank of each user's target, from RecBole's own full-sort scoring (padding
+        item and, where RecBole masks it, the history at -inf)."""
+        trainer.model.eval()
+        trainer.tot_item_num = loader._dataset.item_num
+        out = []
+        with torch.no_grad():
+            for batched in loader:
+                _, scores, pos_u, pos_i = trainer._full_sort_batch_eval(batched)
+                rows = scores[pos_u]
+                t = scores[pos_u, pos_i][:, None]
+                out += torch.stack([(rows > t).sum(1) + 1, (rows >= t).sum(1)], 1).tolist()
+        return out
+
     def targets(loader):
         feat = loader._dataset.inter_feat
         users = dataset.id2token(dataset.uid_field, feat[dataset.uid_field].numpy())
@@ -101,6 +119,7 @@ def main(spec_path: str, out_path: str) -> None:
         "valid": {k.lower(): float(v) for k, v in (best_valid or {}).items()},
         "test": {k.lower(): float(v) for k, v in test.items()},
         "curve": curve,
+        "test_intervals": rank_intervals(test_data),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
