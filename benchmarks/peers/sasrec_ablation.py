@@ -12,7 +12,7 @@ What a variant changes:
 
 - the block: ``project`` is :class:`transrec.models.user.UserEncoder` itself (pre-norm, input =
   dropout(item + position), dropout inside the MLP as well as after it, torch's default Linear
-  init); ``postnorm`` is the textbook SASRec block written here (input = dropout(LayerNorm(item +
+  init); ``postnorm`` is the textbook SASRec block, written in this file (input = dropout(LayerNorm(item +
   position)), post-norm residuals, one dropout per sub-layer output plus attention dropout, Linear
   and embedding init N(0, 0.02)); ``+inln`` / ``+init`` / ``-mlpdrop`` change one of those
   properties of the project's block (an input LayerNorm; N(0, 0.02) Linear init; no dropout inside
@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
 
 from transrec.config.model import UserEncoderConfig  # noqa: E402
+from transrec.engine.metrics import ranking_metrics, target_ranks  # noqa: E402
 from transrec.engine.recommend import dataset_sequences  # noqa: E402
 from transrec.models.user import UserEncoder  # noqa: E402
 
@@ -152,17 +153,16 @@ def right_aligned(rows: list[np.ndarray], length: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def evaluate(model: Model, hist: list[np.ndarray], target: np.ndarray, max_len: int, k: int = 10) -> float:
+    """Validation NDCG@k by the evaluation's rule: full ranking, history kept, ties among equal scores
+    in a uniformly random order (exact expectation)."""
     model.eval()
-    nd = 0.0
+    ranks = []
     for s in range(0, len(hist), 512):
         seq, mask = right_aligned(hist[s:s + 512], max_len)
         q = model(seq, mask)[:, -1]
-        scores = q @ model.items.weight.T
-        t = torch.from_numpy(target[s:s + 512])
-        rank = 1 + (scores > scores.gather(1, t[:, None])).sum(1)
-        nd += torch.where(rank <= k, 1.0 / torch.log2(rank.double() + 1), torch.zeros(())).sum().item()
+        ranks.append(target_ranks(q @ model.items.weight.T, torch.from_numpy(target[s:s + 512])))
     model.train()
-    return nd / len(hist)
+    return ranking_metrics(torch.cat(ranks), ks=(k,))[f"ndcg@{k}"]
 
 
 def run_variant(variant, signal, train, valid, n_items, args) -> list[dict]:
