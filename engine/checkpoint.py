@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -51,6 +52,7 @@ from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
 from transrec.engine import distributed as D
 from transrec.errors import UserError
+from transrec.storage import WriteFailed, guarded_write, short_line, space_short
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -136,8 +138,19 @@ def set_rng_state(state: dict) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (one all-reduce)."""
+    t = torch.tensor(1.0 if flag else 0.0, device=D.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # ----------------------------------------------------------------------------- manager
@@ -254,32 +267,56 @@ class CheckpointManager:
         return True
 
     # -- save -----------------------------------------------------------------------------
+    def size(self, tag: str | None) -> int | None:
+        """Bytes of checkpoint ``tag`` from its manifest (None: no such checkpoint)."""
+        if tag is None:
+            return None
+        try:
+            return int(sum(self.manifest(tag).get("files", {}).values())) or None
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return None
+
     def save(self, engine, client: ClientState, *, world_size: int, zero_stage: int, precision: str,
              extra: dict | None = None, best: bool = False, _fail_after_write: bool = False) -> str:
-        """Collective: every rank calls it. Returns the tag written; ``best``: it becomes the best."""
+        """Collective: every rank calls it. Returns the tag written; ``best``: it becomes the best.
+
+        Before writing, every rank checks that its file system has room for a checkpoint as large as
+        the last one; when any has not, every rank stops with :class:`~transrec.storage.WriteFailed`
+        (one line) before anything is written. A write that fails all the same (the disk filled
+        meanwhile, a quota, an I/O error) removes the temporary folder and raises the same error on
+        the rank that saw it; ``latest``, ``best`` and every complete checkpoint stay as they were.
+        (With several ranks, the launcher then stops the others, as for any rank that exits.)"""
         rank = D.rank()
         tag = tag_for(client.step)
         tmp_tag = TMP_PREFIX + tag
         tmp = self.dir / tmp_tag
+        needed = self.size(self.latest())
+        what = f"saving checkpoint {tag}"
+        mine = space_short(self.dir, needed)
+        if (_any_rank(mine) if D.world_size() > 1 else mine):
+            raise WriteFailed(short_line(what, self.dir, needed, elsewhere=not mine))
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
         D.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"transrec": vars(client)},
-                               save_latest=False)
-        torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
+        with guarded_write(what, self.dir, tmp, needed=needed):
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"transrec": vars(client)},
+                                   save_latest=False)
+            torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
         D.barrier()
         if _fail_after_write:  # test hook: the process dies between writing and committing
             raise KeyboardInterrupt("save interrupted")
         if rank == 0:
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
-            man = {
-                "schema": SCHEMA, "tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "world_size": world_size, "zero_stage": zero_stage, "precision": precision,
-                "client": vars(client), "files": files, **(extra or {}),
-            }
-            _write_atomic(tmp / MANIFEST, json.dumps(man, indent=1))
+            with guarded_write(what, self.dir, tmp, needed=needed):
+                files = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                         for p in tmp.rglob("*") if p.is_file()}
+                man = {
+                    "schema": SCHEMA, "tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "world_size": world_size, "zero_stage": zero_stage, "precision": precision,
+                    "client": vars(client), "files": files, **(extra or {}),
+                }
+                _write_atomic(tmp / MANIFEST, json.dumps(man, indent=1))
             final = self.dir / tag
             if final.exists():
                 shutil.rmtree(final)
