@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# Puts into .whl/ every wheel a GPU machine without network needs for benchmarks/gpu_proof.sh: the
-# project itself (built from this working tree), DeepSpeed (built here: it has no wheel on the index),
-# the pure packages the GPU image lacks (webdataset, hjson, pydantic, ...) and the kernel benchmark's
-# peers (liger-kernel, cut-cross-entropy). Run here, in the repo root, right before the GPU run (the
-# device tool then carries ".whl"):
-#   bash benchmarks/fetch_wheels.sh
-# Binary wheels are for CPython 3.12 on manylinux x86_64 (the GPU image). Versions are the ones this
-# project's .venv runs with. gpu_proof.sh installs a carried wheel only where the image lacks the
-# distribution or has an older version, and checks that the project wheel matches the tree it runs in
-# (.whl/SOURCE holds the hash of the package files the wheel was built from).
+# Offline install helper for benchmarks/gpu_proof.sh: collects into .whl/ every wheel a GPU machine
+# without network needs beyond torch (CUDA), Triton, transformers and peft: the project itself
+# (built from this working tree), DeepSpeed (built from its source release: it has no wheel on the
+# index), the pure packages such an environment usually lacks (webdataset, hjson, pydantic, ...) and
+# the kernel benchmark's peers (liger-kernel, cut-cross-entropy). Run it in the repo root on a machine
+# with network, then copy the repo with .whl/ to the GPU machine:
+#   bash benchmarks/fetch_wheels.sh [--python-version 3.12] [--max-mib N]
+#   --python-version X.Y  the GPU machine's Python, for the binary wheels (default 3.12; manylinux x86_64)
+#   --max-mib N           exit 1 when the working tree plus .whl/ exceed N MiB (default 0: no limit),
+#                         for a copy with a size limit
+# Versions are those of requirements/linux-x86_64-cpu.lock where it pins them. gpu_proof.sh installs
+# a wheel from .whl/ only where the environment lacks the distribution or has an older version, and
+# checks that the project wheel matches the tree it runs in (.whl/SOURCE holds the hash of the
+# package files the wheel was built from).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
+PYVER=3.12
+MAX_MIB=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python-version) PYVER=${2:?--python-version needs X.Y}; shift ;;
+    --max-mib) MAX_MIB=${2:?--max-mib needs a number}; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"; exit 0 ;;
+    *) echo "fetch_wheels.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ "$PYVER" =~ ^3\.[0-9]+$ ]] || { echo "fetch_wheels.sh: --python-version must look like 3.12" >&2; exit 2; }
+[[ "$MAX_MIB" =~ ^[0-9]+$ ]] || { echo "fetch_wheels.sh: --max-mib must be a whole number" >&2; exit 2; }
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 mkdir -p .whl
 rm -f .whl/transrec-*.whl .whl/SOURCE
 
-# 1. pure or CPython-3.12 wheels from the index (pip skips files already in .whl/)
-$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+# 1. pure or CPython wheels for the GPU machine's Python, from the index (pip skips files already in .whl/)
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d .whl \
   webdataset==1.0.2 braceexpand==0.1.7 \
@@ -42,10 +60,12 @@ $PY -m pip wheel -q "$SRC" --no-deps --no-build-isolation -w .whl
 } > .whl/SOURCE
 
 ls -l .whl
-echo ".whl total: $(du -cb .whl/* | tail -1 | cut -f1) bytes"
-# What the device tool carries: the working tree (tracked + untracked, not ignored) and .whl; 64 MiB at most.
+# The size of what goes to the GPU machine: the working tree (tracked + untracked, not ignored) and .whl
 TREE=$( (git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | grep total$ || echo 0) \
         | awk '{s+=$1} END {print s}')
 WHL=$(du -cb .whl/* | tail -1 | cut -f1)
-echo "carried: tree ${TREE} + .whl ${WHL} = $((TREE + WHL)) bytes (limit 67108864)"
-[ $((TREE + WHL)) -le 67108864 ] || { echo "over the 64 MiB the device tool carries" >&2; exit 1; }
+echo "to copy: tree ${TREE} + .whl ${WHL} = $((TREE + WHL)) bytes"
+if [ "$MAX_MIB" -gt 0 ] && [ $((TREE + WHL)) -gt $((MAX_MIB * 1048576)) ]; then
+  echo "fetch_wheels.sh: the tree and .whl/ exceed --max-mib $MAX_MIB" >&2
+  exit 1
+fi

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# One prepared run that proves the GPU path on one H100/H200 in at most 8 minutes (device tool, repo
-# root, after `bash benchmarks/fetch_wheels.sh` here, carrying ".whl"):
-#   bash benchmarks/gpu_proof.sh
-#   bash benchmarks/gpu_proof.sh --dry-run          # every part on the CPU at toy sizes (tests/test_gpu_proof.py)
-#   bash benchmarks/gpu_proof.sh --only e2e,memory  # some parts only (names below)
-# Parts, in this order, each under its own time cap and all under one deadline (PROOF_BUDGET_S,
-# default 470 s), so a part that fails or hangs never costs the others:
-#   env     card, versions; installs the carried wheels (.whl/) the image lacks into /tmp/site
+# A time-boxed proof and benchmark of the GPU path, for anyone with one CUDA GPU (the target figures
+# are set for an H100/H200). Run it in the repo root:
+#   bash benchmarks/gpu_proof.sh                     # every part, within the deadline
+#   bash benchmarks/gpu_proof.sh --dry-run           # every part on the CPU at toy sizes (tests/test_gpu_proof.py)
+#   bash benchmarks/gpu_proof.sh --only e2e,memory   # some parts only (names below)
+# Options:
+#   --out DIR           where the results go (default: $OUT, else proof_out/)
+#   --deadline SECONDS  the overall time box (default 470, i.e. done within 8 minutes; 600 with
+#                       --dry-run); a part is skipped when fewer than 15 s are left for it
+#   --max-files N       exit 1 when the output folder ends up with more than N files (default 0: no
+#                       limit; the default parts write 8)
+#   --only PARTS        comma-separated part names
+#   --dry-run           the CPU at toy sizes; figures meaningless, the code paths real
+# Needs: torch with CUDA, Triton, transformers and peft. The rest (DeepSpeed, WebDataset, the peer
+# kernels, this project) is taken from the environment, or from the wheels in .whl/ that
+# `bash benchmarks/fetch_wheels.sh` collects on a machine with network, for a GPU machine without.
+# Parts, in this order, each under its own time cap and all under the deadline, so a part that
+# fails or hangs never costs the others:
+#   env     card, versions; installs the wheels in .whl/ that the environment lacks into /tmp/site
 #   tests   the GPU tests (pytest -m gpu tests/test_kernels.py) and tests/test_kernels_convergence.py
 #   e2e     benchmarks/e2e.py --preset base-gpu, batch 256 and 64: naive fp32 and the engine; at 256
 #           also naive over unique items, the engine without the prefix cache, with impl=torch, in fp32
@@ -19,36 +30,52 @@
 #           then each kernel stage alone at each config of its table (unsplit, and split where the
 #           shape splits); its rows choose kernels/triton_config.py's DESIGN, SPLIT_DEFAULT and
 #           tables. kernels.csv + its PNG.
-# Everything goes to $OUT (default proof_out/), at most 8 files, written as the parts run:
-#   proof.log (every part's output), summary.txt (each part's status and time, then the target
-#   figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv, kernels.csv + kernels_<card>.png.
-# Afterwards, here: `python benchmarks/proof_summary.py --merge DIR` appends DIR's rows to the CSVs in
-# benchmarks/results/ (card name, date and git sha are in every row); copy the PNGs beside them.
+# Output, written as the parts run: proof.log (every part's output), summary.txt (each part's status
+# and time, then the target figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv,
+# kernels.csv + kernels_<card>.png.
+# To keep the results: `python benchmarks/proof_summary.py --merge DIR` appends DIR's rows to the CSVs
+# in benchmarks/results/ (card name, date and git sha are in every row) and copies the PNGs beside them.
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$SELF")/.."
 
-tree_hash() {  # the package files a project wheel is built from (the same on both machines)
+tree_hash() {  # the package files a project wheel is built from (the same in every copy of the tree)
   find transrec engine kernels models shards pyproject.toml -type f ! -path '*/__pycache__/*' \
     ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+}
+
+usage() {  # the comment block at the top of this file
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"
+}
+need_value() {  # need_value OPTION VALUE PATTERN
+  if [ -z "$2" ] || ! [[ "$2" =~ $3 ]]; then
+    echo "gpu_proof.sh: $1 needs a value${4:+ ($4)}, got '${2}' (see --help)" >&2
+    exit 2
+  fi
 }
 
 DRY=0
 ONLY=""
 PART=""
+DEADLINE_S=""
+MAX_FILES=0
+OUT_ARG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
-    --only) ONLY=",$2,"; shift ;;
+    --only) need_value "$1" "${2:-}" '^[a-z,]+$' "part names"; ONLY=",$2,"; shift ;;
+    --out) need_value "$1" "${2:-}" '.' "a folder"; OUT_ARG=$2; shift ;;
+    --deadline) need_value "$1" "${2:-}" '^[0-9]+$' "seconds"; DEADLINE_S=$2; shift ;;
+    --max-files) need_value "$1" "${2:-}" '^[0-9]+$' "a count"; MAX_FILES=$2; shift ;;
     --part) PART=$2; shift ;;  # internal: one part, run by this script under its time cap
     --tree-hash) tree_hash; exit 0 ;;
-    -h|--help) sed -n '2,25p' "$SELF"; exit 0 ;;
-    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_proof.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
-OUT=${OUT:-proof_out}
+OUT=${OUT_ARG:-${OUT:-proof_out}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export OUT
@@ -56,16 +83,16 @@ LOG=$OUT/proof.log
 SUMMARY=$OUT/summary.txt
 if [ $DRY = 1 ]; then
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3 )}
-  BUDGET=${PROOF_BUDGET_S:-600}
+  BUDGET=${DEADLINE_S:-600}
 else
   PY=${PYTHON:-python3}
-  BUDGET=${PROOF_BUDGET_S:-470}
+  BUDGET=${DEADLINE_S:-470}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 if [ -z "${TRANSREC_GIT_SHA:-}" ] && ! git rev-parse --git-dir >/dev/null 2>&1 && [ -f .whl/SOURCE ]; then
-  export TRANSREC_GIT_SHA=$(awk '$1 == "git" {print $2}' .whl/SOURCE)  # the copy there has no .git
+  export TRANSREC_GIT_SHA=$(awk '$1 == "git" {print $2}' .whl/SOURCE)  # a copy of the tree without .git
 fi
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -124,8 +151,9 @@ setup_path() {
 # ----------------------------------------------------------------------------- parts
 part_env() {
   if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
-    # A carried wheel is installed where the image lacks its distribution or has an older version;
-    # the project's wheel only if it was built from this very tree (else the repo folders are used).
+    # A wheel from .whl/ is installed where the environment lacks its distribution or has an older
+    # version; the project's wheel only if it was built from this very tree (else the repo folders
+    # are used).
     local want
     want=$(TREE="$(tree_hash)" $PY - <<'EOF'
 import importlib.metadata as md, os, pathlib, re
@@ -153,7 +181,7 @@ for w in sorted(pathlib.Path(".whl").glob("*.whl")):
     if have is None or Version(have) < Version(ver):
         print(w)
     else:
-        print(f"# {w.name}: the image has {have}")
+        print(f"# {w.name}: the environment has {have}")
 EOF
 )
     echo "$want" | grep '^#'
@@ -290,5 +318,8 @@ $PY benchmarks/proof_summary.py "$OUT" $( [ $DRY = 1 ] && echo --dry-run ) >> "$
 say ""
 cat "$SUMMARY"
 N=$(find "$OUT" -maxdepth 1 -type f | wc -l)
-[ "$N" -le 8 ] || { say "warning: $N files in $OUT (the device tool brings back 8 at most)"; FAILED=1; }
+if [ "$MAX_FILES" -gt 0 ] && [ "$N" -gt "$MAX_FILES" ]; then
+  say "warning: $N files in $OUT, more than --max-files $MAX_FILES"
+  FAILED=1
+fi
 exit $FAILED

@@ -111,7 +111,7 @@ def merge(folder: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="the run's output folder ($OUT of gpu_proof.sh)")
+    ap.add_argument("folder", type=Path, help="the output folder of a gpu_proof.sh run (its --out)")
     ap.add_argument("--dry-run", action="store_true", help="a dry run's figures: no target verdicts")
     ap.add_argument("--merge", action="store_true", help="append the rows to benchmarks/results/ instead")
     args = ap.parse_args(argv)

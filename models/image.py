@@ -1,6 +1,7 @@
 """Image item encoder: a vision backbone + pooling + projection to the shared dimension.
 
-Backbones (none from torchvision / timm / open_clip, which do not import beside the CPU torch here):
+Backbones (built with transformers and the bundled weight packages; torchvision, timm and open_clip
+are not dependencies):
 
 - ``tiny``: a 3-stage ResNet (transformers ResNetConfig: 16/32/64 channels, one basic layer per
   stage), random init, fast at 32x32 on the CPU;
