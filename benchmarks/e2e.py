@@ -11,7 +11,7 @@ data through the same loader order, with the same global batch and sequence leng
 - **naive**: what a straightforward TransRec trainer does. Every position's item is encoded
   separately (an item seen at 5 positions of a batch is encoded 5 times), fp32, the user x item logit
   matrix is materialised and fed to ``F.cross_entropy``, no checkpointing, a plain ``torch.optim.AdamW``
-  over the trainable weights. (Written here, on purpose, not taken from the engine.)
+  over the trainable weights. (Written in this file, on purpose, not taken from the engine.)
 - **engine**: ``transrec.engine.trainer.Trainer``: DeepSpeed (ZeRO stage and precision from the
   preset), one encoder pass per modality over the batch's unique items, in-batch softmax through the
   kernel dispatcher (chunked on the CPU, Triton on GPUs), warmup + cosine, two learning rates.

@@ -388,7 +388,8 @@ def main(argv=None) -> None:
             if args.steps:
                 p = Preset(**{**asdict(p), "steps": args.steps})
             if p.device == "cuda" and not torch.cuda.is_available():
-                raise SystemExit(f"preset {n} needs CUDA (none here); use --smoke to check it on the CPU")
+                raise SystemExit(f"preset {n} needs CUDA (no device found); use --smoke to check it on "
+                                 "the CPU")
             batches = [int(b) for b in args.batches.split(",") if b] or list(p.batches)
             machine = machine_name(p.device)
             print(f"== {p.name}: text {p.text} top {p.text_trainable} trainable, image {p.image} top "
@@ -437,7 +438,7 @@ def main(argv=None) -> None:
     append_rows(CSV_PATH, rows, FIELDS)
     kind = "gpu" if any(PRESETS[n].device == "cuda" for n in names) else "cpu"
     png = RESULTS / f"prefix_cache_{kind}.png"
-    # the plot shows the latest row of every (preset, batch, mode) measured on this machine
+    # the plot shows the latest row of every (preset, batch, mode) measured on the machine named in each row
     with CSV_PATH.open() as f:
         latest = {(r["preset"], r["batch"], r["mode"]): r for r in csv.DictReader(f)
                   if r["machine"] == rows[0]["machine"]}

@@ -1,7 +1,7 @@
 """Every GPU preset's code path, on the CPU at toy sizes: what a preset switches on stays on.
 
-A GPU is lent rarely, so a bug only a GPU run could show is a bug no one sees. For each GPU preset
-this trains a few steps on 2 gloo ranks through the command line, as a GPU run would, with
+The suite usually runs without a GPU, so a bug only a GPU run could show would go unseen. For each
+GPU preset this trains a few steps on 2 gloo ranks through the command line, as a GPU run would, with
 
 - the preset's loader workers (4 per rank, each owning sequence shards of its own);
 - the frozen-prefix cache on for both modalities (top-2 blocks trained);
