@@ -10,7 +10,8 @@ the file holds the holder's host and pid (JSON) so a refusal can name it. Taking
 - otherwise taken; the file then names this process.
 
 Released (the file removed) by :meth:`RunLock.release`; a killed process leaves the file and no flock,
-which the next run on the same host takes over.
+which the next run on the same host takes over. Over several ranks, :func:`lock_run_folder` has rank 0
+take it and every rank stop when it could not.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from transrec.errors import UserError
-from transrec.shards.locking import pid_alive
+from transrec.locking import pid_alive
 
 LOCK_FILE = "train.lock"
 
@@ -100,3 +104,25 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def lock_run_folder(run_dir: str | Path, *, rank: int, world: int, device=None,
+                    log: Callable[[str], None] = print) -> RunLock:
+    """Rank 0 takes the run folder's lock; every rank raises :class:`RunFolderBusy` when it could
+    not (over ``world`` > 1 ranks a collective: one all-reduce of the outcome)."""
+    lock = RunLock(run_dir)
+    busy = None
+    if rank == 0:
+        try:
+            lock.acquire(log=log)
+        except RunFolderBusy as exc:
+            busy = exc
+    if world > 1:
+        flag = torch.tensor([float(busy is not None)], device=device)
+        dist.all_reduce(flag)
+        if busy is None and flag.item() > 0:
+            lock.release()
+            busy = RunFolderBusy(f"{lock.run_dir}: another process writes this run folder (named on rank 0)")
+    if busy is not None:
+        raise busy
+    return lock

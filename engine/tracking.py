@@ -16,6 +16,9 @@ evaluation, which read well in a file (nohup, a scheduler, CI)::
 
     step 20/100  loss 3.9120  lr 3.00e-03  seq/s 410.2  eta 0:00:04
     eval valid step 50  ndcg@10 0.0712  hr@10 0.1400  mrr 0.0513
+    eval test best step 40  ndcg@10 0.0734  hr@10 0.1450  mrr 0.0520
+
+(the last: the best checkpoint's weights, evaluated after a run whose best step was not its last).
 """
 
 from __future__ import annotations
@@ -146,9 +149,10 @@ def step_line(step: int, total: int, *, loss: float, lr: float, seq_per_s: float
     return "  ".join(parts)
 
 
-def eval_line(split: str, step: int, metrics: dict) -> str:
-    """The plain console line of one evaluation: ndcg@10, hr@10 and mrr (those present)."""
-    parts = [f"eval {split} step {step}"]
+def eval_line(split: str, step: int, metrics: dict, *, best: bool = False) -> str:
+    """The plain console line of one evaluation of the weights of ``step``: ndcg@10, hr@10 and mrr
+    (those present); ``best``: the best step's weights, evaluated again after training."""
+    parts = [f"eval {split} {'best ' if best else ''}step {step}"]
     for k in ("ndcg@10", "hr@10", "mrr"):
         if k in metrics:
             parts.append(f"{k} {float(metrics[k]):.4f}")

@@ -12,12 +12,12 @@ optimizer moments, schedule) plus ours (:class:`~transrec.engine.checkpoint.Clie
 epoch, the global sample cursor of the loader, the seed) and every rank's RNG. The loader's order is
 a pure function of (seed, epoch, cursor), so the resumed run sees the same batches.
 
-Validation-driven training: with ``run.monitor`` (``valid/ndcg@10`` by default) every validation
-evaluation (every ``eval.every`` steps and at the last step) is compared with the best so far; an
-improvement saves a checkpoint and points ``checkpoints/best`` at it, and ``run.patience``
-evaluations without one stop the run early. The best so far and the count since it are part of the
-client state, so a resumed run goes on with them. The final evaluation reports valid and test at the
-last step and at the best one (``eval.json`` ``"best"``).
+The trainer composes its parts: the run folder's lock (:mod:`~transrec.engine.runlock`), the skipped
+input per loader and ``data.json`` (:mod:`~transrec.engine.skips`), the finite-step guard
+(:mod:`~transrec.engine.guard`), checkpoints (:mod:`~transrec.engine.checkpoint`), the best step and
+early stopping (:mod:`~transrec.engine.best`: every validation, every ``eval.every`` steps and at the
+last step, is judged against ``run.monitor``) and the evaluation report with ``eval.json``
+(:mod:`~transrec.engine.report`: valid and test at the last step and at the best one).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from transrec.config import (
     batch_layout,
     from_dict,
     load_yaml,
-    monitor_metric,
     save_yaml,
     to_deepspeed,
     to_dict,
@@ -50,20 +49,21 @@ from transrec.config import (
 )
 from transrec.config.model import user_kind
 from transrec.engine import distributed as D
+from transrec.engine.best import BestWatch
 from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
 from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
-from transrec.engine.runlock import RunFolderBusy, RunLock
-from transrec.engine.tracking import Tracker, bars_enabled, eval_line, progress, say, step_line
-from transrec.errors import ConfigError, DataError, UserError
+from transrec.engine.report import EvalReport
+from transrec.engine.runlock import lock_run_folder
+from transrec.engine.skips import SkipReport
+from transrec.engine.tracking import Tracker, bars_enabled, progress, say, step_line
+from transrec.errors import ConfigError, UserError
 from transrec.models import build_model
 from transrec.models.negatives import step_buffers
 from transrec.models.prefix import maybe_wrap
 from transrec.shards.batch import Batch
-from transrec.shards.stats import GLOBAL as SKIPPED_INPUT
-from transrec.shards.stats import skip_summary, skip_violation
 
 
 def seed_everything(seed: int) -> None:
@@ -152,7 +152,11 @@ class Trainer:
 
     The loop (:meth:`fit`) reads as its recipe: :meth:`micro_batches` hands out batches and owns
     the epoch and cursor, :meth:`train_step` runs one optimizer step over ``accum`` of them, then
-    :meth:`log`, :meth:`maybe_eval` and :meth:`maybe_save`.
+    :meth:`log`, :meth:`maybe_eval` and :meth:`maybe_save`; after it, :meth:`final_evaluation`.
+    Parts: ``skips`` (:class:`~transrec.engine.skips.SkipReport`), ``guard``
+    (:class:`~transrec.engine.guard.FiniteGuard`), ``ckpt``, ``best``
+    (:class:`~transrec.engine.best.BestWatch`) and ``report``
+    (:class:`~transrec.engine.report.EvalReport`).
 
     Hooks for tests and tools: ``after_step(trainer, step)`` callbacks run after every optimizer
     step (``step`` counts completed steps; benchmarks time steady-state steps with it).
@@ -171,38 +175,19 @@ class Trainer:
             raise ConfigError("no run folder: pass --out RUN (or run.out=RUN)")
         self.run_dir = Path(cfg.run.out)
         _check_run_dir(self.run_dir)
-        self.lock = self._lock_run_dir()
+        self.lock = lock_run_folder(self.run_dir, rank=self.rank, world=self.world, device=self.device,
+                                    log=say)
         try:
             self._set_up(cfg, data)
         except BaseException:
             self.lock.release()
             raise
 
-    def _lock_run_dir(self) -> RunLock:
-        """Rank 0 takes the run folder's lock (:mod:`~transrec.engine.runlock`); every rank stops
-        when it could not."""
-        lock = RunLock(self.run_dir)
-        busy = None
-        if self.rank == 0:
-            try:
-                lock.acquire(log=say)
-            except RunFolderBusy as exc:
-                busy = exc
-        if self.world > 1:
-            flag = torch.tensor([float(busy is not None)], device=self.device)
-            dist.all_reduce(flag)
-            if busy is None and flag.item() > 0:
-                lock.release()
-                busy = RunFolderBusy(f"{self.run_dir}: another process writes this run folder "
-                                     "(named on rank 0)")
-        if busy is not None:
-            raise busy
-        return lock
-
     def _set_up(self, cfg: Config, data) -> None:
         seed_everything(cfg.run.seed)
         self.ds, self.content = data if data is not None else open_data(cfg, show=self.show)
-        self.epoch_facts: dict = {}  # what an epoch is (set when training starts; in data.json)
+        self.skips = SkipReport(self.ds, self.content, max_rate=cfg.data.max_skip_rate,
+                                path=self.run_dir / "data.json" if self.rank == 0 else None)
         self.check_data()
         self._warn_batch_size()
         self.model = self._build_model()
@@ -211,10 +196,6 @@ class Trainer:
         self.content = maybe_wrap(self.content, self.model, cfg.data, progress=self.show,
                                   log=say if self.rank == 0 else (lambda _msg: None))
         self.model.set_catalogue_content(self.content)  # negatives=catalogue, exact (catalogue_refresh 0)
-        self.skipped_rows0 = SKIPPED_INPUT.total  # bad input skipped before training (item cache)
-        self.skip_base = dict(SKIPPED_INPUT.counts)
-        self.sequences_read = 0.0  # training sequences read by this process (the loader skip rate's base)
-        self.samples_per_sequence = 1.0  # training windows per sequence (data.windows; set by fit)
         if cfg.deepspeed.precision == "bf16":
             # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm running statistics,
             # pixel mean/std) in fp32, which mixed-dtype kernels refuse: cast the whole module first.
@@ -236,55 +217,25 @@ class Trainer:
         self.skipped = 0  # skipped steps in this process's life
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.state = ClientState(step=0, epoch=0, cursor=0, seed=cfg.run.seed)
-        self.monitor = monitor_metric(cfg)  # metric name watched on valid ("" = off)
+        self.best = BestWatch(cfg)
         self.saved_step = -1  # step of the checkpoint this process wrote last
-        self.valid_at: tuple[int, dict] | None = None  # (step, metrics) of the last valid evaluation
         self.after_step: list = []
         self.items_encoded = 0  # unique items through the encoders (throughput accounting)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, count) of unlogged steps
         self.window = {"seq": 0, "items": 0, "t": time.time()}  # throughput since the last log line
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
+        self.report = EvalReport(self.run_dir, self.tracker, rank=self.rank,
+                                 protocol={"exclude_history": cfg.eval.exclude_history})
 
     # -- bad input ------------------------------------------------------------------------
     def check_data(self) -> None:
         """The item cache's skipped items: one line on the console, ``data.json`` in the run folder,
         and a DataError (exit 2) above ``data.max_skip_rate``."""
-        valid = getattr(self.content, "valid", None)
-        self.item_skips = {k: int(v) for k, v in dict(getattr(self.content, "skipped", {}) or {}).items()}
-        self.items_invalid = 0 if valid is None else int((~np.asarray(valid, dtype=bool)).sum())
-        self.skip_base, self.sequences_read = dict(SKIPPED_INPUT.counts), 0
-        summary = self.data_report()
-        if self.items_invalid and self.rank == 0:
-            kinds = ", ".join(f"{k} {v['count']}" for k, v in summary["items"]["by_kind"].items())
-            say(f"data: {self.items_invalid} of {self.ds.n_items} items skipped as bad input "
-                f"({summary['items']['rate']:.1%}: {kinds})")
-        self.check_skip_rate(summary)
-
-    def data_report(self) -> dict:
-        """Skipped input so far (:func:`~transrec.shards.stats.skip_summary`), written to
-        ``data.json`` in the run folder on rank 0."""
-        loader = {k: v - self.skip_base.get(k, 0) for k, v in SKIPPED_INPUT.counts.items()
-                  if v != self.skip_base.get(k, 0)}
-        summary = skip_summary(n_items=self.ds.n_items, items_invalid=self.items_invalid,
-                               item_skips=self.item_skips, sequences_read=round(self.sequences_read),
-                               loader_skips=loader)
-        summary = {"dataset": str(self.ds.path), "max_skip_rate": self.cfg.data.max_skip_rate,
-                   **({"epoch": self.epoch_facts} if self.epoch_facts else {}), **summary}
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "data.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
-
-    def check_skip_rate(self, summary: dict, *, collective: bool = False) -> None:
-        """DataError above ``data.max_skip_rate``; ``collective``: every rank stops when one does."""
-        line = skip_violation(summary, self.cfg.data.max_skip_rate)
-        if collective and self.world > 1:
-            flag = torch.tensor([0.0 if line is None else 1.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and line is None:
-                line = "another rank's sequences were skipped above data.max_skip_rate (see its line)"
-        if line is not None:
-            raise DataError(f"{self.ds.path}: {line}")
+        self.skips.write()
+        line = self.skips.items_line()
+        if line and self.rank == 0:
+            say(line)
+        self.skips.check()
 
     # -- set-up ---------------------------------------------------------------------------
     def _warn_batch_size(self) -> None:
@@ -367,8 +318,9 @@ class Trainer:
         exhausted epoch rolls over to the next one (cursor 0) when the next batch is asked for."""
         cfg = self.cfg
         while True:
-            loader = make_loader(cfg, self.ds, self.content, "train", batch_size=self.micro, rank=self.rank,
-                                 world=self.world, start_cursor=self.state.cursor)
+            loader = self.skips.train.follow(make_loader(cfg, self.ds, self.content, "train",
+                                                         batch_size=self.micro, rank=self.rank,
+                                                         world=self.world, start_cursor=self.state.cursor))
             loader.set_epoch(self.state.epoch)
             if len(loader) == 0:
                 raise UserError(f"{cfg.data.path}: the training split gives no batch of {self.micro} "
@@ -376,9 +328,7 @@ class Trainer:
             for batch in loader:
                 self.state.cursor = int(batch.cursor)
                 rows = batch.row_valid
-                # the skip rate's base counts sequences: a row is 1 / samples_per_sequence of one
-                read = self.micro if rows is None else int(rows.sum())
-                self.sequences_read += read / self.samples_per_sequence
+                self.skips.train.rows(self.micro if rows is None else int(rows.sum()))
                 yield batch
             self.state.epoch += 1
             self.state.cursor = 0
@@ -503,16 +453,10 @@ class Trainer:
         total = steps or self.cfg.optim.steps
         self.resume()
         self._write_run_files()
-        self.epoch_facts = epoch_facts(make_loader(self.cfg, self.ds, self.content, "train",
-                                                   batch_size=self.micro, rank=self.rank, world=self.world))
-        n_train = sum(int(s.n_train) for s in self.ds.seq_shards)
-        self.samples_per_sequence = max(self.epoch_facts["samples"], 1) / max(n_train, 1)
-        if self.rank == 0:
-            say(epoch_line(self.epoch_facts))
-            self.data_report()
+        self.start_epochs()
         result = TrainResult(self.run_dir, self.state.step)
         start_time = time.time()
-        if self.state.step < total and not self.patience_spent():
+        if self.state.step < total and not self.best.spent(self.state):
             bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
             batches = self.micro_batches()
             self.window = {"seq": 0, "items": 0, "t": time.time()}
@@ -544,6 +488,18 @@ class Trainer:
         if final_eval:
             result.metrics = self.final_evaluation()
         return result
+
+    def start_epochs(self) -> None:
+        """What an epoch is (the start line and ``data.json``'s ``"epoch"``), and the training
+        samples a sequence gives (the skip rate counts sequences)."""
+        facts = epoch_facts(make_loader(self.cfg, self.ds, self.content, "train", batch_size=self.micro,
+                                        rank=self.rank, world=self.world))
+        n_train = sum(int(s.n_train) for s in self.ds.seq_shards)
+        self.skips.epoch = facts
+        self.skips.train.rows_per_sequence = max(facts["samples"], 1) / max(n_train, 1)
+        if self.rank == 0:
+            say(epoch_line(facts))
+            self.skips.write()
 
     def _write_run_files(self) -> None:
         if self.rank == 0:
@@ -585,48 +541,32 @@ class Trainer:
             seq_s = rec["seq_per_s"]
             eta = (total - step) * self.cfg.data.batch_size / seq_s if seq_s > 0 else math.inf
             say(step_line(step, total, loss=step_loss, lr=lr, seq_per_s=seq_s, eta_s=eta,
-                          skipped_rows=SKIPPED_INPUT.total - self.skipped_rows0, skipped_steps=self.skipped))
+                          skipped_rows=self.skips.train.total, skipped_steps=self.skipped))
         self.window = {"seq": 0, "items": 0, "t": time.time()}
-        self.check_skip_rate(self.data_report(), collective=True)
+        self.skips.write()
+        self.skips.check(world=self.world, device=self.device)
 
     def maybe_eval(self, total: int, last: bool = True) -> bool:
         """Validation every ``eval.every`` steps and, with a monitored metric and ``last``, at the
-        last step (the final evaluation reuses it); True when the run should stop early
-        (:meth:`update_best`)."""
+        last step (the final evaluation reuses it); an improvement saves the step's checkpoint as the
+        best; True when the run should stop early (:meth:`~transrec.engine.best.BestWatch.judge`)."""
         step, every = self.state.step, self.cfg.eval.every
         due = bool(every) and step % every == 0 and step < total
-        if not due and not (self.monitor and last and step >= total):
+        if not due and not (self.best.enabled and last and step >= total):
             return False
         metrics = self.evaluate("valid")
-        self.tracker.log("eval", step, split="valid", **metrics)
-        self.valid_at = (step, metrics)
-        return self.update_best(metrics)
-
-    def update_best(self, metrics: dict) -> bool:
-        """Compare the monitored metric with the best so far: an improvement saves the step's
-        checkpoint as the best; True once ``run.patience`` evaluations in a row brought none."""
-        if not self.monitor:
-            return False
-        s = self.state
-        value = float(metrics[self.monitor])
-        if math.isfinite(value) and (s.best_value is None or value > s.best_value):
-            s.best_step, s.best_value, s.bad_evals = s.step, value, 0
+        self.report.validation(step, metrics)
+        verdict = self.best.judge(self.state, metrics)
+        if verdict.improved:
             self.save(best=True)
-            return False
-        s.bad_evals += 1
-        return self.patience_spent()
-
-    def patience_spent(self) -> bool:
-        return bool(self.monitor) and 0 < self.cfg.run.patience <= self.state.bad_evals
+        return verdict.stop
 
     def say_early_stop(self) -> None:
         s = self.state
         self.tracker.log("early_stop", s.step, best_step=s.best_step, best_value=s.best_value,
                          bad_evals=s.bad_evals)
         if self.rank == 0:
-            best = f"{s.best_value:.4f} at step {s.best_step}" if s.best_value is not None else "none"
-            print(f"early stop at step {s.step}: {self.cfg.run.monitor} did not improve for {s.bad_evals} "
-                  f"evaluations (run.patience={self.cfg.run.patience}; best {best})", flush=True)
+            say(self.best.stop_line(s))
 
     def maybe_save(self, total: int) -> None:
         step, every = self.state.step, self.cfg.run.ckpt_every
@@ -635,66 +575,39 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, split: str = "valid", item_emb=None) -> dict:
-        """Full-ranking metrics of ``split``; rank 0 writes one line of them on stderr."""
+        """Full-ranking metrics of ``split`` with the weights the engine holds (the split's loader
+        counts its skips apart from training's; the lines and records are the report's)."""
         cfg = self.cfg
-        loader = make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size,
-                             rank=self.rank, world=self.world, seed=0)
+        loader = self.skips.loader(split).follow(
+            make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size, rank=self.rank,
+                        world=self.world, seed=0))
         loader.set_epoch(0)
-        metrics = evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
+        return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
                         show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history)
-        if self.rank == 0:
-            say(eval_line(split, self.state.step, metrics))
-        return metrics
 
-    def _evaluate_splits(self, step: int, kind: str = "eval") -> dict:
-        """valid and test metrics of the weights the engine holds (the catalogue encoded once); a
-        valid evaluation already done at ``step`` is reused."""
+    def encode_items(self):
+        """Every item's embedding under the weights the engine holds (eval mode, sharded over ranks)."""
         net = self.engine.module
         was = net.training
         net.eval()
         try:
-            emb = encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
-                                   device=self.device, show=self.show)
+            return encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
+                                    device=self.device, show=self.show)
         finally:
             net.train(was)
-        out = {}
-        for split in ("valid", "test"):
-            if split == "valid" and kind == "eval" and self.valid_at and self.valid_at[0] == step:
-                out[split] = self.valid_at[1]
-                continue
-            m = self.evaluate(split, item_emb=emb)
-            self.tracker.log(kind, step, split=split, **m)
-            out[split] = m
-        return out
 
     def final_evaluation(self) -> dict:
-        """valid and test at the last step and, with ``run.monitor``, at the best one (``"best"``:
-        step, metric, valid, test). When the best is an earlier step its checkpoint is loaded into
-        the engine for that (the engine then holds the best weights)."""
-        step = self.state.step
-        out = self._evaluate_splits(step)
-        if self.monitor:
-            s = self.state
-            if s.best_value is None:  # no monitored evaluation yet: the last step is the best
-                s.best_step, s.best_value = step, float(out["valid"][self.monitor])
-                if self.rank == 0 and self.ckpt.latest() == tag_for(step):
-                    self.ckpt.mark_best(tag_for(step))
-            best = {"step": s.best_step, "metric": self.cfg.run.monitor, "value": s.best_value}
-            if s.best_step == step:
-                best.update(valid=out["valid"], test=out["test"])
-            elif self.ckpt.best() == tag_for(s.best_step):
-                self.ckpt.load(self.engine, tag_for(s.best_step), world_size=self.world,
-                               zero_stage=self.zero_stage, run_dir=self.run_dir)
-                best.update(self._evaluate_splits(s.best_step, kind="eval_best"))
-            else:
-                best["missing"] = f"no checkpoint of step {s.best_step} in {self.ckpt.dir}"
-            out["best"] = best
-        if self.rank == 0:
-            protocol = {"exclude_history": self.cfg.eval.exclude_history}
-            (self.run_dir / "eval.json").write_text(json.dumps({"step": step, "protocol": protocol,
-                                                                **out, "data": self.data_report()}, indent=1))
-        return out
+        """valid and test at the last step and, with ``run.monitor``, at the best one, in
+        ``eval.json`` (:meth:`~transrec.engine.report.EvalReport.final`). When the best is an earlier
+        step its checkpoint is loaded into the engine for that (the engine then holds the best
+        weights)."""
+        def load(tag: str) -> None:
+            self.ckpt.load(self.engine, tag, world_size=self.world, zero_stage=self.zero_stage,
+                           run_dir=self.run_dir)
+
+        return self.report.final(self.state, self.best, self.ckpt, encode=self.encode_items,
+                                 evaluate=self.evaluate, load=load, data=self.skips.write)
 
     def close(self) -> None:
         try:

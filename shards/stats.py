@@ -6,7 +6,9 @@ skip increments a named counter and emits a warning through the ``transrec.shard
 one per ``interval`` seconds per reason (with the number suppressed since the last one).
 
 Each loader and cache build owns a :class:`SkipStats`; ``GLOBAL`` adds up everything in this
-process, so an engine can read ``transrec.shards.stats.GLOBAL.counts`` at any time.
+process (every split's loaders, every cache build). A run's skip rate is counted per loader, from each
+loader's own ``stats`` (:mod:`transrec.engine.skips`): evaluation re-reads the sequences a training
+run reads, so the process total says nothing about one split.
 """
 
 from __future__ import annotations
@@ -74,26 +76,36 @@ def _by_kind(counts: dict[str, int], denom: int) -> dict[str, dict]:
     return {k: {"count": int(v), "rate": int(v) / max(1, denom)} for k, v in sorted(counts.items()) if v}
 
 
+def item_summary(*, n_items: int, items_invalid: int, item_skips: dict[str, int]) -> dict:
+    """Item content dropped while building the item cache, with rates over the dataset's items."""
+    return {"total": int(n_items), "skipped": int(items_invalid),
+            "rate": int(items_invalid) / max(1, n_items), "by_kind": _by_kind(item_skips, n_items)}
+
+
+def sequence_summary(*, sequences_read: int, loader_skips: dict[str, int]) -> dict:
+    """Rows a split's loaders dropped: whole sequences (:data:`SEQUENCE_KINDS`) with their rate over
+    the sequences seen (read plus dropped), and every kind's count and rate."""
+    seq_dropped = sum(int(v) for k, v in loader_skips.items() if k in SEQUENCE_KINDS)
+    seen = int(sequences_read) + seq_dropped
+    return {"read": int(sequences_read), "skipped": seq_dropped, "rate": seq_dropped / max(1, seen),
+            "by_kind": _by_kind(loader_skips, seen)}
+
+
 def skip_summary(*, n_items: int, items_invalid: int, item_skips: dict[str, int], sequences_read: int,
                  loader_skips: dict[str, int]) -> dict:
     """Skipped input of a run: item content dropped while building the item cache (rates over the
     dataset's items) and rows dropped by the sequence loaders (rates over the sequences read)."""
-    seq_dropped = sum(int(v) for k, v in loader_skips.items() if k in SEQUENCE_KINDS)
-    seen = int(sequences_read) + seq_dropped
-    return {
-        "items": {"total": int(n_items), "skipped": int(items_invalid),
-                  "rate": int(items_invalid) / max(1, n_items), "by_kind": _by_kind(item_skips, n_items)},
-        "sequences": {"read": int(sequences_read), "skipped": seq_dropped,
-                      "rate": seq_dropped / max(1, seen), "by_kind": _by_kind(loader_skips, seen)},
-    }
+    return {"items": item_summary(n_items=n_items, items_invalid=items_invalid, item_skips=item_skips),
+            "sequences": sequence_summary(sequences_read=sequences_read, loader_skips=loader_skips)}
 
 
 def skip_violation(summary: dict, max_rate: float) -> str | None:
     """One line when the share of skipped items or of skipped sequences is above ``max_rate``
-    (naming the rate, the main kind and the setting that raises the threshold); else None."""
+    (naming the rate, the main kind and the setting that raises the threshold); else None. Either
+    part may be left out of ``summary``."""
     for what, kinds in (("items", None), ("sequences", SEQUENCE_KINDS)):
-        s = summary[what]
-        if s["rate"] <= max_rate or not s["skipped"]:
+        s = summary.get(what)
+        if s is None or s["rate"] <= max_rate or not s["skipped"]:
             continue
         by_kind = {k: v for k, v in s["by_kind"].items() if kinds is None or k in kinds}
         kind = max(by_kind, key=lambda k: by_kind[k]["count"]) if by_kind else "unknown"

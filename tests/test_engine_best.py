@@ -15,6 +15,7 @@ from transrec.cli import main as cli_main
 from transrec.config import build_config
 from transrec.engine.checkpoint import CheckpointManager, tag_for
 from transrec.engine.export import consolidated_state_dict, export_run
+from transrec.engine.tracking import read_metrics
 from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError
 
@@ -67,15 +68,26 @@ def test_early_stop_keeps_the_best_through_pruning_and_reports_it(data, tmp_path
         res = tr.fit()
     finally:
         tr.close()
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert res.step == 20  # 10 best, 15 and 20 without improvement, patience 2
     # valid at 5..20 in the loop (20 reused by the final evaluation), then test at the last step,
     # then valid and test with the best step's weights loaded
     assert scripted == [("valid", 5), ("valid", 10), ("valid", 15), ("valid", 20), ("test", 20),
                         ("valid", 20), ("test", 20)]
-    assert [ln for ln in out.splitlines() if ln.startswith("early stop")] == [
+    assert out == ""  # progress lines go to stderr
+    assert [ln for ln in err.splitlines() if ln.startswith("early stop")] == [
         "early stop at step 20: valid/ndcg@10 did not improve for 2 evaluations (run.patience=2; "
         "best 0.2000 at step 10)"]
+    # each evaluation line names the step whose weights it reports: the best step's weights,
+    # evaluated again after training, as "best step 10"
+    evals = [ln for ln in err.splitlines() if ln.startswith("eval ")]
+    assert [ln.split("  ")[0] for ln in evals] == [
+        "eval valid step 5", "eval valid step 10", "eval valid step 15", "eval valid step 20",
+        "eval test step 20", "eval valid best step 10", "eval test best step 10"]
+    records = [(r["kind"], r["step"], r["split"]) for r in read_metrics(run) if r["kind"].startswith("eval")]
+    assert records == [
+        ("eval", 5, "valid"), ("eval", 10, "valid"), ("eval", 15, "valid"), ("eval", 20, "valid"),
+        ("eval", 20, "test"), ("eval_best", 10, "valid"), ("eval_best", 10, "test")]
     ck = CheckpointManager(run)
     assert ck.complete() == [tag_for(10), tag_for(20)]  # keep_last=1 plus the best
     assert ck.best() == tag_for(10) and ck.latest() == tag_for(20)
@@ -86,6 +98,10 @@ def test_early_stop_keeps_the_best_through_pruning_and_reports_it(data, tmp_path
     assert ev["best"]["test"]["ndcg@10"] == pytest.approx(float(sum(v.double().sum() for v in best_sd.values()
                                                                    if v.is_floating_point())), rel=1e-6)
     assert ev["best"]["test"]["ndcg@10"] != pytest.approx(ev["test"]["ndcg@10"], rel=1e-6)
+    assert evals[4].endswith(f"ndcg@10 {ev['test']['ndcg@10']:.4f}  hr@10 {ev['test']['hr@10']:.4f}")
+    assert evals[6].endswith(f"ndcg@10 {ev['best']['test']['ndcg@10']:.4f}  "
+                             f"hr@10 {ev['best']['test']['hr@10']:.4f}")
+    assert evals[4].split("  ")[1] != evals[6].split("  ")[1]  # the two weights' figures differ
 
     # export: best by default and with --step best, the last with --step last, a step by number
     exp = export_run(run, tmp_path / "e-default")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from transrec.engine.tracking import bars_enabled, eval_line, step_line
+from transrec.engine.tracking import bars_enabled, eval_line, read_metrics, step_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -38,6 +38,8 @@ def test_lines_name_skipped_rows_and_steps_only_when_there_are_some():
     assert line.endswith("eta ?  skipped rows 7  skipped steps 2")
     assert eval_line("valid", 50, {"ndcg@10": 0.07123, "hr@10": 0.14, "mrr": 0.05, "users": 9}) == \
         "eval valid step 50  ndcg@10 0.0712  hr@10 0.1400  mrr 0.0500"
+    assert eval_line("test", 40, {"ndcg@10": 0.08, "hr@10": 0.15}, best=True) == \
+        "eval test best step 40  ndcg@10 0.0800  hr@10 0.1500"
 
 
 def _run(argv, tmp_path, name):
@@ -76,6 +78,33 @@ def test_redirected_train_gives_the_result_on_stdout_and_plain_lines_on_stderr(d
     assert evals == [("valid", 4), ("valid", 6), ("test", 6)], err
     final_test = next(ln for ln in lines if ln.startswith("eval test step 6"))
     assert f"ndcg@10 {result['test_ndcg@10']:.4f}" in final_test
+
+
+def test_an_early_stop_and_the_best_steps_evaluations_are_lines_on_stderr_naming_that_step(data, tmp_path):
+    # weights that do not move (a learning rate of 1e-30; the ID model has no BatchNorm statistics
+    # either): no validation improves on the first, so step 2 is the best and patience 1 stops at 4
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(run), *TRAIN, "model.kind=id", "optim.lr=1e-30",
+            "eval.every=2", "run.patience=1"]
+    out, err = _run(argv, tmp_path, "best")
+    assert json.loads(out)["step"] == 4 and "early stop" not in out
+    lines = err.splitlines()
+    evals = [ln for ln in lines if ln.startswith("eval ")]
+    assert [ln.split("  ")[0] for ln in evals] == [
+        "eval valid step 2", "eval valid step 4", "eval test step 4", "eval valid best step 2",
+        "eval test best step 2"], err
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["step"] == 4 and ev["best"]["step"] == 2
+    assert [ln for ln in lines if ln.startswith("early stop")] == [
+        f"early stop at step 4: valid/ndcg@10 did not improve for 1 evaluations (run.patience=1; "
+        f"best {ev['best']['value']:.4f} at step 2)"]
+    # each line carries the figures recorded for its step (metrics.jsonl, eval.json)
+    records = [r for r in read_metrics(run) if r["kind"] in ("eval", "eval_best")]
+    assert [(r["kind"], r["step"], r["split"]) for r in records] == [
+        ("eval", 2, "valid"), ("eval", 4, "valid"), ("eval", 4, "test"), ("eval_best", 2, "valid"),
+        ("eval_best", 2, "test")]
+    assert evals == [eval_line(r["split"], r["step"], r, best=r["kind"] == "eval_best") for r in records]
+    assert evals[-1] == eval_line("test", 2, ev["best"]["test"], best=True)
 
 
 def test_progress_on_draws_bars_even_into_a_file_and_off_is_honoured_by_transfer(data, tmp_path):
