@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transrec  # noqa: E402
-from transrec.engine.recommend import dataset_sequences  # noqa: E402
+from transrec.inference.histories import dataset_sequences  # noqa: E402
 from transrec.shards.dataset import Dataset  # noqa: E402
 from transrec.shards.format import unsanitize_key  # noqa: E402
 from transrec.shards.synth import synthesize  # noqa: E402

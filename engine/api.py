@@ -9,10 +9,10 @@ from pathlib import Path
 
 from transrec.config import Config, build_config, parse_override, set_key
 from transrec.engine.export import export_run
-from transrec.engine.recommend import Recommendations, Recommender
 from transrec.engine.standalone import evaluate_run
 from transrec.engine.trainer import TrainResult
 from transrec.engine.trainer import train as _train
+from transrec.inference.recommender import Recommendations, Recommender
 from transrec.models.export import read_export
 
 __all__ = ["train", "evaluate", "export", "build_config", "Recommender", "Recommendations",

@@ -1,44 +1,17 @@
 """What the engine reads: a dataset folder, the item content its model needs, and loaders over it.
 
 Training, evaluation, the standalone evaluator and the benchmarks all open data here, so none of
-them imports the trainer.
+them imports the trainer. Opening a dataset's content (:func:`open_data`, :class:`NoContent`) belongs
+to :mod:`transrec.inference.content`, which serving shares without the training stack.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from transrec.config import Config
-from transrec.errors import ConfigError
-from transrec.models.recommender import content_spec
-from transrec.shards.cache import build_or_load_item_cache
-from transrec.shards.dataset import Dataset
+from transrec.inference.content import NoContent, open_data
 from transrec.shards.loader import SequenceLoader
 
-
-class NoContent:
-    """The content source of the ID baseline: item indices only, no titles or pictures."""
-
-    def __init__(self, ds: Dataset):
-        self.n_items = int(ds.n_items)
-        self.modality = np.asarray(ds.modality, dtype=np.int8)
-
-    def gather(self, items):
-        return None, None
-
-
-def open_data(cfg: Config, path: str | None = None, *, show: bool = False):
-    """(Dataset, its item content as the model config needs it) for ``path`` (default ``data.path``):
-    the item cache for TransRec, :class:`NoContent` for the ID baseline."""
-    path = path or cfg.data.path
-    if not path:
-        raise ConfigError("no dataset: pass --data DIR (or data.path=DIR)")
-    ds = Dataset.open(path)
-    if cfg.model.kind == "id":
-        return ds, NoContent(ds)
-    content = build_or_load_item_cache(ds, cache_dir=cfg.data.cache_dir or None, **content_spec(cfg.model),
-                                       progress=show)
-    return ds, content
+__all__ = ["NoContent", "open_data", "make_loader", "epoch_facts", "epoch_line"]
 
 
 def make_loader(cfg: Config, ds, content, split: str, *, batch_size: int, rank: int, world: int,

@@ -1,15 +1,17 @@
 """Full-ranking evaluation: every item encoded once, every user scored against the whole catalogue.
 
 1. The catalogue is encoded once per evaluation, in eval mode, in chunks of ``eval.item_chunk``
-   items (one encoder pass per modality per chunk). With several ranks the chunks are dealt out
-   round-robin, padded so that every rank runs the same number of passes (ZeRO-3 gathers
-   parameters collectively), and the embeddings are all-gathered: ``[n_items, d]`` on every rank.
+   items (one encoder pass per modality per chunk; :func:`transrec.inference.scoring.encode_chunks`).
+   With several ranks the chunks are dealt out round-robin, padded so that every rank runs the same
+   number of passes (ZeRO-3 gathers parameters collectively), and the embeddings are all-gathered:
+   ``[n_items, d]`` on every rank.
 2. Each evaluation batch holds a user's history and the held-out target in the last column; the
-   user encoder reads the history, scores ``[B, n_items]`` stay on the device, the history is masked
-   and the target's rank interval ``[1 + #strictly higher, that + #tied]`` is counted; the metrics
-   are their exact expectations under a uniformly random order of tied items
-   (:mod:`transrec.engine.metrics`), so ties never favour the target. A non-finite score (NaN
-   compares false, so it would rank first) stops the evaluation with one line on every rank.
+   user encoder reads the history and :func:`transrec.inference.scoring.score_catalogue` (the pass
+   the Recommender scores with) scores the catalogue ``score_chunk`` items at a time on the device,
+   masks the history and counts the target's rank interval ``[1 + #strictly higher, that + #tied]``
+   chunk by chunk; the metrics are their exact expectations under a uniformly random order of tied
+   items (:mod:`transrec.inference.metrics`), so ties never favour the target. A non-finite score
+   (NaN compares false, so it would rank first) stops the evaluation with one line on every rank.
 3. Ranks are gathered with their user ids and each user is counted once (a loader that repeats
    samples to give every rank the same number of batches would otherwise count some twice).
 4. ``distinct_scores``: the median, over the first ``DISTINCT_SAMPLE`` users, of the fraction of
@@ -22,14 +24,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from transrec.engine import distributed as D
-from transrec.engine.metrics import DEFAULT_KS, distinct_fraction, finalize, metric_sums, target_ranks
 from transrec.engine.tracking import progress, say
 from transrec.errors import UserError
+from transrec.inference import scoring
+from transrec.inference.metrics import DEFAULT_KS, distinct_fraction, finalize, metric_sums
+from transrec.inference.scoring import (
+    SCORE_CHUNK,
+    cosine_scores,
+    encode_chunks,
+    item_keys,
+    score_catalogue,
+    user_states,
+)
 from transrec.models.global_negatives import gather_ragged
 
 DISTINCT_SAMPLE = 256  # users whose score rows are checked for ties (sorting every row costs more)
@@ -45,29 +55,18 @@ def collapse_warning(distinct: float, n_items: int) -> str | None:
             f"and the metrics are those of chance")
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 @torch.no_grad()
 def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -> torch.Tensor:
-    """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks)."""
-    net = _unwrap(model)
+    """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks):
+    :func:`transrec.inference.scoring.encode_catalogue` in one process."""
     rank, world = D.rank(), D.world_size()
+    if world == 1:
+        return scoring.encode_catalogue(model, content, chunk=chunk, device=device, show=show)
     n = int(content.n_items)
     starts = list(range(0, n, chunk))
     per_rank = -(-len(starts) // world)
     mine = [starts[i] if i < len(starts) else starts[-1] for i in range(rank, per_rank * world, world)]
-    outs = []
-    for s in progress(mine, enabled=show and rank == 0, desc="encode items", unit="chunk"):
-        items = np.arange(s, min(s + chunk, n), dtype=np.int64)
-        text, image = content.gather(items)
-        emb = net.encode_items(torch.from_numpy(items).to(device),
-                               text.to(device) if text is not None else None,
-                               image.to(device) if image is not None else None)
-        outs.append(emb.float())
-    if world == 1:
-        return torch.cat(outs)[:n]
+    outs = encode_chunks(model, content, mine, chunk=chunk, device=device, show=show and rank == 0)
     # Gather every rank's chunks, then put them back in catalogue order.
     d = outs[0].shape[1]
     local = torch.zeros(per_rank, chunk, d, device=device)
@@ -93,54 +92,56 @@ def protocol_prefix(exclude_history: bool) -> str:
 
 @torch.no_grad()
 def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
-    """``[B, n_items]`` scores from the history columns ``seq[:, :-1]`` of an evaluation batch."""
-    net = _unwrap(model)
-    hist = batch.seq[:, :-1]
-    mask = batch.mask[:, :-1]
-    emb = item_emb[hist.clamp(min=0)]
-    param = next(net.parameters())
-    user = net.encode_users(emb.to(param.dtype), mask).float()
-    loss_cfg = getattr(getattr(net, "cfg", None), "loss", None)
-    if loss_cfg is not None and loss_cfg.l2_normalize:  # score as the loss does (cosine)
-        user = torch.nn.functional.normalize(user, dim=-1)
-        item_emb = torch.nn.functional.normalize(item_emb, dim=-1)
-    return user @ item_emb.T
+    """``[B, n_items]`` scores from the history columns ``seq[:, :-1]`` of an evaluation batch, in
+    one product (cosine when the loss normalises; :func:`evaluate` scores in chunks instead)."""
+    user = user_states(model, item_emb, batch.seq[:, :-1], batch.mask[:, :-1])
+    return scoring.score_matrix(user, item_emb, l2=cosine_scores(model))
 
 
 @torch.no_grad()
 def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
              max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
-             exclude_history: bool = True) -> dict:
+             exclude_history: bool = True, score_chunk: int = SCORE_CHUNK) -> dict:
     """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).
 
     ``exclude_history``: items the user already interacted with are removed from the ranking (this
     project's default), or ranked like any other item (the protocol RecBole uses for sequential
     models); the two give different numbers, so every result records which. The plain keys are
     the chosen protocol's; the same metrics under the other protocol come along with the prefix
-    :func:`protocol_prefix` (``"unmasked_"`` or ``"masked_"``), from the same scores."""
-    net = _unwrap(model)
+    :func:`protocol_prefix` (``"unmasked_"`` or ``"masked_"``), from the same scores.
+    ``score_chunk``: catalogue items scored per product (``[B, score_chunk]`` scores at a time)."""
+    net = scoring.unwrap(model)
     was_training = net.training
     net.eval()
     try:
         if item_emb is None:
             item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show)
         rank, world = D.rank(), D.world_size()
+        l2 = cosine_scores(model)
+        keys = item_keys(item_emb, l2)  # what users are scored against, prepared once
         users, ranks, distinct = [], [], []
         seen = sampled = 0
         nonfinite = torch.zeros((), device=device)  # scores that are NaN/inf, checked once at the end
         for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
             valid = getattr(batch, "row_valid", None)  # filler rows that pad the last batches
             batch = batch.to(device)
-            scores = score_users(model, batch, item_emb)
-            nonfinite += (~torch.isfinite(scores)).sum()
-            if sampled < DISTINCT_SAMPLE:
-                rows = scores if valid is None else scores[valid.to(device)]
-                rows = rows[: DISTINCT_SAMPLE - sampled]
-                distinct.append(distinct_fraction(rows))
-                sampled += rows.shape[0]
-            masked = target_ranks(scores, batch.seq[:, -1], batch.hist_rows, batch.hist_items)
-            unmasked = target_ranks(scores, batch.seq[:, -1], None, None)
-            r = torch.stack([masked, unmasked] if exclude_history else [unmasked, masked], dim=1)
+            sample = None
+            if sampled < DISTINCT_SAMPLE:  # full score rows of the first users, for distinct_scores
+                sample = torch.arange(batch.seq.shape[0], device=device)
+                if valid is not None:
+                    sample = sample[valid.to(device)]
+                sample = sample[: DISTINCT_SAMPLE - sampled]
+            user = user_states(model, item_emb, batch.seq[:, :-1], batch.mask[:, :-1])
+            history = (batch.hist_rows, batch.hist_items) if batch.hist_rows is not None else None
+            res = score_catalogue(user, keys, l2=l2, normalized=True, chunk=score_chunk,
+                                  targets=batch.seq[:, -1], masked=history, unmasked_ranks=True,
+                                  keep_rows=sample)
+            nonfinite += res.nonfinite
+            if sample is not None:
+                distinct.append(distinct_fraction(res.rows))
+                sampled += res.rows.shape[0]
+            pair = [res.ranks, res.unmasked_ranks]
+            r = torch.stack(pair if exclude_history else pair[::-1], dim=1)
             if valid is not None:
                 valid = valid.to(device)
                 r, u = r[valid], batch.users[valid]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.engine.metrics import distinct_fraction, ranking_metrics, target_ranks
+from transrec.inference.metrics import distinct_fraction, ranking_metrics, target_ranks
 
 
 def rank_metrics(r, ks):

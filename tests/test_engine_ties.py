@@ -13,9 +13,9 @@ import webdataset as wds
 from transrec.config import build_config
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import COLLAPSE_BELOW, encode_catalogue, evaluate, score_users
-from transrec.engine.metrics import ranking_metrics, target_ranks
-from transrec.engine.recommend import dataset_sequences
 from transrec.engine.trainer import Trainer
+from transrec.inference.histories import dataset_sequences
+from transrec.inference.metrics import ranking_metrics, target_ranks
 from transrec.models import build_model
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import DatasetWriter, unsanitize_key

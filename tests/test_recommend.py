@@ -16,9 +16,10 @@ from transrec.config import build_config
 from transrec.config.model import LoRAConfig
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate, score_users
-from transrec.engine.metrics import ranking_metrics
-from transrec.engine.recommend import Recommender, dataset_sequences, read_histories
 from transrec.errors import UserError
+from transrec.inference.histories import dataset_sequences, read_histories
+from transrec.inference.metrics import ranking_metrics
+from transrec.inference.recommender import Recommender
 from transrec.models import SequentialRecommender, build_model
 from transrec.models.export import load_export_into
 from transrec.models.lora import is_lora_param

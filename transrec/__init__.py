@@ -1,7 +1,8 @@
 """transrec: a training engine for transferable recommendation from mixture-of-modality feedback.
 
 The subpackages live in the repo's top-level folders and are installed as
-``transrec.shards``, ``transrec.models``, ``transrec.kernels`` and ``transrec.engine``.
+``transrec.shards``, ``transrec.models``, ``transrec.kernels``, ``transrec.engine`` and
+``transrec.inference``.
 
 The Python API (README, "Python API")::
 
@@ -25,7 +26,7 @@ _LAZY = {
     "train": "transrec.engine.api",
     "evaluate": "transrec.engine.api",
     "export": "transrec.engine.api",
-    "Recommender": "transrec.engine.api",
+    "Recommender": "transrec.inference.recommender",
     "build_config": "transrec.config",
 }
 

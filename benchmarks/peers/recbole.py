@@ -113,7 +113,7 @@ def ensure_recbole_venv(venv: Path) -> Path:
 # ----------------------------------------------------------------------------- data
 
 def project_sequences(data: Path) -> dict[str, list[str]]:
-    from transrec.engine.recommend import dataset_sequences  # noqa: PLC0415  (lazy: loads torch)
+    from transrec.inference.histories import dataset_sequences  # noqa: PLC0415  (lazy: loads torch)
 
     return dict(dataset_sequences(data))
 
@@ -285,7 +285,7 @@ def recbole_under_project_rule(rb: dict) -> dict:
                          "run without --reuse-recbole")
     import torch  # noqa: PLC0415  (lazy: this file loads no torch at module level)
 
-    from transrec.engine.metrics import ranking_metrics  # noqa: PLC0415
+    from transrec.inference.metrics import ranking_metrics  # noqa: PLC0415
 
     iv = torch.tensor(rb["test_intervals"], dtype=torch.long)
     out = ranking_metrics(iv, ks=(10,))

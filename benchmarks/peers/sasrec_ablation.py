@@ -43,8 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
 
 from transrec.config.model import UserEncoderConfig  # noqa: E402
-from transrec.engine.metrics import ranking_metrics, target_ranks  # noqa: E402
-from transrec.engine.recommend import dataset_sequences  # noqa: E402
+from transrec.inference.histories import dataset_sequences  # noqa: E402
+from transrec.inference.metrics import ranking_metrics, target_ranks  # noqa: E402
 from transrec.models.user import UserEncoder  # noqa: E402
 
 ROOT = HERE.parents[1]

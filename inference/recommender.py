@@ -4,7 +4,7 @@
 that) and keeps a *pool* of candidate items, each an id with its embedding. Items join the pool from
 
 - a shards dataset (``encode_items(data=DIR)``): its item cache, encoded by
-  :func:`~transrec.engine.evaluate.encode_catalogue` in ``eval.item_chunk`` chunks, so the
+  :func:`~transrec.inference.scoring.encode_catalogue` in ``eval.item_chunk`` chunks, so the
   embeddings are those ``transrec eval`` ranks against;
 - a catalogue folder (``encode_items(catalogue=DIR)``): ``items.csv`` (or ``.tsv`` / ``.jsonl``) with
   an item column and a title and/or image column, plus an optional ``images/`` folder, read by the
@@ -21,35 +21,45 @@ or named in a history.
 
 A user is the last ``data.max_len`` items of their history (the evaluation window), right-aligned as
 the evaluation batches are; scores are ``user · item`` after L2 normalisation when
-``model.loss.l2_normalize`` is set, exactly as :func:`~transrec.engine.evaluate.score_users` computes
-them. Histories may mix pool ids and raw content (``{"title": ...}`` / ``{"image": path | PIL image |
+``model.loss.l2_normalize`` is set. :meth:`Recommender.recommend_many` and :meth:`Recommender.evaluate`
+score ``eval.batch_size`` users at a time through :func:`~transrec.inference.scoring.score_catalogue`,
+the pass ``transrec eval`` ranks with: ``score_chunk`` candidates per product, so memory stays bounded
+however large the pool, and the same masking and tie rule (:mod:`transrec.inference.metrics`).
+Histories may mix pool ids and raw content (``{"title": ...}`` / ``{"image": path | PIL image |
 uint8 array}``).
+
+Reading histories and writing recommendations to files: :mod:`transrec.inference.histories`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
-from transrec.engine.data import open_data
-from transrec.engine.evaluate import encode_catalogue
-from transrec.engine.metrics import DEFAULT_KS, ranking_metrics, target_ranks
 from transrec.errors import UserError
+from transrec.inference.content import open_data
+from transrec.inference.metrics import DEFAULT_KS, ranking_metrics
+from transrec.inference.scoring import (
+    SCORE_CHUNK,
+    Ranking,
+    cosine_scores,
+    encode_catalogue,
+    item_keys,
+    score_catalogue,
+    score_matrix,
+    user_states,
+)
 from transrec.models.export import export_config, read_export
 from transrec.models.recommender import SequentialRecommender, content_spec
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent
-from transrec.shards.build import read_interactions, read_items, read_table
+from transrec.shards.build import read_items
 from transrec.shards.cache import load_tokenizer, prepare_image, tokenize_titles
-from transrec.shards.dataset import Dataset
 from transrec.shards.format import unsanitize_key
 from transrec.shards.stats import SkipStats
 
@@ -96,7 +106,10 @@ class Recommender:
     >>> rec.recommend(["s-i000001", {"title": "red striped bold"}], k=5)  # doctest: +SKIP
     """
 
-    def __init__(self, model: SequentialRecommender, cfg, *, device="cpu", source: str = ""):
+    def __init__(self, model: SequentialRecommender, cfg, *, device="cpu", source: str = "",
+                 score_chunk: int = SCORE_CHUNK):
+        if int(score_chunk) < 1:
+            raise UserError(f"score_chunk must be at least 1, got {score_chunk}")
         self.device = _device(device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -105,23 +118,27 @@ class Recommender:
         self.history_len = int(cfg.data.max_len)
         self.chunk = int(cfg.eval.item_chunk)
         self.batch_size = int(cfg.eval.batch_size)
-        self.l2 = bool(cfg.model.loss.l2_normalize)
+        self.score_chunk = int(score_chunk)  # candidates per scoring product
+        self.l2 = cosine_scores(self.model)
         self._spec = content_spec(cfg.model) if self.kind != "id" else None
         self._tok = None
         self._rows: list[torch.Tensor] = []  # embedding blocks, [n_i, d] float32 on the device
         self._n = 0
         self._table: torch.Tensor | None = None  # cat of _rows, rebuilt when rows are added
+        self._keys: torch.Tensor | None = None  # item_keys of the table (normalised once for cosine)
         self._by_key: dict[str, int] = {}  # content key -> row
         self._pool: dict[str, int] = {}  # item id -> row (insertion order = pool order)
         self._pool_cache: tuple[list[str], torch.Tensor] | None = None
 
     @classmethod
-    def from_export(cls, path: str | Path, device=None) -> Recommender:
-        """The export's model (full or adapter export) on ``device`` (default: CUDA when present)."""
+    def from_export(cls, path: str | Path, device=None, *, score_chunk: int = SCORE_CHUNK) -> Recommender:
+        """The export's model (full or adapter export) on ``device`` (default: CUDA when present);
+        ``score_chunk``: candidates scored per product (memory: ``eval.batch_size × score_chunk``
+        float32 scores at a time)."""
         read_export(path)
         cfg = export_config(path)
         model = SequentialRecommender.from_export(path)
-        return cls(model, cfg, device=device, source=str(path))
+        return cls(model, cfg, device=device, source=str(path), score_chunk=score_chunk)
 
     def __repr__(self) -> str:
         return (f"Recommender({self.source!r}, kind={self.kind}, items={len(self._pool)}, "
@@ -143,7 +160,7 @@ class Recommender:
         rows = np.arange(self._n, self._n + emb.shape[0])
         self._rows.append(emb.float().to(self.device))
         self._n += int(emb.shape[0])
-        self._table = None
+        self._table = self._keys = None
         return rows
 
     def _all(self) -> torch.Tensor:
@@ -358,29 +375,36 @@ class Recommender:
                 out[u][j] = r
         return out
 
-    @torch.no_grad()
     def _users(self, rows: list[list[int]], table: torch.Tensor) -> torch.Tensor:
         """User states ``[B, d]`` (float32): the last ``data.max_len`` items, right-aligned."""
         length = self.history_len
-        b = len(rows)
-        idx = torch.full((b, length), -1, dtype=torch.long)
+        idx = torch.full((len(rows), length), -1, dtype=torch.long)
         for i, r in enumerate(rows):
             r = r[-length:]
             idx[i, length - len(r):] = torch.as_tensor(r, dtype=torch.long)
         idx = idx.to(self.device)
-        mask = idx >= 0
-        emb = table[idx.clamp(min=0)]
-        param = next(self.model.parameters())
-        return self.model.encode_users(emb.to(param.dtype), mask).float()
+        return user_states(self.model, table, idx, idx >= 0)
 
-    def _scores(self, rows: list[list[int]], cand: torch.Tensor) -> torch.Tensor:
+    def _history_pairs(self, rows: list[list[int]], cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user row, candidate column) of every history item that is a candidate, on the device."""
+        col_of = torch.full((self._n,), -1, dtype=torch.long)  # table row -> candidate column
+        col_of[cand.cpu()] = torch.arange(cand.shape[0])
+        users = torch.tensor([u for u, r in enumerate(rows) for _ in r], dtype=torch.long)
+        cols = col_of[torch.tensor([x for r in rows for x in r], dtype=torch.long)]
+        keep = cols >= 0
+        return users[keep].to(self.device), cols[keep].to(self.device)
+
+    def _score_batch(self, rows: list[list[int]], cand: torch.Tensor, *, exclude_history: bool,
+                     **kw) -> Ranking:
+        """:func:`~transrec.inference.scoring.score_catalogue` of the users ``rows`` against ``cand``."""
         table = self._all()
-        user = self._users(rows, table)
-        items = table[cand]
-        if self.l2:  # score as the loss does (cosine)
-            user = torch.nn.functional.normalize(user, dim=-1)
-            items = torch.nn.functional.normalize(items, dim=-1)
-        return user @ items.T
+        if self._keys is None:
+            self._keys = item_keys(table, self.l2)
+        whole = cand.shape[0] == table.shape[0] and bool(
+            torch.equal(cand, torch.arange(cand.shape[0], device=cand.device)))
+        return score_catalogue(self._users(rows, table), self._keys, l2=self.l2, normalized=True,
+                               chunk=self.score_chunk, columns=None if whole else cand,
+                               masked=self._history_pairs(rows, cand) if exclude_history else None, **kw)
 
     def recommend(self, history: Sequence, k: int = 10, *, exclude_history: bool = True,
                   candidates: Sequence[str] | None = None) -> Recommendations:
@@ -390,7 +414,8 @@ class Recommender:
     @torch.no_grad()
     def recommend_many(self, histories: Sequence[Sequence], k: int = 10, *, exclude_history: bool = True,
                        candidates: Sequence[str] | None = None) -> list[Recommendations]:
-        """:meth:`recommend` for many histories, ``eval.batch_size`` users per pass."""
+        """:meth:`recommend` for many histories, ``eval.batch_size`` users per pass and ``score_chunk``
+        candidates per product; equal scores in pool order."""
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         cand_ids, cand = self._candidates(candidates)
@@ -399,35 +424,13 @@ class Recommender:
         out: list[Recommendations] = []
         for lo in range(0, len(histories), self.batch_size):
             rows = self._history_rows(histories[lo:lo + self.batch_size])
-            scores = self._scores(rows, cand)
-            if exclude_history:
-                self._mask_history(scores, rows, cand)
-            kk = min(k, scores.shape[1])
-            top, at = torch.topk(scores, kk, dim=1)
-            top, at = top.cpu(), at.cpu()
+            res = self._score_batch(rows, cand, exclude_history=exclude_history, k=k)
+            top, at = res.top_scores.cpu(), res.top_columns.cpu()
             for i in range(top.shape[0]):
                 keep = torch.isfinite(top[i])
                 out.append(Recommendations([cand_ids[j] for j in at[i][keep].tolist()],
                                            top[i][keep].tolist()))
         return out
-
-    def _column_of(self, cand: torch.Tensor) -> torch.Tensor:
-        """Table row -> candidate column (-1: not a candidate), on the device."""
-        col_of = torch.full((self._n,), -1, dtype=torch.long)
-        col_of[cand.cpu()] = torch.arange(cand.shape[0])
-        return col_of.to(self.device)
-
-    def _mask_history(self, scores: torch.Tensor, rows: list[list[int]], cand: torch.Tensor,
-                      keep: torch.Tensor | None = None) -> None:
-        """``-inf`` (in place) at every history item's column; ``keep[i]``, a column, stays."""
-        col_of = self._column_of(cand)
-        for i, r in enumerate(rows):
-            r = torch.as_tensor(r, dtype=torch.long, device=self.device)
-            cols = col_of[r[r < col_of.shape[0]]]
-            cols = cols[cols >= 0]
-            if keep is not None:
-                cols = cols[cols != keep[i]]
-            scores[i, cols] = float("-inf")
 
     @torch.no_grad()
     def evaluate(self, histories: Sequence[Sequence], targets: Sequence[str], ks=DEFAULT_KS, *,
@@ -435,7 +438,7 @@ class Recommender:
         """Full-ranking HR@K, NDCG@K and MRR of ``targets[u]`` (pool ids) after ``histories[u]``,
         ranked among the pool (or ``candidates``) by the rule ``transrec eval`` uses: the history
         masked except the target itself (with ``exclude_history``), ties in a uniformly random order
-        (:mod:`transrec.engine.metrics`). The keys are those of :func:`ranking_metrics`."""
+        (:mod:`transrec.inference.metrics`). The keys are those of :func:`ranking_metrics`."""
         if len(histories) != len(targets):
             raise UserError(f"{len(histories)} histories but {len(targets)} targets")
         cand_ids, cand = self._candidates(candidates)
@@ -445,13 +448,16 @@ class Recommender:
             raise UserError(f"target {missing[0]!r} is not among the {len(cand_ids)} candidates "
                             f"({len(missing)} targets are not)")
         ranks = []
+        nonfinite = 0
         for lo in range(0, len(histories), self.batch_size):
             rows = self._history_rows(histories[lo:lo + self.batch_size])
-            scores = self._scores(rows, cand)
             tgt = torch.tensor([column[str(t)] for t in targets[lo:lo + self.batch_size]], device=self.device)
-            if exclude_history:
-                self._mask_history(scores, rows, cand, keep=tgt)
-            ranks.append(target_ranks(scores, tgt))
+            res = self._score_batch(rows, cand, exclude_history=exclude_history, targets=tgt)
+            nonfinite += int(res.nonfinite)
+            ranks.append(res.ranks)
+        if nonfinite:
+            raise UserError(f"evaluation refused: {nonfinite} scores are not finite (NaN or inf): the "
+                            "model's weights have diverged")
         ranks_t = torch.cat(ranks) if ranks else torch.zeros(0, 2, dtype=torch.long)
         return ranking_metrics(ranks_t, ks)
 
@@ -463,57 +469,7 @@ class Recommender:
         raw_rows = iter(self._encode_raw(raws, False).tolist()) if raws else iter(())
         rows = [next(raw_rows) if isinstance(e, dict) and "id" not in e
                 else self._row_of(e["id"] if isinstance(e, dict) else e) for e in items]
-        cand = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        return self._scores(hist_rows, cand)[0].cpu().numpy()
-
-
-def dataset_sequences(data: str | Path | Dataset) -> Iterator[tuple[str, list[str]]]:
-    """(user id, time-ordered item ids) of every user of a dataset (ids unescaped)."""
-    ds = data if isinstance(data, Dataset) else Dataset.open(data)
-    for s in wds.WebDataset([str(x.path) for x in ds.seq_shards], shardshuffle=False, nodesplitter=None,
-                            workersplitter=None, empty_check=False):
-        obj = json.loads(s["json"])
-        yield str(obj.get("user", unsanitize_key(s["__key__"]))), [unsanitize_key(k) for k in obj["items"]]
-
-
-def read_histories(path: str | Path) -> list[tuple[str, list[str]]]:
-    """(user, history) pairs from a file: JSONL lines ``{"user": ..., "history": [ids]}``, or an
-    interactions table (user, item, optional timestamp; CSV/TSV/JSONL) as ``shards build`` reads."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    cols, rows = read_table(path)
-    if "history" in cols:
-        out = []
-        for n, row in enumerate(rows):
-            if not isinstance(row, dict) or not isinstance(row.get("history"), list):
-                raise UserError(f"{path}: line {n + 1} has no history list")
-            out.append((str(row.get("user", n)), [str(i) for i in row["history"]]))
-        return out
-    by_user: dict[str, list[tuple[float, int, str]]] = {}
-    for user, item, t, order in read_interactions(path, SkipStats(where=f"histories {path}")):
-        by_user.setdefault(user, []).append((t, order, item))
-    return [(u, [r[2] for r in sorted(v)]) for u, v in by_user.items()]
-
-
-def write_recommendations(path: str | Path | None, users: Iterable[str], recs: Iterable[Recommendations],
-                          fmt: str = "csv") -> None:
-    """Write ``user, rank, item, score`` rows (CSV) or one JSON object per user (JSONL); ``path``
-    None or "-": standard output."""
-    lines = ["user,rank,item,score"] if fmt == "csv" else []
-    for u, r in zip(users, recs):
-        if fmt == "csv":
-            lines += [f"{_csv(u)},{j + 1},{_csv(i)},{s:.6f}" for j, (i, s) in enumerate(zip(r.ids, r.scores))]
-        else:
-            lines.append(json.dumps({"user": u, "items": r.ids, "scores": [round(s, 6) for s in r.scores]}))
-    text = "\n".join(lines) + "\n"
-    if path is None or str(path) == "-":
-        sys.stdout.write(text)
-    else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-
-
-def _csv(v: str) -> str:
-    v = str(v)
-    return '"' + v.replace('"', '""') + '"' if any(c in v for c in ',"\n') else v
+        table = self._all()
+        users = self._users(hist_rows, table)
+        return score_matrix(users, table[torch.as_tensor(rows, dtype=torch.long, device=self.device)],
+                            l2=self.l2)[0].cpu().numpy()
