@@ -167,6 +167,7 @@ class ClientState:
     best_step: int = -1  # step of the best monitored validation value so far (-1: none yet)
     best_value: float | None = None  # that value
     bad_evals: int = 0  # validation evaluations since the last improvement (early stopping)
+    eval_pending: bool = False  # the validation due at this step was abandoned by a stop: redo it
 
 
 class CheckpointManager:

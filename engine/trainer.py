@@ -55,6 +55,7 @@ from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
+from transrec.engine.preempt import EvaluationAbandoned, RunStopped, StopControl, stopped_line
 from transrec.engine.report import EvalReport
 from transrec.engine.runlock import lock_run_folder
 from transrec.engine.skips import SkipReport
@@ -226,6 +227,8 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
         self.report = EvalReport(self.run_dir, self.tracker, rank=self.rank,
                                  protocol={"exclude_history": cfg.eval.exclude_history})
+        self.stopper = StopControl(cfg.run.stop_signals, cfg.run.ckpt_every_minutes, device=self.device,
+                                   world=self.world)
 
     # -- bad input ------------------------------------------------------------------------
     def check_data(self) -> None:
@@ -309,6 +312,7 @@ class Trainer:
                              precision=self.cfg.deepspeed.precision, best=best,
                              extra={"model_kind": self.cfg.model.kind, "n_items": self.ds.n_items})
         self.saved_step = self.state.step
+        self.stopper.saved()
         return tag
 
     # -- steps ----------------------------------------------------------------------------
@@ -451,12 +455,20 @@ class Trainer:
         """Train to ``optim.steps`` (or ``steps``); ``stop_after`` ends early without an end save
         (a stand-in for a killed run in tests)."""
         total = steps or self.cfg.optim.steps
+        with self.stopper:
+            return self._fit(total, save_at_end=save_at_end, final_eval=final_eval, stop_after=stop_after)
+
+    def _fit(self, total: int, *, save_at_end: bool, final_eval: bool, stop_after: int | None) -> TrainResult:
         self.resume()
         self._write_run_files()
         self.start_epochs()
         result = TrainResult(self.run_dir, self.state.step)
         start_time = time.time()
-        if self.state.step < total and not self.best.spent(self.state):
+        stop_early = False
+        if self.state.eval_pending and self.state.step < total:  # abandoned by a stop: redo it
+            self.state.eval_pending = False
+            stop_early = self._validate(total, final_eval, result)
+        if self.state.step < total and not self.best.spent(self.state) and not stop_early:
             bar = progress(total=total, initial=self.state.step, enabled=self.show, desc="train", unit="step")
             batches = self.micro_batches()
             self.window = {"seq": 0, "items": 0, "t": time.time()}
@@ -469,10 +481,14 @@ class Trainer:
                 for hook in self.after_step:
                     hook(self, self.state.step)
                 self.log(total, result, bar)
-                if self.maybe_eval(total, last=final_eval):
+                signal_name, clock_due = self.stopper.poll()
+                if signal_name:
+                    self.state.eval_pending = self._eval_due(total, final_eval)
+                    self._stop(signal_name, result, bar)
+                if self._validate(total, final_eval, result, bar):
                     self.say_early_stop()
                     break
-                self.maybe_save(total)
+                self.maybe_save(total, clock_due)
                 if stop_after is not None and self.state.step >= stop_after:
                     self.flush_losses(result)
                     bar.close()
@@ -486,8 +502,37 @@ class Trainer:
             if save_at_end:
                 self.save()
         if final_eval:
-            result.metrics = self.final_evaluation()
+            try:
+                result.metrics = self.final_evaluation()
+            except EvaluationAbandoned:
+                self._stop(self.stopper.stop_name or "a signal", result, None, abandoned="final evaluation")
         return result
+
+    def _validate(self, total: int, final_eval: bool, result: TrainResult, bar=None) -> bool:
+        """:meth:`maybe_eval`, turning a validation abandoned by a stop signal into the stop."""
+        try:
+            return self.maybe_eval(total, last=final_eval)
+        except EvaluationAbandoned:
+            self.state.eval_pending = True
+            self._stop(self.stopper.stop_name or "a signal", result, bar, abandoned="validation")
+        return False
+
+    def _eval_due(self, total: int, final_eval: bool) -> bool:
+        step, every = self.state.step, self.cfg.eval.every
+        return (bool(every) and step % every == 0 and step < total) or (
+            self.best.enabled and final_eval and step >= total)
+
+    def _stop(self, signal_name: str, result: TrainResult, bar, abandoned: str = "") -> None:
+        """Checkpoint this step and raise :class:`~transrec.engine.preempt.RunStopped` (every rank)."""
+        self.flush_losses(result)
+        if bar is not None:
+            bar.close()
+        self.saved_step = -1 if self.state.eval_pending else self.saved_step  # the flag must be saved
+        tag = self.save()
+        result.step = self.state.step
+        line = stopped_line(signal_name, self.state.step, self.ckpt.dir / tag, abandoned=abandoned)
+        self.tracker.log("stopped", self.state.step, signal=signal_name, checkpoint=tag)
+        raise RunStopped(line, signal_name, self.state.step, result)
 
     def start_epochs(self) -> None:
         """What an epoch is (the start line and ``data.json``'s ``"epoch"``), and the training
@@ -568,9 +613,11 @@ class Trainer:
         if self.rank == 0:
             say(self.best.stop_line(s))
 
-    def maybe_save(self, total: int) -> None:
+    def maybe_save(self, total: int, clock_due: bool = False) -> None:
+        """A checkpoint every ``run.ckpt_every`` steps, or when ``run.ckpt_every_minutes`` have
+        passed since the last one (``clock_due``, agreed by every rank): whichever comes first."""
         step, every = self.state.step, self.cfg.run.ckpt_every
-        if every and step % every == 0 and step < total:
+        if step < total and ((every and step % every == 0) or clock_due):
             self.save()
 
     # -- evaluation -----------------------------------------------------------------------

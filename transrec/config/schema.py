@@ -94,6 +94,11 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10  # steps between metric lines
     ckpt_every: int = 0  # steps between checkpoints (0 = at the end only)
+    # minutes between checkpoints (0 = off), beside ckpt_every: whichever comes first saves
+    ckpt_every_minutes: float = 0.0
+    # signals that stop the run gracefully: every rank finishes the step in flight, they agree on
+    # the step, a checkpoint of it is written, and the process exits with code 75; "" = none
+    stop_signals: str = "SIGTERM,SIGUSR1"
     keep_last: int = 2  # checkpoints kept
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
     max_bad_steps: int = 5  # optimizer steps in a row with a non-finite loss/gradient before the run stops
@@ -139,6 +144,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 "eval.max_users", "run.patience"):
         if value(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {value(key)}")
+    if not math.isfinite(cfg.run.ckpt_every_minutes) or cfg.run.ckpt_every_minutes < 0:
+        raise ConfigError(f"run.ckpt_every_minutes must be >= 0, got {cfg.run.ckpt_every_minutes}")
+    stop_signal_numbers(cfg.run.stop_signals)
     batch_layout(cfg, world_size)
     if cfg.data.max_len > cfg.model.user.max_len:
         raise ConfigError(f"data.max_len={cfg.data.max_len} is longer than model.user.max_len="
@@ -159,6 +167,24 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
         raise ConfigError(f"eval.ks must be positive cut-offs, got {cfg.eval.ks}")
     monitor_metric(cfg)
+
+
+def stop_signal_numbers(names: str) -> list[int]:
+    """``run.stop_signals`` ("SIGTERM,SIGUSR1"; names with or without "SIG", any case) as signal
+    numbers; ConfigError naming one that is unknown or cannot be caught (SIGKILL, SIGSTOP)."""
+    import signal  # noqa: PLC0415  (the standard library; only this check needs it)
+
+    out = []
+    for raw in str(names or "").replace(" ", "").split(","):
+        if not raw:
+            continue
+        name = raw.upper() if raw.upper().startswith("SIG") else "SIG" + raw.upper()
+        sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"run.stop_signals: {raw!r} is not a signal a process can catch "
+                              "(e.g. SIGTERM,SIGUSR1)")
+        out.append(int(sig))
+    return out
 
 
 def monitor_metric(cfg: Config) -> str:
