@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from transrec.engine import distributed as D
+from transrec.engine.preempt import EvaluationAbandoned
 from transrec.engine.tracking import progress, say
 from transrec.errors import UserError
 from transrec.inference import scoring
@@ -56,17 +57,23 @@ def collapse_warning(distinct: float, n_items: int) -> str | None:
 
 
 @torch.no_grad()
-def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -> torch.Tensor:
+def encode_catalogue(model, content, *, chunk: int, device, show: bool = True,
+                     should_stop=None) -> torch.Tensor:
     """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks):
-    :func:`transrec.inference.scoring.encode_catalogue` in one process."""
+    :func:`transrec.inference.scoring.encode_catalogue` in one process. ``should_stop()``, a
+    collective poll (:class:`~transrec.engine.preempt.StopControl`), runs before every chunk on every
+    rank; True abandons the encoding (:class:`~transrec.engine.preempt.EvaluationAbandoned`)."""
     rank, world = D.rank(), D.world_size()
+    check = _abandon_when(should_stop)
     if world == 1:
-        return scoring.encode_catalogue(model, content, chunk=chunk, device=device, show=show)
+        return scoring.encode_catalogue(model, content, chunk=chunk, device=device, show=show,
+                                        before_chunk=check)
     n = int(content.n_items)
     starts = list(range(0, n, chunk))
     per_rank = -(-len(starts) // world)
     mine = [starts[i] if i < len(starts) else starts[-1] for i in range(rank, per_rank * world, world)]
-    outs = encode_chunks(model, content, mine, chunk=chunk, device=device, show=show and rank == 0)
+    outs = encode_chunks(model, content, mine, chunk=chunk, device=device, show=show and rank == 0,
+                         before_chunk=check)
     # Gather every rank's chunks, then put them back in catalogue order.
     d = outs[0].shape[1]
     local = torch.zeros(per_rank, chunk, d, device=device)
@@ -85,6 +92,18 @@ def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -
     return full
 
 
+def _abandon_when(should_stop):
+    """A ``before_chunk``/per-batch check raising EvaluationAbandoned once ``should_stop()``."""
+    if should_stop is None:
+        return None
+
+    def check() -> None:
+        if should_stop():
+            raise EvaluationAbandoned("the run was told to stop")
+
+    return check
+
+
 def protocol_prefix(exclude_history: bool) -> str:
     """The key prefix of a protocol's metrics when it is not the run's own (see :func:`evaluate`)."""
     return "masked_" if exclude_history else "unmasked_"
@@ -101,7 +120,7 @@ def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
              max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
-             exclude_history: bool = True, score_chunk: int = SCORE_CHUNK) -> dict:
+             exclude_history: bool = True, score_chunk: int = SCORE_CHUNK, should_stop=None) -> dict:
     """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).
 
     ``exclude_history``: items the user already interacted with are removed from the ranking (this
@@ -109,13 +128,17 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
     models); the two give different numbers, so every result records which. The plain keys are
     the chosen protocol's; the same metrics under the other protocol come along with the prefix
     :func:`protocol_prefix` (``"unmasked_"`` or ``"masked_"``), from the same scores.
-    ``score_chunk``: catalogue items scored per product (``[B, score_chunk]`` scores at a time)."""
+    ``score_chunk``: catalogue items scored per product (``[B, score_chunk]`` scores at a time).
+    ``should_stop``: as in :func:`encode_catalogue`, polled before every chunk and every batch; an
+    abandoned evaluation returns nothing and writes nothing."""
     net = scoring.unwrap(model)
     was_training = net.training
     net.eval()
     try:
+        check = _abandon_when(should_stop)
         if item_emb is None:
-            item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show)
+            item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show,
+                                        should_stop=should_stop)
         rank, world = D.rank(), D.world_size()
         l2 = cosine_scores(model)
         keys = item_keys(item_emb, l2)  # what users are scored against, prepared once
@@ -123,6 +146,8 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         seen = sampled = 0
         nonfinite = torch.zeros((), device=device)  # scores that are NaN/inf, checked once at the end
         for batch in progress(loader, enabled=show and rank == 0, desc="rank users", unit="batch"):
+            if check is not None:
+                check()
             valid = getattr(batch, "row_valid", None)  # filler rows that pad the last batches
             batch = batch.to(device)
             sample = None

@@ -631,7 +631,8 @@ class Trainer:
         loader.set_epoch(0)
         return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
-                        show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history)
+                        show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history,
+                        should_stop=self.stopper.stop_requested)
 
     def encode_items(self):
         """Every item's embedding under the weights the engine holds (eval mode, sharded over ranks)."""
@@ -640,7 +641,8 @@ class Trainer:
         net.eval()
         try:
             return encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
-                                    device=self.device, show=self.show)
+                                    device=self.device, show=self.show,
+                                    should_stop=self.stopper.stop_requested)
         finally:
             net.train(was)
 

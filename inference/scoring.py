@@ -69,15 +69,18 @@ def eval_mode(net: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
-                  show: bool = False) -> list[torch.Tensor]:
+                  show: bool = False, before_chunk=None) -> list[torch.Tensor]:
     """float32 embeddings of the items ``[s, s + chunk)`` (clipped to the catalogue) for each start
-    ``s``, in eval mode; ``show``: a progress bar on stderr."""
+    ``s``, in eval mode; ``show``: a progress bar on stderr; ``before_chunk()``, when given, runs
+    before each chunk (a caller's chance to stop: whatever it raises goes up)."""
     net = unwrap(model)
     n = int(content.n_items)
     outs = []
     with eval_mode(net):
         for s in tqdm(starts, disable=not show, file=sys.stderr, dynamic_ncols=True, leave=False,
                       desc="encode items", unit="chunk"):
+            if before_chunk is not None:
+                before_chunk()
             items = np.arange(s, min(s + chunk, n), dtype=np.int64)
             text, image = content.gather(items)
             emb = net.encode_items(torch.from_numpy(items).to(device),
@@ -88,13 +91,15 @@ def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
 
 
 @torch.no_grad()
-def encode_catalogue(model, content, *, chunk: int, device, show: bool = True) -> torch.Tensor:
+def encode_catalogue(model, content, *, chunk: int, device, show: bool = True,
+                     before_chunk=None) -> torch.Tensor:
     """``[n_items, d]`` float32 embeddings of every item of ``content`` (eval mode, ``chunk`` items
-    per encoder pass, in one process)."""
+    per encoder pass, in one process; ``before_chunk`` as in :func:`encode_chunks`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     starts = list(range(0, int(content.n_items), chunk))
-    return torch.cat(encode_chunks(model, content, starts, chunk=chunk, device=device, show=show))
+    return torch.cat(encode_chunks(model, content, starts, chunk=chunk, device=device, show=show,
+                                   before_chunk=before_chunk))
 
 
 @torch.no_grad()

@@ -129,3 +129,66 @@ def test_stop_signals_are_checked(world, tmp_path):
     assert bad.returncode == 2
     assert "run.stop_signals: 'SIGKILL' is not a signal a process can catch" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.fixture
+def own_handlers():
+    """The stop signals' handlers as they were before the test, restored after it (a stopped run
+    leaves them ignored in its process)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.usefixtures("inprocess_group", "own_handlers")
+def test_a_signal_during_a_validation_abandons_it_and_the_resumed_run_redoes_it(world, tmp_path, monkeypatch):
+    """SIGTERM arrives while step 4's validation runs: the validation is abandoned (no eval record of
+    step 4), the checkpoint of step 4 says so, and the resumed run validates step 4 first; weights,
+    losses and the validation records equal an uninterrupted run's."""
+    import json
+    import os
+
+    from transrec.config import build_config
+    from transrec.engine.preempt import RunStopped
+    from transrec.engine.trainer import Trainer
+
+    over = [f"data.path={world}", "model.user.layers=1", "model.user.max_len=8", "data.max_len=8",
+            "data.batch_size=16", "model.text.max_len=12", "optim.steps=8", "eval.every=4",
+            "run.progress=false", "run.tensorboard=false", "model.user.dropout=0.2"]
+
+    def fit(out, *, kill_at=None):
+        trainer = Trainer(build_config("tiny", overrides=over + [f"run.out={out}"]), show=False)
+        if kill_at is not None:
+            real = trainer.evaluate
+
+            def evaluate(split="valid", item_emb=None):
+                if trainer.state.step == kill_at and split == "valid":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return real(split, item_emb)
+
+            trainer.evaluate = evaluate
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+    full = fit(tmp_path / "full")
+    with pytest.raises(RunStopped) as info:
+        fit(tmp_path / "part", kill_at=4)
+    assert str(info.value).startswith("stopped by SIGTERM at step 4 (validation abandoned); checkpoint "
+                                      "written")
+    ck = CheckpointManager(tmp_path / "part")
+    assert ck.latest() == tag_for(4) and ck.manifest(tag_for(4))["client"]["eval_pending"] is True
+
+    def evals(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return [(r["step"], r["split"], r["ndcg@10"]) for r in recs if r["kind"] == "eval"]
+
+    assert not [e for e in evals(tmp_path / "part") if e[0] == 4]  # nothing half-written
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a stopped process ignores repeats
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    second = fit(tmp_path / "part")
+    assert evals(tmp_path / "part") == evals(tmp_path / "full")
+    assert second.metrics["test"] == full.metrics["test"]
+    same_weights(tmp_path / "full", tmp_path / "part")
