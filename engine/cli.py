@@ -1,4 +1,7 @@
-"""Engine subcommands: train, eval, export, transfer, compare, demo, plot, recommend."""
+"""Engine subcommands: train, eval, export, transfer, compare, demo, plot, recommend.
+
+:func:`register` adds them to the ``transrec`` command line (:mod:`transrec.cli`, which imports this
+module; nothing here imports it back)."""
 
 from __future__ import annotations
 
@@ -38,10 +41,20 @@ def _quiet_deepspeed() -> None:
 
 
 def _exit_code(run):
-    """``run()``; an error that carries its own exit code (a diverged run: 3) is printed as one line
-    and returned as that code, others go up to the root's handler (exit 2)."""
+    """``run()``; an error that carries its own exit code (a diverged run: 3, a failed write: 74) is
+    printed as one line and returned as that code, others go up to the root's handler (exit 2). A
+    run stopped by a signal (:class:`~transrec.engine.preempt.RunStopped`) prints its line once and
+    returns 75."""
+    from transrec.engine.preempt import RunStopped  # lazy: fast --help
+
     try:
         return run()
+    except RunStopped as exc:  # not an error: the line once (rank 0), the code on every rank
+        from transrec.engine import distributed as D  # lazy: fast --help
+
+        if D.is_main():
+            print(f"transrec: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except UserError as exc:
         code = getattr(exc, "exit_code", None)
         if code is None:
@@ -156,11 +169,8 @@ def cmd_plot(args) -> int:
 
 def cmd_recommend(args) -> int:
     _env()
-    from transrec.engine.recommend import (  # lazy: fast --help
-        Recommender,
-        read_histories,
-        write_recommendations,
-    )
+    from transrec.inference.histories import read_histories, write_recommendations  # lazy: fast --help
+    from transrec.inference.recommender import Recommender  # lazy: fast --help
 
     if not args.data and not args.catalogue:
         raise UserError("recommend: give the candidate items with --data DIR and/or --catalogue DIR")
@@ -319,9 +329,3 @@ def register(sub) -> None:
     p.add_argument("--include-history", action="store_true", help="allow items already in the history")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.set_defaults(func=cmd_recommend)
-
-
-def main(argv=None) -> int:  # pragma: no cover - `transrec` is the entry point
-    from transrec.cli import main as root  # lazy: transrec.cli imports this module
-
-    return root(["train", *(argv or sys.argv[1:])])

@@ -35,9 +35,10 @@ from __future__ import annotations
 import torch
 
 from transrec.kernels.chunked import inbatch_softmax_chunked_reduced, inbatch_softmax_chunked_rows
+from transrec.kernels.interface import IMPLS, REDUCTIONS, KernelInputError
 from transrec.kernels.reference import inbatch_softmax_reference
 from transrec.kernels.triton_config import LAUNCH_DTYPES, MAX_D
-from transrec.kernels.validate import IMPLS, REDUCTIONS, KernelInputError, check_inputs, compute_dtype
+from transrec.kernels.validate import check_inputs, compute_dtype
 
 
 def reduce_rows(loss: torch.Tensor, row_mask: torch.Tensor | None, reduction: str) -> torch.Tensor:

@@ -40,7 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
-from transrec.kernels.triton_common import LOG2E, load_rows, mma, split_range, store_rows, store_rows_t
+from transrec.kernels.triton_common import (
+    LOG2E,
+    chunk_logits,
+    load_rows,
+    logits,
+    mma,
+    split_range,
+    store_rows,
+    store_rows_t,
+)
 from transrec.kernels.triton_config import (
     INTERPRET_BLOCK,
     Launch,
@@ -56,17 +65,6 @@ from transrec.kernels.triton_config import (
     table,
     tuned,
 )
-
-
-@triton.jit
-def _logits(own, other, s, ACC_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """s + own other^T, or its transpose s^T + other own^T (ACC_T). ``own``: the rows a program owns
-    (q in the dQ pass, k in the dK pass); ``other``: the rows streaming past."""
-    if ACC_T:
-        s = mma(other, tl.trans(own), s, DOT_FP32, IEEE)
-    else:
-        s = mma(own, tl.trans(other), s, DOT_FP32, IEEE)
-    return s
 
 
 @triton.jit
@@ -138,19 +136,16 @@ def _bwd_dk_kernel(Q, K, BIAS, TGT, LSE2, G, DK, DB,
         if NUM_DC > 1 or not RESIDENT:
             k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
         q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-        st = _logits(k0, q0, st, ACC_T, DOT_FP32, IEEE)
+        st = logits(k0, q0, st, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 1:
-            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            st = _logits(k1, q1, st, ACC_T, DOT_FP32, IEEE)
+            k1, q1, st = chunk_logits(st, K, cols, col_ok, stride_kn, stride_kd, Q, rows, row_ok, stride_qn,
+                                      stride_qd, BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 2:
-            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            st = _logits(k2, q2, st, ACC_T, DOT_FP32, IEEE)
+            k2, q2, st = chunk_logits(st, K, cols, col_ok, stride_kn, stride_kd, Q, rows, row_ok, stride_qn,
+                                      stride_qd, 2 * BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 3:
-            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            st = _logits(k3, q3, st, ACC_T, DOT_FP32, IEEE)
+            k3, q3, st = chunk_logits(st, K, cols, col_ok, stride_kn, stride_kd, Q, rows, row_ok, stride_qn,
+                                      stride_qd, 3 * BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
 
         st = st * scale2
         lse2 = tl.load(LSE2 + rows, mask=row_ok, other=float("inf"))
@@ -243,19 +238,16 @@ def _bwd_dq_kernel(Q, K, BIAS, TGT, LSE2, G, DQ,
         if NUM_DC > 1 or not RESIDENT:
             q0 = load_rows(Q, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-        s = _logits(q0, k0, s, ACC_T, DOT_FP32, IEEE)
+        s = logits(q0, k0, s, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 1:
-            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = _logits(q1, k1, s, ACC_T, DOT_FP32, IEEE)
+            q1, k1, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 2:
-            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = _logits(q2, k2, s, ACC_T, DOT_FP32, IEEE)
+            q2, k2, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, 2 * BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
         if NUM_DC > 3:
-            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = _logits(q3, k3, s, ACC_T, DOT_FP32, IEEE)
+            q3, k3, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, 3 * BLOCK_DC, D, BLOCK_DC, EVEN_D, ACC_T, DOT_FP32, IEEE)
 
         s = s * scale2
         b2 = tl.load(BIAS + cols, mask=col_ok, other=0.0) * LOG2E  # fp32; zeros without a bias

@@ -60,6 +60,30 @@ def mma(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def logits(own, other, s, ACC_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """s + own other^T, or its transpose s^T + other own^T (ACC_T). ``own``: the rows a program owns
+    (q in the forward and the dQ pass, k in the dK pass); ``other``: the rows streaming past."""
+    if ACC_T:
+        s = mma(other, tl.trans(own), s, DOT_FP32, IEEE)
+    else:
+        s = mma(own, tl.trans(other), s, DOT_FP32, IEEE)
+    return s
+
+
+@triton.jit
+def chunk_logits(s, OWN, own_rows, own_ok, stride_own_r, stride_own_d,
+                 OTHER, other_rows, other_ok, stride_other_r, stride_other_d,
+                 d0, D, BLOCK_DC: tl.constexpr, EVEN_D: tl.constexpr, ACC_T: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """One D chunk (columns d0 .. d0 + BLOCK_DC) of an unrolled logits tile: the owned rows' and the
+    streamed rows' tiles of that chunk, and ``s`` plus their product (:func:`logits`). The kernels
+    keep the two tiles for their accumulators."""
+    own = load_rows(OWN, own_rows, own_ok, d0, D, stride_own_r, stride_own_d, BLOCK_DC, EVEN_D)
+    other = load_rows(OTHER, other_rows, other_ok, d0, D, stride_other_r, stride_other_d, BLOCK_DC, EVEN_D)
+    return own, other, logits(own, other, s, ACC_T, DOT_FP32, IEEE)
+
+
+@triton.jit
 def split_range(M, NUM_SPLITS, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr):
     """[lo, hi) of the streamed dimension (size M) this program covers: all of it, or with PARTIAL
     (a split launch, triton_config.num_splits) chunk program_id(1) of NUM_SPLITS, whole BLOCK_N tiles

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from transrec.kernels.interface import KernelInputError
+
 MAX_DC = 4
 MAX_BLOCK_DC = 256
 MAX_D = MAX_DC * MAX_BLOCK_DC  # wider rows have no config that fits a block's shared memory
@@ -153,7 +155,7 @@ TABLES = {"fwd": _FWD, "lse": _LSE, "bwd": _BWD, "dq": _DQ}
 #            (flash-attention-2 style). 10 N M D flops; no [N, D] fp32 buffer; each kernel holds
 #            one accumulator without rescaling.
 # The choice per D class is meant to be made by the GPU sweep (benchmarks/kernel_bench.py --designs);
-# until a card has timed both it stays "fused", the design the H200 figures of issue 11 were
+# until a card has timed both it stays "fused", the design the H200 figures in docs/kernel.md were
 # measured with. TRANSREC_TRITON_DESIGN=fused|split overrides it for every class.
 DESIGNS = ("fused", "split")
 DESIGN = {"small": "fused", "d256": "fused", "large": "fused", "xl": "fused"}
@@ -192,8 +194,6 @@ def split_mode(override=None):
         choice = int(choice) if choice.isdigit() else choice
     if choice in ("off", "auto") or (type(choice) is int and choice >= 1):
         return choice
-    from transrec.kernels.validate import KernelInputError
-
     source = "split" if override is not None else SPLIT_ENV
     raise KernelInputError(f"{source} must be 'off', 'auto' or a positive integer, got {choice!r}")
 
@@ -238,8 +238,6 @@ def design(dclass: str, override: str | None = None) -> str:
     else $TRANSREC_TRITON_DESIGN, else the ``DESIGN`` table."""
     choice = override or os.environ.get(DESIGN_ENV) or DESIGN[dclass]
     if choice not in DESIGNS:
-        from transrec.kernels.validate import KernelInputError
-
         source = "design" if override else DESIGN_ENV
         raise KernelInputError(f"{source} must be one of {DESIGNS}, got {choice!r}")
     return choice

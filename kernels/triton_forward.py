@@ -35,7 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from transrec.kernels.triton_common import LN2, LOG2E, load_rows, mma, split_range, store_rows, store_stats
+from transrec.kernels.triton_common import (
+    LN2,
+    LOG2E,
+    chunk_logits,
+    load_rows,
+    mma,
+    split_range,
+    store_rows,
+    store_stats,
+)
 from transrec.kernels.triton_config import (
     INTERPRET_BLOCK,
     Launch,
@@ -98,17 +107,14 @@ def _fwd_kernel(Q, K, BIAS, TGT, LOSS, LSE2, A, LSUM,
         k0 = load_rows(K, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
         s = mma(q0, tl.trans(k0), s, DOT_FP32, IEEE)
         if NUM_DC > 1:
-            q1 = load_rows(Q, rows, row_ok, BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k1 = load_rows(K, cols, col_ok, BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q1, tl.trans(k1), s, DOT_FP32, IEEE)
+            q1, k1, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, BLOCK_DC, D, BLOCK_DC, EVEN_D, False, DOT_FP32, IEEE)
         if NUM_DC > 2:
-            q2 = load_rows(Q, rows, row_ok, 2 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k2 = load_rows(K, cols, col_ok, 2 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q2, tl.trans(k2), s, DOT_FP32, IEEE)
+            q2, k2, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, 2 * BLOCK_DC, D, BLOCK_DC, EVEN_D, False, DOT_FP32, IEEE)
         if NUM_DC > 3:
-            q3 = load_rows(Q, rows, row_ok, 3 * BLOCK_DC, D, stride_qn, stride_qd, BLOCK_DC, EVEN_D)
-            k3 = load_rows(K, cols, col_ok, 3 * BLOCK_DC, D, stride_kn, stride_kd, BLOCK_DC, EVEN_D)
-            s = mma(q3, tl.trans(k3), s, DOT_FP32, IEEE)
+            q3, k3, s = chunk_logits(s, Q, rows, row_ok, stride_qn, stride_qd, K, cols, col_ok, stride_kn,
+                                     stride_kd, 3 * BLOCK_DC, D, BLOCK_DC, EVEN_D, False, DOT_FP32, IEEE)
 
         s = s * scale2
         b = tl.load(BIAS + cols, mask=col_ok, other=0.0)  # fp32; zeros when the caller has no bias

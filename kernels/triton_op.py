@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from transrec.kernels.interface import KernelInputError
 from transrec.kernels.triton_backward import triton_backward_dk, triton_backward_dq
 from transrec.kernels.triton_config import (
     LAUNCH_DTYPES,
@@ -29,7 +30,6 @@ from transrec.kernels.triton_config import (
     split_mode,
 )
 from transrec.kernels.triton_forward import triton_forward
-from transrec.kernels.validate import KernelInputError
 
 
 class _TritonLinearCE(torch.autograd.Function):

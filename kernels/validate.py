@@ -1,6 +1,6 @@
 """Input checks shared by every implementation of the in-batch softmax.
 
-Every problem raises one :class:`KernelInputError` (a ``ValueError`` and a project ``UserError``)
+Every problem raises one :class:`~transrec.kernels.interface.KernelInputError` (a ``ValueError``)
 whose one-line message names the argument and what is wrong with it.
 
 Target range on CUDA: checking ``0 <= target < M`` on the host needs a device-to-host copy, which
@@ -15,19 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-import typing
 
 import torch
 
-from transrec.config.model import KernelImpl
-from transrec.errors import UserError
-
-REDUCTIONS = ("mean", "sum", "none")
-IMPLS = typing.get_args(KernelImpl)  # one list of implementations: the config's choice type
-
-
-class KernelInputError(UserError, ValueError):
-    """Bad input to the in-batch softmax."""
+from transrec.kernels.interface import IMPLS, REDUCTIONS, KernelInputError
 
 
 def check_inputs(q, k, target, bias, temperature, row_mask, reduction, impl) -> float:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from transrec.config import Config, from_dict, load_yaml, save_yaml
 from transrec.errors import ConfigError, UserError
+from transrec.locking import pid_alive
 from transrec.models.lora import load_base_weights
-from transrec.shards.locking import pid_alive
 
 EXPORT_FORMAT = 1
 WEIGHTS = "model.safetensors"

@@ -47,8 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from transrec.errors import ConfigError
-from transrec.kernels import inbatch_softmax
+from transrec.errors import ConfigError, UserError
+from transrec.kernels import KernelInputError, inbatch_softmax
 from transrec.models.global_negatives import gather_keys, gather_ragged
 from transrec.models.negatives import NegativeMemory
 
@@ -140,8 +140,11 @@ class Criterion(torch.nn.Module):
 
     def _softmax(self, user, keys, target, row_mask, bias):
         cfg = self.cfg
-        return inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
-                               row_mask=row_mask, reduction="sum", impl=cfg.impl)
+        try:
+            return inbatch_softmax(user, keys, target, bias=bias, temperature=cfg.temperature,
+                                   row_mask=row_mask, reduction="sum", impl=cfg.impl)
+        except KernelInputError as exc:  # the kernels' plain ValueError: one line for the user
+            raise UserError(str(exc)) from exc
 
     def forward(self, user, keys, target, row_mask, log_q, items, extra=None):
         """``extra``: (keys [E, d], log q [E] or None) of candidates beyond the batch that carry no

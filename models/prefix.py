@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from transrec.config.schema import DataConfig
 from transrec.errors import ConfigError, DataError
+from transrec.locking import locked_build
 from transrec.models.encoder_base import ItemEncoderBase
 from transrec.models.recommender import TransRec
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
-from transrec.shards.locking import locked_build
 from transrec.shards.prefix_cache import (
     DTYPES,
     ImageStoreWriter,

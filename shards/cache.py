@@ -32,9 +32,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from transrec.errors import DataError
+from transrec.locking import locked_build
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
-from transrec.shards.locking import locked_build
 from transrec.shards.stats import GLOBAL, SkipStats
 
 CACHE_FORMAT = 1

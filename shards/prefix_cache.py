@@ -26,7 +26,7 @@ The key (:func:`prefix_key`) is a hash of (item content key, modality, the encod
 architecture, frozen depth, every prefix weight and buffer --, the frozen depth, dtype, format), so
 a store is reused until one of those changes and then rebuilt. A builder fills a temporary folder
 (:class:`TextStoreWriter` / :class:`ImageStoreWriter`, then :func:`finish_store`) under the
-exclusive lock of :func:`transrec.shards.locking.locked_build`, which renames it into place when
+exclusive lock of :func:`transrec.locking.locked_build`, which renames it into place when
 complete; a second process asking for the same store waits on the lock, then loads.
 
 :class:`PrefixCachedContent` wraps any :class:`~transrec.shards.batch.ContentSource`: its ``gather``

@@ -18,9 +18,9 @@ from transrec.config import build_config
 from transrec.engine.runlock import LOCK_FILE, RunFolderBusy, RunLock
 from transrec.engine.tracking import read_metrics
 from transrec.engine.trainer import Trainer
+from transrec.locking import locked_build
 from transrec.models.export import write_export
 from transrec.shards.dataset import Dataset
-from transrec.shards.locking import locked_build
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "optim.warmup_steps=0", "run.progress=off", "run.tensorboard=false", "eval.max_users=0",

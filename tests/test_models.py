@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transrec.errors import ConfigError
+from transrec.errors import ConfigError, UserError
+from transrec.kernels import KernelInputError
 from transrec.models import (
     ImageEncoderConfig,
     LoRAConfig,
@@ -325,6 +326,17 @@ def test_inbatch_logq_equals_float64_reference():
     a = Criterion(LossConfig(logq=True, impl="torch"))(q, k, target, row_mask, log_q, items)[0]
     b = Criterion(LossConfig(logq=False, impl="torch"))(q, k, target, row_mask, log_q, items)[0]
     assert abs(a.item() - b.item()) > 1e-3
+
+
+def test_a_kernel_input_error_reaches_the_user_as_one_line():
+    """The kernels raise their own ValueError; the loss turns it into a UserError, same words."""
+    q, k = torch.randn(3, 4), torch.randn(5, 4)
+    target, row_mask = torch.tensor([0, 4, 2]), torch.ones(3, dtype=torch.bool)
+    log_q, items = torch.zeros(5), torch.arange(5)
+    crit = Criterion(LossConfig(temperature=0.0, impl="torch"))  # not validated: built in Python
+    with pytest.raises(UserError, match="temperature must be finite and > 0, got 0.0") as info:
+        crit(q, k, target, row_mask, log_q, items)
+    assert isinstance(info.value.__cause__, KernelInputError) and "\n" not in str(info.value)
 
 
 def test_bce_equals_reference_and_never_samples_the_positive():

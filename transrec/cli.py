@@ -1,23 +1,24 @@
 """The ``transrec`` command line.
 
-Each room registers its own subcommands: ``transrec.shards.cli`` (``shards synth|build|convert``)
-and ``transrec.engine.cli`` (``train``, ``eval``, ``export``, ``transfer``, ``compare``, ``demo``,
-``plot``). Errors a user can fix are raised as :class:`transrec.errors.UserError` and printed as
-one line with a non-zero exit.
+Each package registers its own subcommands: ``transrec.shards.cli`` (``shards
+synth|build|convert|info``) and ``transrec.engine.cli`` (``train``, ``eval``, ``export``,
+``transfer``, ``compare``, ``demo``, ``plot``, ``recommend``). Imports go one way: this module
+imports theirs, theirs never import it. Errors a user can fix are raised as
+:class:`transrec.errors.UserError` and printed as one line with a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from transrec import __version__
+from transrec.engine import cli as engine_cli
 from transrec.errors import UserError
+from transrec.shards import cli as shards_cli
 
-# Modules that define ``register(subparsers)``; a missing module is skipped so the CLI works
-# while a room is still being built.
-_ROOMS = ("transrec.shards.cli", "transrec.engine.cli")
+# The modules that define ``register(subparsers)``, in the order of the help's command list.
+_SUBCOMMANDS = (shards_cli, engine_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the environment (LOCAL_RANK), so the flag is accepted and otherwise ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _ROOMS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in _SUBCOMMANDS:
         module.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""Errors shared by every room."""
+"""Errors shared by every package of transrec (the command line prints a UserError as one line)."""
 
 
 class UserError(Exception):

@@ -2,8 +2,9 @@
 
 The run config composes :class:`ModelConfig` and applies ``key=value`` overrides, so every field is
 a str / int / float / bool / None / list, a ``Literal`` choice or a nested dataclass. Each choice is
-a ``Literal`` type here, in one place: overrides are checked against it, and so is a config built
-in Python (:func:`validate_model_config`, one line naming the field).
+a ``Literal`` type in one place, here, or for the softmax implementations in the kernels'
+:mod:`transrec.kernels.interface` (which imports no torch): overrides are checked against it, and so
+is a config built in Python (:func:`validate_model_config`, one line naming the field).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 
 from transrec.config.check import check_choices
 from transrec.errors import ConfigError
+from transrec.kernels.interface import Impl as KernelImpl  # the in-batch softmax implementations
 
 TEXT_PRESETS = ("tiny", "small", "base", "minilm")
 IMAGE_PRESETS = ("tiny", "resnet18", "vit-small", "efficientnet-lite0")
@@ -22,7 +24,6 @@ Pooling = Literal["cls", "mean", "attn"]
 ModelKind = Literal["transrec", "id"]
 UserKind = Literal["auto", "bidirectional", "causal"]
 LossKind = Literal["softmax", "bce"]
-KernelImpl = Literal["auto", "triton", "torch", "chunked"]  # the in-batch softmax implementations
 Negatives = Literal["inbatch", "global", "memory", "catalogue"]
 # Names earlier versions wrote (configs of old runs and exports): read as their new names.
 RENAMED_CHOICES = {"model.loss.kind": {"inbatch": "softmax"}, "model.loss.negatives": {"local": "inbatch"}}

@@ -1,4 +1,6 @@
-"""Exclusive, atomic building of a cache folder shared by several processes; whether a pid runs."""
+"""Exclusive, atomic building of a cache folder shared by several processes; whether a pid runs.
+
+Used by the dataset's token and image caches, the frozen-prefix stores and the run folder's lock."""
 
 from __future__ import annotations
 
