@@ -58,22 +58,23 @@ def collapse_warning(distinct: float, n_items: int) -> str | None:
 
 @torch.no_grad()
 def encode_catalogue(model, content, *, chunk: int, device, show: bool = True,
-                     should_stop=None) -> torch.Tensor:
+                     should_stop=None, content_only: bool = False) -> torch.Tensor:
     """``[n_items, d]`` float32 embeddings of every item (eval mode, chunked, sharded over ranks):
     :func:`transrec.inference.scoring.encode_catalogue` in one process. ``should_stop()``, a
     collective poll (:class:`~transrec.engine.preempt.StopControl`), runs before every chunk on every
-    rank; True abandons the encoding (:class:`~transrec.engine.preempt.EvaluationAbandoned`)."""
+    rank; True abandons the encoding (:class:`~transrec.engine.preempt.EvaluationAbandoned`).
+    ``content_only``: without the hybrid's per-item vectors (another catalogue's items)."""
     rank, world = D.rank(), D.world_size()
     check = _abandon_when(should_stop)
     if world == 1:
         return scoring.encode_catalogue(model, content, chunk=chunk, device=device, show=show,
-                                        before_chunk=check)
+                                        before_chunk=check, content_only=content_only)
     n = int(content.n_items)
     starts = list(range(0, n, chunk))
     per_rank = -(-len(starts) // world)
     mine = [starts[i] if i < len(starts) else starts[-1] for i in range(rank, per_rank * world, world)]
     outs = encode_chunks(model, content, mine, chunk=chunk, device=device, show=show and rank == 0,
-                         before_chunk=check)
+                         before_chunk=check, content_only=content_only)
     # Gather every rank's chunks, then put them back in catalogue order.
     d = outs[0].shape[1]
     local = torch.zeros(per_rank, chunk, d, device=device)

@@ -74,6 +74,23 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> tuple[Config, Seque
     return cfg, model, man
 
 
+def catalogue_ids(data: str | Path, n_items: int) -> list[str]:
+    """The item ids of the dataset a hybrid model trained on (its per-item vectors' rows);
+    UserError when the dataset is gone or holds another number of items."""
+    from transrec.shards.dataset import Dataset  # noqa: PLC0415
+    from transrec.shards.format import unsanitize_key  # noqa: PLC0415
+
+    try:
+        ds = Dataset.open(data)
+    except (OSError, UserError) as exc:
+        raise UserError(f"the model's per-item vectors (model.item.id_residual) are exported with the ids "
+                        f"of the items they belong to, read from its dataset {data}: {exc}") from None
+    if ds.n_items != n_items:
+        raise UserError(f"{data}: {ds.n_items} items, but the model's per-item vectors are {n_items}; "
+                        "export with the dataset the run trained on")
+    return [unsanitize_key(k) for k in ds.item_ids]
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag: str | None = None,
                overwrite: bool = False, step: str | int | None = None) -> Path:
     """Write an export folder for ``run_dir`` (see :mod:`transrec.models.export`); returns ``out``.
@@ -92,6 +109,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, full: bool = False, tag:
     cfg, model, man = load_run(run_dir, tag)
     meta = {"kind": "full", "step": man["client"]["step"], "source_run": str(run_dir),
             "n_items": man.get("n_items"), "zero_stage": man["zero_stage"]}
+    if getattr(model, "item_residual", None) is not None:  # the hybrid: whose items its vectors are
+        meta["item_ids"] = catalogue_ids(cfg.data.path, int(model.item_residual.weight.shape[0]))
     tensors = None  # every weight of the model
     lora = has_lora(model)
     if lora and cfg.run.init_from and not full:

@@ -2,7 +2,8 @@
 
 The item encoders (text and image backbones, their LoRA adapters) get ``optim.encoder_lr``; the rest
 (projections, pooling heads, modality embedding, user encoder, ID tables) get ``optim.lr``. Biases
-and norm weights carry no weight decay. A torch AdamW needs no compiled DeepSpeed op, so the same
+and norm weights carry no weight decay. The hybrid's per-item vectors (``model.item.id_residual``)
+get ``optim.id_lr`` and ``optim.id_weight_decay``. A torch AdamW needs no compiled DeepSpeed op, so the same
 code runs on the CPU and on GPUs; DeepSpeed wraps it for ZeRO 1-3.
 
 ZeRO 1-3 and DeepSpeed's bf16 optimizer hand the AdamW one flat fp32 tensor per group. Without them
@@ -22,22 +23,29 @@ from torch import nn
 from torch.optim.adam import adam as _adam_functional
 
 
-def param_groups(model: nn.Module, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
-    """Trainable parameters in up to four groups: (encoder | rest) x (decay | no decay).
+def param_groups(model: nn.Module, lr: float, encoder_lr: float, weight_decay: float,
+                 id_lr: float = 0.0, id_weight_decay: float = 0.0) -> list[dict]:
+    """Trainable parameters in up to four groups: (encoder | rest) x (decay | no decay), plus the
+    hybrid's per-item vectors in a group of their own (``id_lr``, 0 = ``lr``; ``id_weight_decay``).
 
     The model names its item-encoder backbone parameters (``model.param_groups()["encoders"]``);
     matrices decay, biases, norms and embedding tables do not.
     """
     split = model.param_groups() if hasattr(model, "param_groups") else {"rest": list(model.parameters())}
     enc_ids = {id(p) for p in split.get("encoders", [])}
+    residual = getattr(model, "item_residual", None)
+    res_ids = {id(p) for p in residual.parameters()} if residual is not None else set()
     groups: dict[tuple[bool, bool], list] = {}
+    out = []
+    res = [p for p in model.parameters() if p.requires_grad and id(p) in res_ids]
+    if res:
+        out.append({"params": res, "lr": id_lr or lr, "weight_decay": id_weight_decay, "name": "id_residual"})
     for n, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in res_ids:
             continue
         enc = id(p) in enc_ids
         decay = p.dim() >= 2 and not any(k in n.lower() for k in ("norm", "embed", "bias", "modality"))
         groups.setdefault((enc, decay), []).append(p)
-    out = []
     for (enc, decay), params in sorted(groups.items()):
         out.append({"params": params, "lr": encoder_lr if enc else lr,
                     "weight_decay": weight_decay if decay else 0.0,
@@ -48,7 +56,8 @@ def param_groups(model: nn.Module, lr: float, encoder_lr: float, weight_decay: f
 def make_optimizer(model: nn.Module, cfg, *, flat: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`; ``flat=True`` gives :class:`FlatAdamW` (for DeepSpeed
     without ZeRO and without bf16, where nothing else flattens the weights)."""
-    groups = param_groups(model, cfg.lr, cfg.encoder_lr, cfg.weight_decay)
+    groups = param_groups(model, cfg.lr, cfg.encoder_lr, cfg.weight_decay, getattr(cfg, "id_lr", 0.0),
+                          getattr(cfg, "id_weight_decay", 0.0))
     if not groups:
         raise ValueError("the model has no trainable parameters")
     if flat:

@@ -13,14 +13,27 @@ import torch
 from transrec.engine.data import make_loader, open_data
 from transrec.engine.evaluate import encode_catalogue, evaluate
 from transrec.engine.export import load_run
-from transrec.engine.tracking import bars_enabled
+from transrec.engine.tracking import bars_enabled, say
 from transrec.errors import UserError
+from transrec.shards.dataset import Dataset
 
 
 def load_run_model(run: str | Path):
     """(config, model in eval mode with the latest checkpoint's weights, checkpoint manifest)."""
     cfg, model, man = load_run(run)
     return cfg, model.eval(), man
+
+
+def _other_catalogue(model, cfg, ds) -> bool:
+    """True when ``model`` has per-item vectors (the hybrid) and ``ds`` holds other items than the
+    dataset they were trained on (or that dataset cannot be read to tell)."""
+    if getattr(model, "item_residual", None) is None:
+        return False
+    try:
+        trained = Dataset.open(cfg.data.path)
+    except (OSError, UserError):
+        return True
+    return list(trained.item_ids) != list(ds.item_ids)
 
 
 def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "valid,test",
@@ -38,7 +51,11 @@ def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "val
         raise UserError(f"{data}: the ID model of {run} knows {man.get('n_items')} items, this dataset "
                         f"has {ds.n_items}; ID models evaluate on their own catalogue only")
     chunk = item_chunk or cfg.eval.item_chunk
-    emb = encode_catalogue(model, content, chunk=chunk, device=device, show=show)
+    content_only = _other_catalogue(model, cfg, ds)
+    if content_only:
+        say(f"{data}: not the catalogue the model's per-item vectors were trained on; its items are "
+            "scored by their content alone")
+    emb = encode_catalogue(model, content, chunk=chunk, device=device, show=show, content_only=content_only)
     out = {"run": str(run), "step": man["client"]["step"], "data": str(data or cfg.data.path),
            "protocol": {"exclude_history": cfg.eval.exclude_history}}
     for split in [s.strip() for s in splits.split(",") if s.strip()]:

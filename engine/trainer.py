@@ -260,8 +260,16 @@ class Trainer:
 
     def _build_model(self):
         model = build_model(self.cfg.model, n_items=self.ds.n_items)
-        if self.cfg.run.init_from:
-            model.load_export(self.cfg.run.init_from, strict=False)
+        if self.cfg.run.init_from:  # per-item vectors belong to the export's catalogue: on another
+            # catalogue (a transfer) they start at zero, on the same one they carry on
+            from transrec.models.export import read_export  # noqa: PLC0415
+            from transrec.shards.format import unsanitize_key  # noqa: PLC0415
+
+            ids = read_export(self.cfg.run.init_from).get("item_ids")
+            same = ids is not None and ids == [unsanitize_key(k) for k in self.ds.item_ids]
+            model.load_export(self.cfg.run.init_from, strict=False, catalogue=same)
+        if hasattr(model, "set_seen_items"):
+            model.set_seen_items(np.asarray(self.ds.train_count) > 0)
         return model
 
     @property

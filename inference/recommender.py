@@ -107,7 +107,7 @@ class Recommender:
     """
 
     def __init__(self, model: SequentialRecommender, cfg, *, device="cpu", source: str = "",
-                 score_chunk: int = SCORE_CHUNK):
+                 score_chunk: int = SCORE_CHUNK, item_ids: Sequence[str] | None = None):
         if int(score_chunk) < 1:
             raise UserError(f"score_chunk must be at least 1, got {score_chunk}")
         self.device = _device(device)
@@ -129,16 +129,29 @@ class Recommender:
         self._by_key: dict[str, int] = {}  # content key -> row
         self._pool: dict[str, int] = {}  # item id -> row (insertion order = pool order)
         self._pool_cache: tuple[list[str], torch.Tensor] | None = None
+        # The hybrid (model.item.id_residual): item id -> row of the model's per-item vectors, for
+        # the items of its training catalogue that training saw; every other item is its content.
+        self._own: dict[str, int] = {}
+        table = getattr(self.model, "item_residual", None)
+        if table is not None:
+            ids = list(item_ids or [])
+            if len(ids) != int(table.weight.shape[0]):
+                raise UserError(f"{source or 'the model'}: the per-item vectors need the ids of the "
+                                f"{int(table.weight.shape[0])} items they were trained on (the export's "
+                                f"export.json item_ids has {len(ids)}); export the run again")
+            seen = self.model.item_seen.cpu().numpy()
+            self._own = {str(i): r for r, i in enumerate(ids) if seen[r]}
 
     @classmethod
     def from_export(cls, path: str | Path, device=None, *, score_chunk: int = SCORE_CHUNK) -> Recommender:
         """The export's model (full or adapter export) on ``device`` (default: CUDA when present);
         ``score_chunk``: candidates scored per product (memory: ``eval.batch_size × score_chunk``
         float32 scores at a time)."""
-        read_export(path)
+        meta = read_export(path)
         cfg = export_config(path)
         model = SequentialRecommender.from_export(path)
-        return cls(model, cfg, device=device, source=str(path), score_chunk=score_chunk)
+        return cls(model, cfg, device=device, source=str(path), score_chunk=score_chunk,
+                   item_ids=meta.get("item_ids"))
 
     def __repr__(self) -> str:
         return (f"Recommender({self.source!r}, kind={self.kind}, items={len(self._pool)}, "
@@ -171,10 +184,23 @@ class Recommender:
             self._rows = [self._table]
         return self._table
 
-    def _join(self, ids: Sequence[str], rows: np.ndarray) -> None:
+    def _join(self, ids: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """Put ``ids`` in the pool at the content rows ``rows``; with the hybrid, an id the model
+        trained a vector for gets a row of its own, content + vector. Returns the rows used."""
+        ids = [str(i) for i in ids]
+        rows = np.asarray(rows, dtype=np.int64).copy()
+        own = [(j, self._own[i]) for j, i in enumerate(ids) if i in self._own]
+        if own:
+            at = np.asarray([j for j, _ in own], dtype=np.int64)
+            weight = self.model.item_residual.weight
+            with torch.no_grad():
+                vec = weight[torch.as_tensor([r for _, r in own], dtype=torch.long, device=weight.device)]
+                content = self._all()[torch.as_tensor(rows[at], device=self.device)]
+                rows[at] = self._add_rows(content + vec.float().to(self.device))
         for i, r in zip(ids, rows.tolist()):
-            self._pool[str(i)] = int(r)
+            self._pool[i] = int(r)
         self._pool_cache = None
+        return rows
 
     def _candidates(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
         """(ids, rows of the table) of the pool or of ``ids`` (each must be in the pool)."""
@@ -226,7 +252,7 @@ class Recommender:
                     raise UserError(f"ids: {len(item_ids)} ids for {len(raws)} items (titles, then images)")
         rows = self._encode_raw(raws, progress)
         if item_ids is not None:
-            self._join(item_ids, rows)
+            rows = self._join(item_ids, rows)
         return self._all()[torch.as_tensor(rows, device=self.device)]
 
     def _encode_dataset(self, data, progress) -> torch.Tensor:
@@ -237,13 +263,14 @@ class Recommender:
                 raise UserError(f"{data}: the ID model knows {n_known} items, this dataset has {ds.n_items}; "
                                 "an ID model recommends from its own catalogue only")
         show = progress if progress is not None else ds.n_items > 4 * self.chunk
-        emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show)
+        emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show,
+                               content_only=True)
         rows = self._add_rows(emb)
         valid = np.asarray(getattr(content, "valid", np.ones(ds.n_items, dtype=bool)), dtype=bool)
         ids = [unsanitize_key(k) for k in ds.item_ids]
         keep = np.flatnonzero(valid)
-        self._join([ids[i] for i in keep], rows[keep])
-        return emb
+        rows[keep] = self._join([ids[i] for i in keep], rows[keep])
+        return self._all()[torch.as_tensor(rows, device=self.device)]
 
     def _need_content(self, what: str) -> None:
         if self.kind == "id":
@@ -315,7 +342,8 @@ class Recommender:
                 images = np.stack([r.pixels for r in new if r.modality == IMAGE])
             content = ArrayContent(mod, row, tokens, lengths, images)
             show = progress if progress is not None else len(new) > 4 * self.chunk
-            emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show)
+            emb = encode_catalogue(self.model, content, chunk=self.chunk, device=self.device, show=show,
+                                   content_only=True)
             for r, i in zip(new, self._add_rows(emb).tolist()):
                 self._by_key[r.key] = i
         return np.asarray([self._by_key[r.key] for r in raws], dtype=np.int64)

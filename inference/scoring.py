@@ -69,10 +69,12 @@ def eval_mode(net: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
-                  show: bool = False, before_chunk=None) -> list[torch.Tensor]:
+                  show: bool = False, before_chunk=None, content_only: bool = False) -> list[torch.Tensor]:
     """float32 embeddings of the items ``[s, s + chunk)`` (clipped to the catalogue) for each start
     ``s``, in eval mode; ``show``: a progress bar on stderr; ``before_chunk()``, when given, runs
-    before each chunk (a caller's chance to stop: whatever it raises goes up)."""
+    before each chunk (a caller's chance to stop: whatever it raises goes up). ``content_only``:
+    without the hybrid's per-item vectors (``content``'s indices are not rows of the model's
+    training catalogue)."""
     net = unwrap(model)
     n = int(content.n_items)
     outs = []
@@ -83,23 +85,25 @@ def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
                 before_chunk()
             items = np.arange(s, min(s + chunk, n), dtype=np.int64)
             text, image = content.gather(items)
+            extra = {"residual": False} if content_only and getattr(net, "item_residual", None) is not None \
+                else {}
             emb = net.encode_items(torch.from_numpy(items).to(device),
                                    text.to(device) if text is not None else None,
-                                   image.to(device) if image is not None else None)
+                                   image.to(device) if image is not None else None, **extra)
             outs.append(emb.float())
     return outs
 
 
 @torch.no_grad()
 def encode_catalogue(model, content, *, chunk: int, device, show: bool = True,
-                     before_chunk=None) -> torch.Tensor:
+                     before_chunk=None, content_only: bool = False) -> torch.Tensor:
     """``[n_items, d]`` float32 embeddings of every item of ``content`` (eval mode, ``chunk`` items
-    per encoder pass, in one process; ``before_chunk`` as in :func:`encode_chunks`)."""
+    per encoder pass, in one process; ``before_chunk``, ``content_only`` as in :func:`encode_chunks`)."""
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     starts = list(range(0, int(content.n_items), chunk))
     return torch.cat(encode_chunks(model, content, starts, chunk=chunk, device=device, show=show,
-                                   before_chunk=before_chunk))
+                                   before_chunk=before_chunk, content_only=content_only))
 
 
 @torch.no_grad()

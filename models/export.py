@@ -24,6 +24,7 @@ from transrec.config import Config, from_dict, load_yaml, save_yaml
 from transrec.errors import ConfigError, UserError
 from transrec.locking import pid_alive
 from transrec.models.lora import load_base_weights
+from transrec.storage import WriteFailed, check_space, failure_line, guarded_write, is_write_failure
 
 EXPORT_FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -48,16 +49,21 @@ def export_config(path: str | Path) -> Config:
     return from_dict(load_yaml(Path(path) / "config.yaml"))
 
 
-def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
+def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool = True,
+                     skip: tuple[str, ...] = ()) -> None:
     """Load an export into ``model`` (which may carry LoRA adapters the export lacks).
 
     A "full" export fills every non-adapter weight (strict: all must be present); an "adapter" export
-    first loads its base export, then its own tensors (every one must exist in the model).
+    first loads its base export, then its own tensors (every one must exist in the model). Keys
+    starting with one of ``skip`` are left as the model has them (e.g. the hybrid's per-item vectors,
+    which belong to the export's catalogue, on another one).
     """
     meta = read_export(path)
     sd = load_file(str(Path(path) / WEIGHTS))
+    if skip:
+        sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
     if meta["kind"] == "adapter":
-        load_export_into(model, meta["base"], strict=strict)
+        load_export_into(model, meta["base"], strict=strict, skip=skip)
         own = model.state_dict()
         unknown = [k for k in sd if k not in own]
         if unknown:
@@ -69,7 +75,7 @@ def load_export_into(model: torch.nn.Module, path: str | Path, *, strict: bool =
         if "item_emb.weight" in own and own["item_emb.weight"].shape != sd.get("item_emb.weight", own[
                 "item_emb.weight"]).shape:
             raise ConfigError(f"{path}: an ID model's item table does not transfer to another catalogue")
-    load_base_weights(model, sd, strict=strict)
+    load_base_weights(model, sd, strict=strict, skip=skip)
 
 
 def check_export_target(out: str | Path, *, overwrite: bool = False,
@@ -111,13 +117,19 @@ def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config,
                  overwrite: bool = False, protect: dict[str, str | Path] | None = None) -> Path:
     """Write an export folder: built beside ``out`` under a temporary name, then renamed into place,
     so a killed write never leaves a half export under ``out``. What ``out`` may be:
-    :func:`check_export_target`; an earlier export there is replaced only once the new one is whole."""
+    :func:`check_export_target`; an earlier export there is replaced only once the new one is whole.
+    Too little free space for the weights stops before writing; a write that fails (a full disk, a
+    quota) removes the temporary and raises :class:`~transrec.storage.WriteFailed` (one line, exit 74),
+    the earlier export untouched."""
     check_export_target(out, overwrite=overwrite, protect=protect)
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"export refused: {len(bad)} weight tensors hold NaN or inf (first {bad[0]}): "
                         "the run diverged; export an earlier checkpoint or retrain with a lower optim.lr")
     out = Path(out)
+    what, basis = "writing the export", "its weights' size"
+    needed = sum(int(t.nbytes) for t in tensors.values()) + 64 * 1024  # + safetensors header, config
+    check_space(what, out, needed, basis=basis)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(out)
@@ -126,10 +138,14 @@ def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config,
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteFailed(failure_line(what, out, needed=needed, written=None,
+                                           reason=exc.strerror or str(exc), basis=basis)) from None
         raise UserError(f"{out}: cannot write the export there ({exc.strerror or exc})") from None
-    save_file(tensors, str(tmp / WEIGHTS))
-    save_yaml(cfg, tmp / "config.yaml")
-    (tmp / META).write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
+    with guarded_write(what, out, tmp, needed=needed, basis=basis):
+        save_file(tensors, str(tmp / WEIGHTS))
+        save_yaml(cfg, tmp / "config.yaml")
+        (tmp / META).write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.rename(out, old)  # the previous export stays whole until the new one is in place

@@ -125,17 +125,20 @@ def merge_lora(model: nn.Module) -> int:
     return merged
 
 
-def load_base_weights(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True):
+def load_base_weights(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True,
+                      skip: tuple[str, ...] = ()):
     """Load a plain state dict (e.g. a full-weights export) into a model that may carry LoRA.
 
     Keys of wrapped layers (``x.base_layer.weight``) are filled from ``x.weight``; adapter weights
     keep their initialisation; the loss's training state (``STATE_PREFIX``) is not a weight and
-    keeps its own. With ``strict`` every non-adapter key must be present.
+    keeps its own, and so do the keys starting with one of ``skip`` (on either side). With
+    ``strict`` every other non-adapter key must be present.
     """
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
     out, missing = {}, []
     for k in own:
-        if is_lora_param(k) or k.startswith(STATE_PREFIX):
+        if is_lora_param(k) or k.startswith(STATE_PREFIX) or (skip and k.startswith(skip)):
             continue
         src = k if k in state else k.replace(".base_layer", "")
         if src in state:

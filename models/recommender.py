@@ -58,6 +58,9 @@ def _bn_stats_frozen(module: nn.Module):
             m.momentum = mom
 
 
+CATALOGUE_KEYS = ("item_residual.", "item_seen")  # state of one catalogue's items (the hybrid's)
+
+
 class SequentialRecommender(nn.Module):
     """What TransRec and the ID baseline share: user encoder, loss, training forward, and the export
     folder they are saved to and loaded from (:mod:`transrec.models.export`)."""
@@ -79,10 +82,12 @@ class SequentialRecommender(nn.Module):
         load_export_into(model, path, strict=True)
         return model.eval()
 
-    def load_export(self, path: str | Path, *, strict: bool = True) -> None:
+    def load_export(self, path: str | Path, *, strict: bool = True, catalogue: bool = True) -> None:
         """Load an export's weights into this model (built with adapters or another trainable set:
-        ``strict=False`` leaves what the export lacks at its initialisation)."""
-        load_export_into(self, path, strict=strict)
+        ``strict=False`` leaves what the export lacks at its initialisation). ``catalogue=False``:
+        the export's per-item vectors (the hybrid's, which belong to its own catalogue) are not
+        loaded, this model's stay as they are (zero when new): a transfer to other items."""
+        load_export_into(self, path, strict=strict, skip=() if catalogue else CATALOGUE_KEYS)
 
     def save_export(self, path: str | Path, cfg: Config, meta: dict,
                     tensors: dict[str, torch.Tensor] | None = None, **write_options) -> Path:
@@ -199,6 +204,40 @@ class TransRec(SequentialRecommender):
             nn.init.normal_(self.modality.weight, std=0.02)
         # Run an absent modality's encoder on a dummy input (see the module docstring).
         self.run_absent_encoders = True
+        # The hybrid (model.item.id_residual): a learned vector per item of the training catalogue,
+        # zero at the start, added to the content embedding of the items seen in training.
+        self.item_residual: nn.Embedding | None = None
+        if cfg.item.id_residual:
+            if not n_items:
+                raise ConfigError("model.item.id_residual needs the number of items of the training "
+                                  "catalogue (build_model's n_items)")
+            self.item_residual = nn.Embedding(int(n_items), self.dim)
+            nn.init.zeros_(self.item_residual.weight)
+            self.register_buffer("item_seen", torch.zeros(int(n_items), dtype=torch.bool))
+
+    def set_seen_items(self, seen) -> None:
+        """Which items of the training catalogue have a vector of their own (``[n_items]`` bool:
+        the items training reads); the others are their content alone. No-op without the hybrid."""
+        if self.item_residual is None:
+            return
+        seen = torch.as_tensor(np.asarray(seen, dtype=bool))
+        if seen.shape != self.item_seen.shape:
+            raise ConfigError(f"model.item.id_residual: the table has {self.item_seen.shape[0]} items, the "
+                              f"dataset {seen.shape[0]}; the vectors belong to one catalogue")
+        self.item_seen.copy_(seen.to(self.item_seen.device))
+
+    def residual(self, unique_items: torch.Tensor, dtype) -> torch.Tensor | None:
+        """The per-item vectors of ``unique_items`` (zero for an item not seen in training; during
+        training each dropped with probability ``model.item.id_dropout``), or None without the hybrid."""
+        if self.item_residual is None:
+            return None
+        idx = unique_items.to(self.item_seen.device)
+        keep = self.item_seen[idx]
+        p = float(self.cfg.item.id_dropout)
+        if self.training and p > 0:
+            keep = keep & (torch.rand(idx.shape, device=idx.device) >= p)
+        vec = self.item_residual(idx)  # through the module: ZeRO-3 gathers the table in its hooks
+        return vec.to(dtype) * keep[:, None].to(dtype)
 
     def item_encoders(self) -> dict[str, nn.Module]:
         return {"text": self.text_encoder, "image": self.image_encoder}
@@ -213,8 +252,10 @@ class TransRec(SequentialRecommender):
         return self.text_encoder.proj.weight.device
 
     def encode_items(self, unique_items: torch.Tensor, text: TextContent | None,
-                     image: ImageContent | None) -> torch.Tensor:
-        """[U, d]: one pass per modality over the unique items, scattered back by ``index``."""
+                     image: ImageContent | None, *, residual: bool = True) -> torch.Tensor:
+        """[U, d]: one pass per modality over the unique items, scattered back by ``index``; with the
+        hybrid, plus each training-catalogue item's own vector (``residual=False``: content alone,
+        for items whose ids are not rows of the training catalogue)."""
         n = int(unique_items.shape[0])
         parts, zero_terms = [], []
         cached = any(c is not None and c.prefix is not None for c in (text, image))
@@ -239,6 +280,8 @@ class TransRec(SequentialRecommender):
             table = table.index_copy(0, idx, emb.to(table.dtype))
         for z in zero_terms:
             table = table + 0.0 * z.to(table.dtype)
+        if residual and self.item_residual is not None:
+            table = table + self.residual(unique_items, table.dtype).to(table.device)
         return table
 
     # -- catalogue negatives (see LossConfig) -----------------------------------------------------
@@ -301,7 +344,7 @@ class TransRec(SequentialRecommender):
             r, sel = content_rows(batch.image.index)
             pre = batch.image.prefix[r] if batch.image.prefix is not None else None
             image = ImageContent(batch.image.pixels[r], positions[sel], pre)
-        per_pos = self.encode_items(positions, text, image)  # [P, d]
+        per_pos = self.encode_items(batch.unique_items.to(dev)[rows], text, image)  # [P, d]
         full = torch.zeros(*mask.shape, per_pos.shape[1], dtype=per_pos.dtype, device=dev)
         full = full.index_put((mask.nonzero(as_tuple=True)), per_pos)
         first = torch.full((u,), p, dtype=torch.long, device=dev).scatter_reduce(0, rows, positions, "amin")

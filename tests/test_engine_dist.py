@@ -184,7 +184,9 @@ def _spec(tmp: Path, data: str, name: str, what: str, overrides: list[str], **kw
 # pushes both ranks' items) under ZeRO-2, and the catalogue table re-encoded every 5 steps (both
 # ranks encode their share in lockstep, gathered) under ZeRO-3, the hardest stage for encoders.
 NEGATIVES = {2: ["model.loss.negatives=memory", "model.loss.memory_size=96"],
-             3: ["model.loss.negatives=catalogue", "model.loss.catalogue_refresh=5"]}
+             3: ["model.loss.negatives=catalogue", "model.loss.catalogue_refresh=5",
+                 # and the hybrid items: a per-item vector table partitioned like any weight
+                 "model.item.id_residual=true", "model.item.id_dropout=0.1", "optim.id_lr=0.01"]}
 
 
 @pytest.mark.slow
@@ -222,6 +224,10 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     assert loaded.keys() == trained.keys()
     for name in trained:
         assert torch.equal(loaded[name], trained[name]), name
+    seen = fresh.item_seen.numpy()  # the hybrid's vectors: trained for the items training read
+    moved = torch.linalg.vector_norm(fresh.item_residual.weight.detach(), dim=1).numpy() > 0
+    assert moved.any() and not moved[~seen].any()
+    assert len(json.loads((exp / "export.json").read_text())["item_ids"]) == seen.shape[0]
     fresh.eval()
     _, content = open_data(cfg, world_data)
     got = encode_catalogue(fresh, content, chunk=16, device="cpu", show=False)

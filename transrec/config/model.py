@@ -146,6 +146,20 @@ class LossConfig:
 
 
 @dataclass
+class ItemConfig:
+    """How a content model represents an item beyond its content."""
+
+    # The hybrid: an item seen in training is its content embedding plus a learned vector of its own
+    # (zero at the start, so the model begins as the content model); an item the table has not seen
+    # (held out of training, new, from another catalogue) is its content alone. Learning rate and
+    # weight decay: optim.id_lr, optim.id_weight_decay.
+    id_residual: bool = False
+    # probability that a training item's vector is left out for a step (per item), so the content
+    # path keeps learning what the vectors could otherwise absorb
+    id_dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     """A TransRec model (content encoders + user encoder) or the ID-based SASRec baseline."""
 
@@ -155,6 +169,7 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     user: UserEncoderConfig = field(default_factory=UserEncoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    item: ItemConfig = field(default_factory=ItemConfig)
     modality_embedding: bool = True
     n_items: int = 0  # ID model only (build_model's n_items wins when given)
 
@@ -208,7 +223,11 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if lo.negatives in ("memory", "catalogue"):
         _check(lo.kind == "softmax", f"model.loss.negatives={lo.negatives} needs model.loss.kind=softmax "
                f"(bce samples its negatives from the batch)")
+    it = cfg.item
+    _check(0.0 <= it.id_dropout < 1.0, f"model.item.id_dropout must be in [0, 1), got {it.id_dropout}")
     if cfg.kind == "id":
+        _check(not it.id_residual, "model.item.id_residual is for content models (model.kind=transrec); "
+               "the ID model's items are their vectors already")
         return
     t, im = cfg.text, cfg.image
     _check(t.max_len >= 1, f"model.text.max_len must be >= 1, got {t.max_len}")

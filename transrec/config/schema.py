@@ -67,6 +67,8 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warmup from 0, then cosine to min_lr_ratio x lr
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global L2 norm; 0 disables (it is always written to the DeepSpeed JSON)
+    id_lr: float = 0.0  # the per-item vectors of model.item.id_residual (0 = optim.lr)
+    id_weight_decay: float = 0.0  # their weight decay (pulls an item's vector back to its content)
 
 
 @dataclass
@@ -155,11 +157,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not 0 <= cfg.data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {cfg.data.max_skip_rate}")
     o = cfg.optim
-    for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip"):
+    for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip",
+                "id_lr", "id_weight_decay"):
         if not math.isfinite(getattr(o, key)):
             raise ConfigError(f"optim.{key} must be a finite number, got {getattr(o, key)}")
-    if o.lr <= 0 or o.encoder_lr < 0:
-        raise ConfigError("optim.lr must be positive and optim.encoder_lr non-negative")
+    if o.lr <= 0 or o.encoder_lr < 0 or o.id_lr < 0 or o.id_weight_decay < 0:
+        raise ConfigError("optim.lr must be positive and optim.encoder_lr, optim.id_lr, "
+                          "optim.id_weight_decay non-negative")
     if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
     if o.grad_clip < 0:
