@@ -119,6 +119,7 @@ def test_early_stop_keeps_the_best_through_pruning_and_reports_it(data, tmp_path
     assert "steps with a checkpoint: 10, 20" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_and_the_patience_count(data, tmp_path, scripted, capsys):
     run = tmp_path / "r"
     tr = make(data, run)

@@ -84,6 +84,7 @@ def _cli(argv):
                           cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow
 def test_corrupt_images_stop_the_run_above_the_threshold_and_are_reported_below(tmp_path):
     data = tmp_path / "data"
     assert _cli(["shards", "synth", "--domain", "target", "--out", str(data), "--users", "40", "--items",

@@ -169,6 +169,7 @@ def _two_ranks(rank: int, port: int, data: str, out: str, stage: int) -> None:
     tr.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2])
 def test_two_ranks_agree_to_skip_when_one_rank_sees_nan(data, tmp_path, stage):
     run_ranks(_two_ranks, str(data), str(tmp_path / "r"), stage, world=2, timeout=180)

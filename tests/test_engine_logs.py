@@ -64,6 +64,7 @@ TRAIN = ["--preset", "tiny", "optim.steps=6", "run.log_every=2", "eval.every=4",
          "run.tensorboard=false"]
 
 
+@pytest.mark.slow
 def test_redirected_train_gives_the_result_on_stdout_and_plain_lines_on_stderr(data, tmp_path):
     out, err = _run(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TRAIN], tmp_path, "train")
     assert out.endswith("\n") and out.count("\n") == 1, out
@@ -80,6 +81,7 @@ def test_redirected_train_gives_the_result_on_stdout_and_plain_lines_on_stderr(d
     assert f"ndcg@10 {result['test_ndcg@10']:.4f}" in final_test
 
 
+@pytest.mark.slow
 def test_an_early_stop_and_the_best_steps_evaluations_are_lines_on_stderr_naming_that_step(data, tmp_path):
     # weights that do not move (a learning rate of 1e-30; the ID model has no BatchNorm statistics
     # either): no validation improves on the first, so step 2 is the best and patience 1 stops at 4
@@ -107,6 +109,7 @@ def test_an_early_stop_and_the_best_steps_evaluations_are_lines_on_stderr_naming
     assert evals[-1] == eval_line("test", 2, ev["best"]["test"], best=True)
 
 
+@pytest.mark.slow
 def test_progress_on_draws_bars_even_into_a_file_and_off_is_honoured_by_transfer(data, tmp_path):
     out, err = _run(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TRAIN, "optim.steps=2",
                      "eval.every=0", "run.progress=on"], tmp_path, "bars")

@@ -261,6 +261,7 @@ def test_the_inference_room_imports_no_training_stack(path):
     assert not bad, f"inference/{path.name} imports {bad}"
 
 
+@pytest.mark.slow
 def test_the_serving_benchmark_runs_quick(tmp_path):
     csv = ROOT / "benchmarks" / "results" / "recommend.csv"
     before = csv.read_bytes() if csv.is_file() else None

@@ -96,6 +96,7 @@ def test_gpu_code_path_dry_run_keeps_going_past_failing_providers(tmp_path, monk
     assert list(tmp_path.glob("kernels_*.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU dry run of the Triton stages "
                     "needs TRITON_INTERPRET=1 (set by conftest where there is no GPU)")
 def test_design_sweep_dry_run(tmp_path, monkeypatch):

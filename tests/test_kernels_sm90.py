@@ -43,6 +43,7 @@ def _python(*args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
     from transrec.kernels.triton_config import CHECK_D, LAUNCH_DTYPES, SMEM_LIMIT, table
 
@@ -71,6 +72,7 @@ def test_every_reachable_specialisation_fits_in_shared_memory(tmp_path):
                     assert len(mine) == switches * len(want), (stage, dclass, d, name, len(mine))
 
 
+@pytest.mark.slow
 def test_check_sees_the_launch_specialisation():
     """The check compiles what the card would: a backward config at D = 768 whose q tiles are copied
     asynchronously into shared memory (unit strides, aligned rows) needs more than the limit, and the

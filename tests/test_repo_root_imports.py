@@ -48,6 +48,7 @@ def test_python_c_in_the_root_imports_the_project_and_the_installed_kernels():
     assert Path(out.strip().splitlines()[-1]).resolve().parent == installed
 
 
+@pytest.mark.slow
 def test_the_cli_in_the_root_trains_a_model(tmp_path):
     assert "usage: transrec" in _ok(_run(["-m", "transrec.cli", "--help"]))
     _ok(_run(["-m", "transrec.cli", "shards", "synth", "--domain", "target", "--out", str(tmp_path / "data"),
@@ -57,6 +58,7 @@ def test_the_cli_in_the_root_trains_a_model(tmp_path):
     assert '"step": 1' in out
 
 
+@pytest.mark.slow
 def test_pytest_in_the_root_collects_model_and_engine_tests():
     out = _ok(_run(["-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "tests/test_models.py",
                     "tests/test_engine_guard.py"]))
@@ -82,7 +84,9 @@ def test_bare_names_are_the_installed_distributions(tmp_path):
     assert _ok(_run(["-c", code], {"PYTHONPATH": str(site)})).strip() == "ok"
 
 
-@pytest.mark.parametrize("name", [n for n in PACKAGES if n != "kernels"])
+# one name in the fast lane (pytest -m "not slow"), every name in the full suite
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "engine" else pytest.mark.slow)
+                                  for n in PACKAGES if n != "kernels"])
 def test_a_bare_name_with_nothing_installed_is_not_found(name):
     code = (f"try:\n    import {name}\nexcept ModuleNotFoundError as exc:\n    print(exc)\n"
             f"else:\n    raise SystemExit('the folder {name}/ answered a bare import')\n"
