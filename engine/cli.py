@@ -132,7 +132,13 @@ def cmd_transfer(args) -> int:
 def cmd_compare(args) -> int:
     _env()
     _quiet_deepspeed()
-    from transrec.engine.transfer import MODES, compare, format_table  # lazy: fast --help
+    from transrec.engine.transfer import (  # lazy: fast --help
+        MODES,
+        budget_table,
+        compare,
+        format_table,
+        leaders_line,
+    )
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -140,11 +146,26 @@ def cmd_compare(args) -> int:
 
         raise UserError(f"--modes: unknown mode {bad[0]!r}; modes: {', '.join(MODES)}")
     overrides = list(args.overrides)
-    if args.steps:
-        overrides.append(f"optim.steps={args.steps}")
-    rows = compare(args.pretrained, args.data, args.out, modes=modes, id_baseline=not args.no_id,
-                   topk=args.topk, overrides=overrides)
+    try:
+        budgets = [int(b) for b in str(args.steps or "").split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--steps: optimizer steps, one number or several (30,100,300), got "
+                        f"{args.steps!r}") from None
+    if any(b < 1 for b in budgets):
+        raise UserError(f"--steps: budgets must be positive, got {args.steps!r}")
+    if len(budgets) == 1:
+        overrides.append(f"optim.steps={budgets[0]}")
+    rows = _exit_code(lambda: compare(args.pretrained, args.data, args.out, modes=modes,
+                                      id_baseline=not args.no_id, topk=args.topk, overrides=overrides,
+                                      budgets=budgets if len(budgets) > 1 else None))
+    if isinstance(rows, int):
+        return rows
     print(format_table(rows))
+    if len(budgets) > 1:
+        print()
+        print(budget_table(rows))
+        print(leaders_line(rows))
+        print(f"budget curve: {args.out}/budget.png, {args.out}/budget.csv")
     print(f"table and plot: {args.out}/compare.md, {args.out}/compare.png")
     return 0
 
@@ -269,15 +290,19 @@ def register(sub) -> None:
         formatter_class=_RAW,
         description="Runs each mode with the same budget, evaluates on valid/test, writes "
                     "OUT/compare.{md,csv,json,png}.",
-        epilog="example:\n  transrec compare --pretrained exports/a --data data/target --out runs/cmp "
-               "--modes scratch,full,topk,lora --steps 100")
+        epilog="examples:\n  transrec compare --pretrained exports/a --data data/target --out runs/cmp "
+               "--modes scratch,full,topk,lora --steps 100\n"
+               "  transrec compare --pretrained exports/a --data data/target --out runs/curve "
+               "--steps 30,100,300")
     p.add_argument("--pretrained", required=True, help="export folder")
     p.add_argument("--data", required=True, help="target dataset folder")
     p.add_argument("--out", required=True, help="folder for the runs and the table")
     p.add_argument("--modes", default="scratch,full,lora", help="comma-separated (default: %(default)s)")
     p.add_argument("--no-id", action="store_true", help="leave out the ID-based SASRec baseline")
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps per run")
+    p.add_argument("--steps", "--budgets", default="", metavar="N[,N...]",
+                   help="optimizer steps per run; several (e.g. 30,100,300) run every mode at each budget "
+                        "and write the budget curve OUT/budget.{png,csv,md}")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     p.set_defaults(func=cmd_compare)
 

@@ -5,11 +5,13 @@
 2. pretrain a tiny TransRec (text + image item encoders, transformer user encoder) on the source;
 3. export its consolidated weights;
 4. on the scarce target, train scratch vs pretrained-full vs pretrained-LoRA TransRec and the
-   ID-based SASRec with the same budget, evaluate by full ranking, print one table and write plots.
+   ID-based SASRec at three budgets of optimizer steps (each run keeps its best step by validation),
+   evaluate by full ranking, and print the table at the smallest budget, the budget curve (test
+   NDCG@10 per mode and budget) and one line naming the leader at each budget.
 
 Everything lands in ``--out`` (default ``demo_out``): ``data/``, ``pretrain/`` (a run folder),
-``pretrained/`` (the export), ``target/<mode>/`` (run folders), ``target/compare.{md,csv,json,png}``,
-``pretrain.png`` and ``demo.json``.
+``pretrained/`` (the export), ``target/steps-N/<mode>/`` (run folders per budget),
+``target/compare.{md,csv,json,png}``, ``target/budget.{md,csv,png}``, ``pretrain.png`` and ``demo.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transrec.engine.export import export_run
 from transrec.engine.plot import plot_runs
 from transrec.engine.tracking import say as log_line
 from transrec.engine.trainer import Trainer
-from transrec.engine.transfer import compare, format_table
+from transrec.engine.transfer import budget_leaders, budget_table, compare, format_table, leaders_line
 from transrec.errors import UserError
 from transrec.shards.synth import synthesize
 
@@ -37,7 +39,7 @@ class DemoSize:
     target_users: int
     target_items: int
     pretrain_steps: int
-    target_steps: int
+    target_budgets: tuple[int, ...]  # optimizer steps on the target: the first is the main table's
     batch_size: int
     target_batch_size: int
 
@@ -45,10 +47,10 @@ class DemoSize:
 SIZES = {
     # Sized for a 2-core CPU: a few minutes in all, pretrained > scratch on target NDCG@10.
     "full": DemoSize(source_users=2000, source_items=600, target_users=300, target_items=300,
-                     pretrain_steps=120, target_steps=30, batch_size=64, target_batch_size=32),
+                     pretrain_steps=120, target_budgets=(30, 100, 300), batch_size=64, target_batch_size=32),
     # The test suite's reduced demo: same code path, seconds.
     "reduced": DemoSize(source_users=160, source_items=80, target_users=80, target_items=60,
-                        pretrain_steps=12, target_steps=6, batch_size=16, target_batch_size=16),
+                        pretrain_steps=12, target_budgets=(6, 12), batch_size=16, target_batch_size=16),
 }
 
 _MADE = ("data", "pretrain", "pretrained", "target", "pretrain.png", "demo.json", "demo.md")
@@ -106,30 +108,41 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     say(f"source test NDCG@10 {pre.metrics['test']['ndcg@10']:.4f}; exporting weights")
     export = export_run(out / "pretrain", out / "pretrained")
 
-    target_overrides = [f"optim.steps={sz.target_steps}", f"data.batch_size={sz.target_batch_size}",
-                        f"optim.warmup_steps={max(sz.target_steps // 10, 1)}",
-                        f"run.log_every={max(sz.target_steps // 10, 1)}", "eval.every=0",
-                        f"run.seed={seed}", f"run.progress={cfg.run.progress}"]
-    say(f"transfer to the target: scratch, pretrained full, pretrained LoRA, ID SASRec "
-        f"({sz.target_steps} steps each)")
-    rows = compare(export, tgt, out / "target", modes=("scratch", "full", "lora"), id_baseline=True,
-                   overrides=target_overrides, id_overrides=["optim.lr=0.005"], show=None if show else False)
+    target_overrides = [f"data.batch_size={sz.target_batch_size}", f"run.seed={seed}",
+                        f"run.progress={cfg.run.progress}"]
+    budgets = ", ".join(str(b) for b in sz.target_budgets)
+    say(f"transfer to the target: scratch, pretrained full, pretrained LoRA, ID SASRec at {budgets} "
+        f"steps each (best step by validation)")
+    all_rows = compare(export, tgt, out / "target", modes=("scratch", "full", "lora"), id_baseline=True,
+                       overrides=target_overrides, id_overrides=["optim.lr=0.005"],
+                       show=None if show else False, budgets=sz.target_budgets)
+    first = sz.target_budgets[0]
+    rows = [r for r in all_rows if r["budget"] == first]
     plot_runs([out / "pretrain"], out / "pretrain.png")
     elapsed = time.time() - t0
     table = format_table(rows)
+    curve = budget_table(all_rows)
+    leaders = leaders_line(all_rows)
     by_mode = {r["mode"]: r for r in rows}
     gain = by_mode["full"]["test_ndcg@10"] - by_mode["scratch"]["test_ndcg@10"]
     summary = {"seconds": round(elapsed, 1), "seed": seed, "size": asdict(sz),
-               "source_test": pre.metrics.get("test", {}), "rows": rows,
+               "source_test": pre.metrics.get("test", {}), "rows": rows, "budget_rows": all_rows,
+               "leaders": [{"budget": b, "mode": m, "test_ndcg@10": v}
+                           for b, m, v in budget_leaders(all_rows)],
                "pretrained_minus_scratch_ndcg@10": round(gain, 5)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    (out / "demo.md").write_text(f"Target (test, full ranking over {sz.target_items} items):\n\n{table}\n\n"
+    head = f"Target test metrics at {first} steps (full ranking over all {sz.target_items} target items):"
+    (out / "demo.md").write_text(f"{head}\n\n{table}\n\nTest NDCG@10 by budget:\n\n{curve}\n\n{leaders}\n\n"
                                  f"elapsed {elapsed:.1f} s\n")
     if show:
         print()
-        print(f"Target test metrics (full ranking over all {sz.target_items} target items):")
+        print(head)
         print(table)
-        print(f"\npretrained (full) - scratch, test NDCG@10: {gain:+.4f}")
-        print(f"plots: {out / 'target' / 'compare.png'}, {out / 'pretrain.png'}")
+        print(f"\npretrained (full) - scratch at {first} steps, test NDCG@10: {gain:+.4f}")
+        print("\nTest NDCG@10 by budget (each run's best step by validation in brackets):")
+        print(curve)
+        print(leaders)
+        print(f"plots: {out / 'target' / 'budget.png'}, {out / 'target' / 'compare.png'}, "
+              f"{out / 'pretrain.png'}")
         print(f"elapsed: {elapsed:.1f} s")
     return summary

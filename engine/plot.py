@@ -115,3 +115,27 @@ def plot_comparison(rows: list[dict], out: str | Path, title: str = "") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_budget(rows: list[dict], out: str | Path, title: str = "", metric: str = "test_ndcg@10") -> Path:
+    """``metric`` against the optimizer-step budget, one line per mode (rows with a ``budget``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    modes = list(dict.fromkeys(r["mode"] for r in rows if "budget" in r))
+    for m in modes:
+        pts = sorted((r["budget"], r.get(metric, float("nan"))) for r in rows
+                     if r.get("mode") == m and "budget" in r)
+        ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    budgets = sorted({r["budget"] for r in rows if "budget" in r})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set(xlabel="optimizer steps on the target (log scale)", ylabel=metric.replace("_", " "),
+           title=title[:80] or "budget curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -28,13 +28,27 @@ from pathlib import Path
 
 from transrec.config import Config, LoRAConfig, parse_override, set_key
 from transrec.engine.evaluate import protocol_prefix
-from transrec.engine.plot import plot_comparison
+from transrec.engine.plot import plot_budget, plot_comparison
 from transrec.engine.tracking import say
 from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError
 from transrec.models.export import export_config, read_export
 
 MODES = ("scratch", "full", "topk", "lora")
+
+
+# The target recipe of every content mode (the overrides come after it, so any key can be set back):
+# the user encoder trains at every position of the target's sequences (causal), not at the last one
+# only. A target is small, and one target per sequence and step is what made pretrained runs peak
+# after a few dozen steps and then decline while an ID SASRec, trained at every position, kept
+# improving (docs/training.md, "Transfer recipe", has the measurements).
+TARGET_RECIPE = {"model.user.kind": "causal"}
+
+
+def apply_target_recipe(cfg: Config) -> None:
+    """Set :data:`TARGET_RECIPE` on a content model's target config."""
+    for key, value in TARGET_RECIPE.items():
+        set_key(cfg, key, value)
 
 
 def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: str | Path, *, topk: int = 2,
@@ -62,6 +76,8 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
         m.text.lora, m.image.lora = LoRAConfig(), LoRAConfig()
     if mode == "id":
         m.kind = "id"
+    else:
+        apply_target_recipe(cfg)
     for text in overrides:
         key, value = parse_override(text)
         set_key(cfg, key, value)
@@ -129,7 +145,10 @@ def format_table(rows: list[dict]) -> str:
     main columns do not show (both protocols when the rows' own ones differ)."""
     own = {bool(r.get("exclude_history", True)) for r in rows}
     extra = [x for x in (True, False) if len(own) > 1 or x not in own]
-    cols = list(TABLE_COLUMNS) + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
+    base = list(TABLE_COLUMNS)
+    if any("budget" in r for r in rows):  # a budget curve: which budget each row trained with
+        base.insert(1, ("budget", "budget"))
+    cols = base + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
                                   for x in extra for m in ("ndcg@10", "hr@10")]
     head = [t for _, t in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -167,17 +186,93 @@ def write_comparison(rows: list[dict], out: str | Path, title: str = "") -> None
 def compare(pretrained, data, out, *, modes: Iterable[str] = ("scratch", "full", "lora"),
             id_baseline: bool = True,
             topk: int = 2, overrides: Iterable[str] = (), id_overrides: Iterable[str] = (),
-            show: bool | None = None) -> list[dict]:
+            show: bool | None = None, budgets: Iterable[int] | None = None) -> list[dict]:
     """Each mode (and the ID baseline) on the target; one row each, table files in ``out``. ``show`` as
-    in :func:`run_transfer`; False also drops the line on stderr that starts each mode."""
+    in :func:`run_transfer`; False also drops the line on stderr that starts each mode.
+
+    ``budgets`` (optimizer steps, e.g. ``(30, 100, 300)``): every mode runs once per budget, each
+    run with its own schedule (warm-up and decay fitted to its budget) in ``out/steps-N/<mode>``;
+    the rows carry a ``budget`` column, and ``out/budget.{csv,md,png}`` hold test NDCG@10 against
+    the budget per mode with the leader at each budget (:func:`budget_leaders`)."""
     out = Path(out)
-    rows = []
     todo = list(modes) + (["id"] if id_baseline else [])
-    for mode in todo:
-        if show is not False:
-            say(f"== {mode if mode != 'id' else 'id-sasrec'} on {data}")
-        extra = list(overrides) + (list(id_overrides) if mode == "id" else [])
-        rows.append(run_transfer(pretrained, data, mode, out / (mode if mode != "id" else "id-sasrec"),
-                                 topk=topk, overrides=extra, show=show))
+    steps = sorted({int(b) for b in budgets}) if budgets else [None]
+    if any(b is not None and b < 1 for b in steps):
+        raise ConfigError(f"budgets must be positive step counts, got {list(budgets or [])}")
+    rows = []
+    for budget in steps:
+        where = out if budget is None or len(steps) == 1 else out / f"steps-{budget}"
+        for mode in todo:
+            name = mode if mode != "id" else "id-sasrec"
+            if show is not False:
+                say(f"== {name} on {data}" + (f", {budget} steps" if budget else ""))
+            extra = list(overrides) + (list(id_overrides) if mode == "id" else [])
+            if budget is not None:
+                extra += _fitted_schedule(extra, budget)
+            row = run_transfer(pretrained, data, mode, where / name, topk=topk, overrides=extra, show=show)
+            if budget is not None:
+                row["budget"] = budget
+            rows.append(row)
     write_comparison(rows, out, title=f"Transfer to {data} from {pretrained}")
+    if len(steps) > 1:
+        write_budget_curve(rows, out, title=f"Transfer to {data}: test NDCG@10 by budget")
     return rows
+
+
+def _fitted_schedule(overrides: list[str], budget: int) -> list[str]:
+    """``optim.steps`` = the budget, and unless the overrides set them, the warm-up and the
+    validation interval scaled to it (a tenth of the budget each, at least one step)."""
+    keys = {parse_override(o)[0] for o in overrides}
+    out = [f"optim.steps={budget}"]
+    if "optim.warmup_steps" not in keys:
+        out.append(f"optim.warmup_steps={max(budget // 10, 1)}")
+    if "eval.every" not in keys:
+        out.append(f"eval.every={max(budget // 10, 1)}")
+    return out
+
+
+def budget_leaders(rows: list[dict], metric: str = "test_ndcg@10") -> list[tuple[int, str, float]]:
+    """(budget, leading mode, its value) for each budget of ``rows``, in budget order."""
+    out = []
+    for b in sorted({r["budget"] for r in rows if "budget" in r}):
+        best = max((r for r in rows if r.get("budget") == b), key=lambda r: r.get(metric, float("-inf")))
+        out.append((b, best["mode"], float(best.get(metric, float("nan")))))
+    return out
+
+
+def leaders_line(rows: list[dict]) -> str:
+    """One line: which mode leads test NDCG@10 at each budget."""
+    parts = [f"{b} steps: {m} ({v:.4f})" for b, m, v in budget_leaders(rows)]
+    return "best test NDCG@10 by budget: " + "; ".join(parts)
+
+
+def budget_table(rows: list[dict], metric: str = "test_ndcg@10") -> str:
+    """A markdown table: one row per mode, one column per budget, ``metric`` (best step in brackets)."""
+    budgets = sorted({r["budget"] for r in rows if "budget" in r})
+    modes = list(dict.fromkeys(r["mode"] for r in rows if "budget" in r))
+    cell = {(r["mode"], r["budget"]): r for r in rows if "budget" in r}
+    name = metric.replace("test_", "test ").upper().replace("TEST ", "test ")
+    lines = ["| mode | " + " | ".join(f"{name} at {b} steps (best step)" for b in budgets) + " |",
+             "|---|" + "|".join("---" for _ in budgets) + "|"]
+    for m in modes:
+        vals = []
+        for b in budgets:
+            r = cell.get((m, b))
+            vals.append("" if r is None else f"{r.get(metric, float('nan')):.4f} ({r.get('eval_step', '')})")
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def write_budget_curve(rows: list[dict], out: str | Path, title: str = "") -> None:
+    """``budget.csv`` (mode, budget, best step, test/valid metrics), ``budget.md`` (the table and
+    the leaders line) and ``budget.png`` (test NDCG@10 against the budget, one line per mode)."""
+    out = Path(out)
+    cols = ["mode", "budget", "eval_step", "test_ndcg@10", "test_hr@10", "test_mrr", "valid_ndcg@10",
+            "seconds", "run"]
+    with open(out / "budget.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([r for r in rows if "budget" in r])
+    (out / "budget.md").write_text((f"{title}\n\n" if title else "") + budget_table(rows) + "\n\n"
+                                   + leaders_line(rows) + "\n")
+    plot_budget(rows, out / "budget.png", title=title)

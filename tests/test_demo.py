@@ -16,18 +16,33 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "transrec.cli", "demo", "--out", str(out), "--size", "reduced"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
-    assert "| mode | trainable |" in text and "elapsed:" in text
+    assert "| mode | budget | trainable |" in text and "elapsed:" in text
     for mode in ("scratch", "full", "lora", "id-sasrec"):
         assert f"| {mode} |" in text
     summary = json.loads((out / "demo.json").read_text())
+    budgets = summary["size"]["target_budgets"]
     rows = {r["mode"]: r for r in summary["rows"]}
     assert set(rows) == {"scratch", "full", "lora", "id-sasrec"}
     for r in rows.values():
         assert 0.0 <= r["test_ndcg@10"] <= r["test_hr@10"] <= 1.0
-        assert r["steps"] == summary["size"]["target_steps"]
+        assert r["steps"] == r["budget"] == budgets[0] and 1 <= r["eval_step"] <= budgets[0]
+    # the budget curve: every mode at every budget, its table, the leader per budget, CSV and PNG
+    curve = summary["budget_rows"]
+    assert sorted((r["mode"], r["budget"]) for r in curve) == sorted(
+        (m, b) for m in rows for b in budgets)
+    assert all(r["steps"] == r["budget"] for r in curve)
+    assert [x["budget"] for x in summary["leaders"]] == sorted(budgets)
+    for x in summary["leaders"]:
+        assert x["test_ndcg@10"] == max(r["test_ndcg@10"] for r in curve if r["budget"] == x["budget"])
+    assert "best test NDCG@10 by budget: " in text and f"at {budgets[-1]} steps (best step)" in text
+    import csv
+
+    with open(out / "target" / "budget.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(curve)
+    assert (out / "target" / "budget.png").stat().st_size > 10_000
     # LoRA trains a small fraction of what full fine-tuning trains.
     assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] / 2
     for png in (out / "target" / "compare.png", out / "pretrain.png"):
@@ -36,7 +51,7 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     from transrec.engine.export import export_run
     from transrec.models.export import read_export
 
-    exp = export_run(out / "target" / "lora", tmp_path / "lora-export")
+    exp = export_run(out / "target" / f"steps-{budgets[0]}" / "lora", tmp_path / "lora-export")
     meta = read_export(exp)
     assert meta["kind"] == "adapter" and Path(meta["base"]) == (out / "pretrained").resolve()
     full_size = (out / "pretrained" / "model.safetensors").stat().st_size
