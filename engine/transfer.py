@@ -41,7 +41,7 @@ MODES = ("scratch", "full", "topk", "lora")
 # the user encoder trains at every position of the target's sequences (causal), not at the last one
 # only. A target is small, and one target per sequence and step is what made pretrained runs peak
 # after a few dozen steps and then decline while an ID SASRec, trained at every position, kept
-# improving (docs/training.md, "Transfer recipe", has the measurements).
+# improving (docs/transfer.md has the measurements).
 TARGET_RECIPE = {"model.user.kind": "causal"}
 
 
