@@ -74,16 +74,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, metric: str = "ndcg@10") 
     note = validation_note(points)
     if note:
         ax_m.text(0.5, 0.5, note, ha="center", va="center", fontsize=9, transform=ax_m.transAxes)
-    for ax in (ax_l, ax_m):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, (ax_l, ax_m))
 
 
 def plot_comparison(rows: list[dict], out: str | Path, title: str = "") -> Path:
@@ -107,14 +98,7 @@ def plot_comparison(rows: list[dict], out: str | Path, title: str = "") -> Path:
     ax_b.set(ylabel="test (full ranking)", title=title[:80] or "transfer comparison")
     ax_b.legend(fontsize=8)
     ax_l.set(xlabel="step", ylabel="training loss", title="target training loss")
-    ax_l.grid(alpha=0.3)
-    if ax_l.get_legend_handles_labels()[0]:
-        ax_l.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, (ax_l,))
 
 
 def plot_budget(rows: list[dict], out: str | Path, title: str = "", metric: str = "test_ndcg@10") -> Path:
@@ -132,10 +116,18 @@ def plot_budget(rows: list[dict], out: str | Path, title: str = "", metric: str 
     ax.minorticks_off()
     ax.set(xlabel="optimizer steps on the target (log scale)", ylabel=metric.replace("_", " "),
            title=title[:80] or "budget curve")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    return _save(fig, out, (ax,))
+
+
+def _save(fig, out: str | Path, grid_axes) -> Path:
+    """A grid and (where there are labelled lines) a legend on ``grid_axes``, then the PNG at ``out``."""
+    for ax in grid_axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return out
