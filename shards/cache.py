@@ -14,6 +14,9 @@ The key is a hash of (item shard checksums, item index checksum, tokenizer files
 image size, cache format), so a cache is rebuilt only when one of those changes. Two processes that
 ask for the same cache at once are safe: one takes an exclusive lock and builds into a temporary
 folder that is renamed into place when complete; the other waits on the lock and then loads.
+A build that cannot fit on its disk (its size is computed from the item counts first) or whose write
+fails stops with :class:`~transrec.storage.WriteFailed` (one line, exit 74), the temporary folder
+removed and every other cache untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transrec.locking import locked_build
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
 from transrec.shards.stats import GLOBAL, SkipStats
+from transrec.storage import allocate
 
 CACHE_FORMAT = 1
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
@@ -181,11 +185,21 @@ def build_or_load_item_cache(dataset: Dataset | str | Path, *, tokenizer: str | 
     final = root / f"items-{key}"
     if (final / "meta.json").is_file():
         return ItemCache(final)
-    with locked_build(final, lock_timeout, "item cache") as tmp:
+    with locked_build(final, lock_timeout, "item cache",
+                      needed=item_cache_bytes(dataset, max_text_len, image_size)) as tmp:
         if tmp is not None:  # None: another process finished it while this one waited
             _build(dataset, tmp, key=key, tok_path=tok_path, tok_id=tok_id,
                    max_text_len=max_text_len, image_size=image_size, progress=progress)
     return ItemCache(final)
+
+
+def item_cache_bytes(dataset: Dataset, max_text_len: int, image_size: int) -> int:
+    """The bytes an item cache of ``dataset`` takes on disk (its arrays, headers and meta.json)."""
+    n = int(dataset.n_items)
+    n_text = int((np.asarray(dataset.modality) == TEXT).sum())
+    n_img = n - n_text
+    return (n * (1 + 8 + 1) + n_text * (int(max_text_len) + 1) * 4 + n_img * 3 * int(image_size) ** 2
+            + 6 * 128 + 4096)
 
 
 def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str, max_text_len: int,
@@ -204,6 +218,7 @@ def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str,
     lengths = np.zeros(n_text, dtype=np.int32)
     images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(n_img, 3, image_size, image_size))
+    allocate(out / "images.npy")  # a full disk fails here, not with SIGBUS while the map is filled
     valid = np.zeros(n, dtype=bool)
     seen = np.zeros(n, dtype=bool)
     index = dataset.item_index

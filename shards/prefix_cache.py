@@ -27,7 +27,10 @@ architecture, frozen depth, every prefix weight and buffer --, the frozen depth,
 a store is reused until one of those changes and then rebuilt. A builder fills a temporary folder
 (:class:`TextStoreWriter` / :class:`ImageStoreWriter`, then :func:`finish_store`) under the
 exclusive lock of :func:`transrec.locking.locked_build`, which renames it into place when
-complete; a second process asking for the same store waits on the lock, then loads.
+complete; a second process asking for the same store waits on the lock, then loads. A writer checks
+the free space against the store's size and reserves its blocks before any encoder pass, so a full
+disk stops the build with :class:`~transrec.storage.WriteFailed` (one line, exit 74), the temporary
+folder removed and every other store untouched.
 
 :class:`PrefixCachedContent` wraps any :class:`~transrec.shards.batch.ContentSource`: its ``gather``
 returns the same Text/ImageContent with ``.prefix`` filled (text keeps its attention mask; image
@@ -54,6 +57,7 @@ import torch
 
 from transrec.errors import ConfigError, DataError
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT, ImageContent, TextContent
+from transrec.storage import allocate, check_space
 
 PREFIX_FORMAT = 1
 # name -> (torch dtype of the values, numpy dtype of the stored words)
@@ -154,6 +158,14 @@ def is_complete(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- writing a store
 
+def _check_room(modality: str, folder: Path, shape: tuple[int, ...], dtype: str, extra: int) -> None:
+    """WriteFailed (one line) before a store's values are written when the disk holding ``folder``
+    (the build's temporary folder) has less free space than the store will take."""
+    values = int(np.prod(shape)) * np.dtype(DTYPES[dtype][1]).itemsize
+    check_space(f"building the {modality} prefix cache", folder.parent, values + extra + 64 * 1024,
+                basis="its arrays' size")
+
+
 class TextStoreWriter:
     """Fills a text store's ragged ``hidden.npy`` in ``folder``: the real tokens of every row.
 
@@ -166,8 +178,11 @@ class TextStoreWriter:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self.offsets[1:])
+        shape = (int(self.offsets[-1]), self.hidden)
+        _check_room("text", self.folder, shape, dtype, self.lengths.nbytes + self.offsets.nbytes)
         self.data = np.lib.format.open_memmap(self.folder / "hidden.npy", mode="w+", dtype=DTYPES[dtype][1],
-                                              shape=(int(self.offsets[-1]), self.hidden))
+                                              shape=shape)
+        allocate(self.folder / "hidden.npy")  # a full disk fails here, not with SIGBUS mid-build
 
     def write(self, rows: np.ndarray, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         """``hidden [len(rows), T, H]`` of store rows ``rows``; ``mask [len(rows), T]`` marks their
@@ -197,8 +212,10 @@ class ImageStoreWriter:
     def __init__(self, folder: Path, n: int, shape: tuple[int, ...], dtype: str):
         self.folder, self.dtype = Path(folder), check_dtype(dtype)
         self.n, self.shape = int(n), tuple(int(s) for s in shape)
+        _check_room("image", self.folder, (self.n, *self.shape), dtype, 0)
         self.data = np.lib.format.open_memmap(self.folder / "maps.npy", mode="w+", dtype=DTYPES[dtype][1],
                                               shape=(self.n, *self.shape))
+        allocate(self.folder / "maps.npy")  # a full disk fails here, not with SIGBUS mid-build
 
     def write(self, start: int, maps: torch.Tensor) -> None:
         """Rows ``start .. start + len(maps)``; every row of shape ``shape``."""

@@ -4,7 +4,8 @@ Each package registers its own subcommands: ``transrec.shards.cli`` (``shards
 synth|build|convert|info``) and ``transrec.engine.cli`` (``train``, ``eval``, ``export``,
 ``transfer``, ``compare``, ``demo``, ``plot``, ``recommend``). Imports go one way: this module
 imports theirs, theirs never import it. Errors a user can fix are raised as
-:class:`transrec.errors.UserError` and printed as one line with a non-zero exit.
+:class:`transrec.errors.UserError` and printed as one line with a non-zero exit: 2, or the error's own
+``exit_code`` (a failed write, :class:`transrec.storage.WriteFailed`: 74).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except UserError as exc:
+    except UserError as exc:  # one line; its own exit code when it carries one (a failed write: 74)
         print(f"transrec: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", None) or 2)
     except KeyboardInterrupt:
         print("transrec: interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from transrec.errors import DataError
+from transrec.storage import WriteFailed, check_space, failure_line, guarded_write, is_write_failure
 
 
 def pid_alive(pid: int) -> bool:
@@ -29,10 +30,16 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def locked_build(final: Path, lock_timeout: float, what: str):
+def locked_build(final: Path, lock_timeout: float, what: str, *, needed: int | None = None,
+                 basis: str = "its arrays' size"):
     """Exclusive build of the folder ``final``: yields a temporary folder to fill, renamed to
     ``final`` on success; yields None when another process finished it while this one waited.
-    Temporary folders of ``final`` left by a killed builder are removed before a new build."""
+    Temporary folders of ``final`` left by a killed builder are removed before a new build.
+
+    ``needed``: the bytes the build will write, when known: less free space stops it before anything
+    is written. A write that fails inside (a full disk, a quota) removes the temporary folder and
+    raises :class:`~transrec.storage.WriteFailed` (one line, exit 74); any other error removes it
+    too and propagates."""
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f"{final.name}.lock"
     with open(lock_path, "a+") as lock:
@@ -55,12 +62,17 @@ def locked_build(final: Path, lock_timeout: float, what: str):
             for stale in final.parent.glob(f"{final.name}.tmp*"):
                 if stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp", dir=final.parent))
+            doing = f"building the {what}"
+            check_space(doing, final, needed, basis=basis)
             try:
+                tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp", dir=final.parent))
+            except OSError as exc:
+                if not is_write_failure(exc):
+                    raise
+                raise WriteFailed(failure_line(doing, final, needed=needed, written=0, basis=basis,
+                                               reason=os.strerror(exc.errno))) from None
+            with guarded_write(doing, final, tmp, needed=needed, basis=basis):
                 yield tmp
                 os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
