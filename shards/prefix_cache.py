@@ -58,6 +58,7 @@ import torch
 from transrec.errors import ConfigError, DataError
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT, ImageContent, TextContent
 from transrec.storage import allocate, check_space
+from transrec.storage import human as human_bytes
 
 PREFIX_FORMAT = 1
 # name -> (torch dtype of the values, numpy dtype of the stored words)
@@ -69,14 +70,6 @@ DTYPES: dict[str, tuple[torch.dtype, type]] = {
 
 
 # ----------------------------------------------------------------------------- values and keys
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
 
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:

@@ -69,7 +69,7 @@ def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, 
 
 def test_the_first_save_failing_reports_what_it_had_written(tmp_path):
     ck = CheckpointManager(tmp_path)
-    with pytest.raises(WriteFailed, match=r"2\.0 kB were written before it failed"):
+    with pytest.raises(WriteFailed, match=r"2\.0 KiB were written before it failed"):
         ck.save(FailingEngine(4000, fail_at=1, error=ERRORS["ENOSPC"]), client(5), world_size=1,
                 zero_stage=0, precision="fp32")
     assert [p.name for p in ck.dir.iterdir()] == []

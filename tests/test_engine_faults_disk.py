@@ -8,7 +8,7 @@ each step for the checks. Where mounting is not permitted the cases are skipped,
 simulated failures of ``tests/test_engine_disk_full.py`` and ``tests/test_storage_writes.py`` always
 run.
 
-Sizes: a checkpoint of this configuration (ZeRO-0, fp32) is about 22.5 MB (measured below from a
+Sizes: a checkpoint of this configuration (ZeRO-0, fp32) is about 21.5 MiB (measured below from a
 run on an ordinary disk, so the sizes follow the model)."""
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ ARGS = ["--preset", "tiny", "optim.steps=6", "model.user.layers=1", "model.user.
         "run.progress=off", "run.tensorboard=false", "eval.every=0", "run.monitor=", "run.ckpt_every=2",
         "run.keep_last=2"]
 MB = 1024 * 1024
-FAILED = re.compile(r"^transrec: error: saving checkpoint (step-\d+) in (\S+) failed: .+; (it needs about "
-                    r"[\d.]+ MB \(the last one's size\)|[\d.]+ [kMG]?B were written before it failed), "
-                    r"[\d.]+ [kMG]?B free; nothing complete was changed$", re.M)
-STOPPED_SHORT = re.compile(r"^transrec: error: saving checkpoint (step-\d+) in (\S+) stopped before writing: "
-                           r"it needs about [\d.]+ MB \(the last one's size\) and [\d.]+ MB are free; free "
-                           r"some space and run the same command again$", re.M)
+SIZE = r"[\d.]+ (?:[KMGT]iB|B)"  # transrec.storage.human
+FAILED = re.compile(rf"^transrec: error: saving checkpoint (step-\d+) in (\S+) failed: .+; (it needs about "
+                    rf"{SIZE} \(the last one's size\)|{SIZE} were written before it failed), "
+                    rf"{SIZE} free; nothing complete was changed$", re.M)
+STOPPED_SHORT = re.compile(rf"^transrec: error: saving checkpoint (step-\d+) in (\S+) stopped before "
+                           rf"writing: it needs about {SIZE} \(the last one's size\) and {SIZE} are free; "
+                           r"free some space and run the same command again$", re.M)
 
 
 def _can_mount(where: Path) -> str | None:
@@ -69,7 +70,7 @@ def world(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     ck = CheckpointManager(ref)
     size = ck.size(ck.latest())
-    assert size and 10 * MB < size < 60 * MB, size  # the sizes below assume about 22.5 MB
+    assert size and 10 * MB < size < 60 * MB, size  # the sizes below assume about 21.5 MiB
     return path, size
 
 

@@ -32,9 +32,10 @@ from transrec.storage import EXIT_WRITE_FAILED, WriteFailed
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",
           "eval.max_users=0", "optim.steps=1", "model.text.trainable=1"]  # a frozen text block: prefix cache
-FAILED = re.compile(r"^transrec: error: (building the [\w ]+|writing the export) in (\S+) failed: No space "
-                    r"left on device; (it needs about [\d.]+ [kMG]?B \([\w' ]+\)|[\d.]+ [kMG]?B were written "
-                    r"before it failed), [\d.]+ [kMG]?B free; nothing complete was changed$")
+SIZE = r"[\d.]+ (?:[KMGT]iB|B)"  # transrec.storage.human
+FAILED = re.compile(rf"^transrec: error: (building the [\w ]+|writing the export) in (\S+) failed: No space "
+                    rf"left on device; (it needs about {SIZE} \([\w' ]+\)|{SIZE} were written "
+                    rf"before it failed), {SIZE} free; nothing complete was changed$")
 
 pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 

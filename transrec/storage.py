@@ -82,16 +82,16 @@ def folder_bytes(path: str | Path) -> int:
     return total
 
 
-def human(n: int | None) -> str:
-    """``1.5 MB``-style bytes (decimal units); ``unknown`` for None."""
+def human(n: float | None) -> str:
+    """``1.5 MiB``-style bytes (binary units); ``unknown`` for None."""
     if n is None:
         return "unknown"
     size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def _reason(exc: BaseException) -> str:
