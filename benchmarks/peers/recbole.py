@@ -315,7 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=50, help="model history length, both sides")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, both sides (on a shared 2-core machine 2 threads wait on each other)")
+                   help="torch threads, both sides (on 2 shared cores, 2 threads a side wait on each other)")
     p.add_argument("--rb-epochs", type=int, default=200, help="RecBole: most epochs")
     p.add_argument("--rb-patience", type=int, default=10, help="RecBole: stopping_step (evaluations)")
     p.add_argument("--tr-steps", type=int, default=0,
