@@ -48,6 +48,7 @@ def test_console_entry_point_runs():
     assert proc.returncode == 0 and "deepspeed --num_gpus 2" in proc.stdout
 
 
+@pytest.mark.slow
 def test_importing_the_engine_prints_nothing_on_stdout():
     """Commands print their results on stdout; loading DeepSpeed must not add a line there."""
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}

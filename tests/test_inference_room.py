@@ -94,6 +94,7 @@ print(json.dumps({"top": [r.ids for r in top], "metrics": metrics, "engine_after
 '''
 
 
+@pytest.mark.slow
 def test_serving_an_export_needs_no_deepspeed(world, tmp_path):
     data, exp = world
     out = tmp_path / "top.csv"

@@ -65,11 +65,13 @@ def test_pytest_in_the_root_collects_model_and_engine_tests():
     assert "tests/test_models.py::" in out and "tests/test_engine_guard.py::" in out
 
 
+@pytest.mark.slow
 def test_a_benchmark_script_in_the_root_starts():
     # the script's folder comes first on sys.path: no module there may carry an installed name
     assert "cold" in _ok(_run(["benchmarks/cold_start.py", "--help"])).lower()
 
 
+@pytest.mark.slow
 def test_bare_names_are_the_installed_distributions(tmp_path):
     site = tmp_path / "site"
     names = [n for n in PACKAGES if n != "kernels"]  # transformers needs the real kernels: see above
@@ -84,9 +86,8 @@ def test_bare_names_are_the_installed_distributions(tmp_path):
     assert _ok(_run(["-c", code], {"PYTHONPATH": str(site)})).strip() == "ok"
 
 
-# one name in the fast lane (pytest -m "not slow"), every name in the full suite
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "engine" else pytest.mark.slow)
-                                  for n in PACKAGES if n != "kernels"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in PACKAGES if n != "kernels"])
 def test_a_bare_name_with_nothing_installed_is_not_found(name):
     code = (f"try:\n    import {name}\nexcept ModuleNotFoundError as exc:\n    print(exc)\n"
             f"else:\n    raise SystemExit('the folder {name}/ answered a bare import')\n"
