@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -145,12 +144,6 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
     os.replace(tmp, path)
 
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any (one all-reduce)."""
-    t = torch.tensor(1.0 if flag else 0.0, device=D.device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 # ----------------------------------------------------------------------------- manager
@@ -294,7 +287,7 @@ class CheckpointManager:
         needed = self.size(self.latest())
         what = f"saving checkpoint {tag}"
         mine = space_short(self.dir, needed)
-        if (_any_rank(mine) if D.world_size() > 1 else mine):
+        if D.any_rank(mine):
             raise WriteFailed(short_line(what, self.dir, needed, elsewhere=not mine))
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)

@@ -85,5 +85,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, on=None, world: int | None = None) -> bool:
+    """True on every rank when ``flag`` is True on any rank: one all-reduce (MAX) of a scalar on
+    device ``on`` (default: this process's) over ``world`` ranks (default: the process group's); no
+    collective with one rank."""
+    world = world_size() if world is None else world
+    if world <= 1:
+        return bool(flag)
+    t = torch.tensor(1.0 if flag else 0.0, device=on if on is not None else device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def is_main() -> bool:
     return rank() == 0

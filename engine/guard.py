@@ -25,11 +25,11 @@ were.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from transrec.engine import distributed as D
 from transrec.errors import UserError
 
 DIVERGED_EXIT = 3  # `transrec train`/`transfer`: the run stopped after run.max_bad_steps bad steps in a row
@@ -39,13 +39,6 @@ class Diverged(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
     exit_code = DIVERGED_EXIT
-
-
-def _global_flag(flag: bool, device, world: int) -> bool:
-    t = torch.tensor(1.0 if flag else 0.0, device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class FiniteGuard:
@@ -118,7 +111,7 @@ class FiniteGuard:
             if grads:
                 norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum()
                 finite = bool(torch.isfinite(norm))
-            opt.overflow = _global_flag(self.loss_bad or not finite, self.device, self.world)
+            opt.overflow = D.any_rank(self.loss_bad or not finite, self.device, self.world)
             if opt.overflow:
                 return None
             return orig(closure)
@@ -130,7 +123,7 @@ class FiniteGuard:
     # -- the trainer's side ---------------------------------------------------------------------
     def loss_check(self, loss_sum: torch.Tensor) -> None:
         """Before the boundary ``engine.step()``: whether any rank's loss of this step is not finite."""
-        self.loss_bad = _global_flag(not bool(torch.isfinite(loss_sum)), self.device, self.world)
+        self.loss_bad = D.any_rank(not bool(torch.isfinite(loss_sum)), self.device, self.world)
 
     def applied(self) -> bool:
         """After the boundary ``engine.step()``: whether it updated the weights (the same on every rank)."""

@@ -91,30 +91,26 @@ class StopControl:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def _agreed_signal(self, sig: float) -> str | None:
+        if sig:
+            self.stop_name = signal.Signals(int(sig)).name
+        return self.stop_name
+
     def poll(self) -> tuple[str | None, bool]:
         """(the signal every rank agrees to stop on, or None; whether a checkpoint is due by the
         clock). Collective when there are several ranks: every rank calls it after every step."""
         sig = float(self.received[0]) if self.received else 0.0
         due = 1.0 if self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds else 0.0
         agreed_sig, agreed_due = self._agree([sig, due])
-        if agreed_sig:
-            self.stop_name = signal.Signals(int(agreed_sig)).name
-        return self.stop_name, bool(agreed_due)
+        return self._agreed_signal(agreed_sig), bool(agreed_due)
 
     def stop_requested(self) -> bool:
         """Collective: True on every rank once any rank has received a stop signal (for loops such
         as an evaluation's, polled once per batch on every rank)."""
         if not self.signals:
             return False
-        name, _ = self.poll_signal_only()
-        return name is not None
-
-    def poll_signal_only(self) -> tuple[str | None, bool]:
-        sig = float(self.received[0]) if self.received else 0.0
-        (agreed,) = self._agree([sig])
-        if agreed:
-            self.stop_name = signal.Signals(int(agreed)).name
-        return self.stop_name, False
+        (agreed,) = self._agree([float(self.received[0]) if self.received else 0.0])
+        return self._agreed_signal(agreed) is not None
 
     def saved(self) -> None:
         """A checkpoint was just written: the clock starts again."""

@@ -23,9 +23,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
+from transrec.engine import distributed as D
 from transrec.errors import UserError
 from transrec.locking import pid_alive
 
@@ -117,12 +115,9 @@ def lock_run_folder(run_dir: str | Path, *, rank: int, world: int, device=None,
             lock.acquire(log=log)
         except RunFolderBusy as exc:
             busy = exc
-    if world > 1:
-        flag = torch.tensor([float(busy is not None)], device=device)
-        dist.all_reduce(flag)
-        if busy is None and flag.item() > 0:
-            lock.release()
-            busy = RunFolderBusy(f"{lock.run_dir}: another process writes this run folder (named on rank 0)")
+    if D.any_rank(busy is not None, device, world) and busy is None:
+        lock.release()
+        busy = RunFolderBusy(f"{lock.run_dir}: another process writes this run folder (named on rank 0)")
     if busy is not None:
         raise busy
     return lock

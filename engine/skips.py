@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
+from transrec.engine import distributed as D
 from transrec.errors import DataError
 from transrec.shards.stats import SEQUENCE_KINDS, SkipStats, item_summary, sequence_summary, skip_violation
 
@@ -144,10 +143,7 @@ class SkipReport:
         """DataError when the items' or the training sequences' skip rate is above ``max_rate``;
         over ``world`` > 1 ranks every rank stops when one does (a collective)."""
         line = skip_violation({"items": self.items()}, self.max_rate) or self.train.violation(self.max_rate)
-        if world > 1:
-            flag = torch.tensor([0.0 if line is None else 1.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and line is None:
-                line = "another rank's sequences were skipped above data.max_skip_rate (see its line)"
+        if D.any_rank(line is not None, device, world) and line is None:
+            line = "another rank's sequences were skipped above data.max_skip_rate (see its line)"
         if line is not None:
             raise DataError(f"{self.dataset}: {line}")
