@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20 min on 2 busy cores
      .venv/bin/python benchmarks/content_vs_id.py --quick    # 2-3 minute smoke
+     .venv/bin/python benchmarks/content_vs_id.py --steps 200 --models id-sasrec,transrec-minilm,transrec-minilm-hybrid
 
 The synthetic source world is written with titles only (``image_frac=0``). Items are drawn at
 random into a held-out set until their share of the users' test targets (last items) reaches
@@ -16,7 +17,11 @@ ever holds them. On that one dataset, with the run's own validation picking the 
 - ``transrec-minilm``: content TransRec on the bundled pretrained all-MiniLM-L6-v2 titles with its
   top 2 blocks trained (``model.text.trainable=2``; the frozen-prefix cache runs the lower 4 once per
   item), the ``tiny`` preset's training loop with the ``small-gpu`` model sizes (dim 128, in-batch
-  softmax with logQ, temperature 0.07, lr 1e-3 / encoder 1e-4).
+  softmax with logQ, temperature 0.07, lr 1e-3 / encoder 1e-4);
+- ``transrec-minilm-hybrid``: the same with hybrid items (``model.item.id_residual=true``): an item
+  seen in training adds a learned vector to its content embedding, a held-out item is its content
+  alone. Its cold-user row is the check that the per-item vectors cost nothing on never-trained
+  targets.
 
 Each run's best checkpoint is exported and scored through the public :class:`transrec.Recommender`
 on every test user (history = all but the last item, target = the last), under both protocols:
@@ -101,15 +106,19 @@ def main() -> int:
     ap.add_argument("--id-steps", type=int, default=300,
                     help="optimizer steps of the sasrec preset (batch 256)")
     ap.add_argument("--content-steps", type=int, default=100, help="optimizer steps of content TransRec")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="one budget for every model (sets --id-steps and --content-steps)")
     ap.add_argument("--content-batch", type=int, default=64)
-    ap.add_argument("--content-user", default="bidirectional", choices=["bidirectional", "causal"],
-                    help="content TransRec's user encoder (bidirectional: the paper's, read at the last "
-                         "position; causal: trained at every position, like SASRec)")
+    ap.add_argument("--content-user", default="causal", choices=["bidirectional", "causal"],
+                    help="content TransRec's user encoder (causal: trained at every position, like SASRec "
+                         "and like transfer's target recipe; bidirectional: the paper's, read at the last "
+                         "position)")
     ap.add_argument("--max-len", type=int, default=20,
                     help="data.max_len of both models (the world's longest sequence is 20; "
                          "sasrec's own is 50)")
     ap.add_argument("--evals", type=int, default=6, help="validations per run (best checkpoint among them)")
-    ap.add_argument("--models", default="id-sasrec,transrec-minilm")
+    ap.add_argument("--models", default="id-sasrec,transrec-minilm",
+                    help="comma list of id-sasrec, transrec-minilm, transrec-minilm-hybrid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="400 users, 200 items, 60 + 20 steps (a smoke)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
@@ -118,6 +127,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.users, args.items, args.id_steps, args.content_steps, args.evals = 400, 200, 60, 20, 2
+    if args.steps:
+        args.id_steps = args.content_steps = args.steps
 
     t0 = time.time()
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="content_vs_id_"))
@@ -135,17 +146,23 @@ def main() -> int:
           f"{len(users)} test users, {n_cold} ({n_cold / len(users):.1%}) with a never-trained target",
           flush=True)
 
+    content = CONTENT + [
+        f"model.user.kind={args.content_user}", f"data.max_len={args.max_len}",
+        f"model.user.max_len={max(args.max_len, 20)}", f"data.batch_size={args.content_batch}",
+        f"optim.steps={args.content_steps}", f"optim.warmup_steps={max(1, args.content_steps // 10)}",
+        f"eval.every={max(1, args.content_steps // args.evals)}"] + list(args.extra)
     runs = {
         "id-sasrec": ("sasrec", [f"data.max_len={args.max_len}", f"optim.steps={args.id_steps}",
                                  f"eval.every={max(1, args.id_steps // args.evals)}"]),
-        "transrec-minilm": ("tiny", CONTENT + [
-            f"model.user.kind={args.content_user}", f"data.max_len={args.max_len}",
-            f"model.user.max_len={max(args.max_len, 20)}", f"data.batch_size={args.content_batch}",
-            f"optim.steps={args.content_steps}", f"optim.warmup_steps={max(1, args.content_steps // 10)}",
-            f"eval.every={max(1, args.content_steps // args.evals)}"] + list(args.extra)),
+        "transrec-minilm": ("tiny", content),
+        "transrec-minilm-hybrid": ("tiny", content + ["model.item.id_residual=true"]),
     }
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [n for n in names if n not in runs]
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(runs)})")
+    for name in names:
         preset, over = runs[name]
         run, exp = work / f"run-{name}", work / f"export-{name}"
         cfg = transrec.build_config(preset, overrides=over + [f"data.path={data}", f"run.out={run}",
