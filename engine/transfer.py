@@ -37,16 +37,20 @@ from transrec.models.export import export_config, read_export
 MODES = ("scratch", "full", "topk", "lora")
 
 
-# The target recipe of every content mode (the overrides come after it, so any key can be set back):
-# the user encoder trains at every position of the target's sequences (causal), not at the last one
-# only. A target is small, and one target per sequence and step is what made pretrained runs peak
-# after a few dozen steps and then decline while an ID SASRec, trained at every position, kept
-# improving (docs/transfer.md has the measurements).
-TARGET_RECIPE = {"model.user.kind": "causal"}
+# The target recipe of every mode, the ID baseline's included (the overrides come after it, so any
+# key can be set back). A target is small: the demo's has 300 users, so a step of 64 sequences is a
+# fifth of an epoch and 1,000 steps are 200 epochs. Two settings keep a run from memorising it:
+# - the user encoder trains at every position of a target sequence (causal), not at the last one
+#   only; trained at the last position, pretrained runs fitted their few targets within a few dozen
+#   steps and then declined;
+# - the user encoder's dropout is 0.5 (SASRec's for sparse data), not the pretraining presets' 0.1.
+# The ID model's user encoder is causal in any case; the dropout applies to it too, so the baseline
+# gets the same regularisation. docs/transfer.md has the measurements.
+TARGET_RECIPE = {"model.user.kind": "causal", "model.user.dropout": 0.5}
 
 
 def apply_target_recipe(cfg: Config) -> None:
-    """Set :data:`TARGET_RECIPE` on a content model's target config."""
+    """Set :data:`TARGET_RECIPE` on a target run's config."""
     for key, value in TARGET_RECIPE.items():
         set_key(cfg, key, value)
 
@@ -76,8 +80,7 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
         m.text.lora, m.image.lora = LoRAConfig(), LoRAConfig()
     if mode == "id":
         m.kind = "id"
-    else:
-        apply_target_recipe(cfg)
+    apply_target_recipe(cfg)
     for text in overrides:
         key, value = parse_override(text)
         set_key(cfg, key, value)

@@ -41,17 +41,20 @@ def test_the_leader_of_each_budget_and_the_table(tmp_path):
     assert "best test NDCG@10 by budget" in (tmp_path / "budget.md").read_text()
 
 
-def test_content_modes_take_the_target_recipe_and_overrides_win(tmp_path):
+def test_every_mode_takes_the_target_recipe_and_overrides_win(tmp_path):
     from transrec.config import build_config
 
     exp = tmp_path / "exp"
     model = __import__("transrec.models", fromlist=["build_model"]).build_model(build_config("tiny").model)
     model.save_export(exp, build_config("tiny"), {"kind": "full", "step": 0})
-    for mode in ("scratch", "full", "topk", "lora"):
+    assert build_config("tiny").model.user.dropout != TARGET_RECIPE["model.user.dropout"] == 0.5
+    for mode in ("scratch", "full", "topk", "lora", "id"):
         cfg = transfer_config(exp, tmp_path, mode, tmp_path / mode)
         assert cfg.model.user.kind == TARGET_RECIPE["model.user.kind"] == "causal"
-    assert transfer_config(exp, tmp_path, "full", tmp_path / "b",
-                           overrides=["model.user.kind=bidirectional"]).model.user.kind == "bidirectional"
+        assert cfg.model.user.dropout == 0.5, mode
+    back = transfer_config(exp, tmp_path, "full", tmp_path / "b",
+                           overrides=["model.user.kind=bidirectional", "model.user.dropout=0.1"])
+    assert (back.model.user.kind, back.model.user.dropout) == ("bidirectional", 0.1)
     assert transfer_config(exp, tmp_path, "id", tmp_path / "i").model.kind == "id"
 
 
