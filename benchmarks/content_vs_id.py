@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20 min on 2 busy cores
      .venv/bin/python benchmarks/content_vs_id.py --quick    # 2-3 minute smoke
-     .venv/bin/python benchmarks/content_vs_id.py --steps 200 --models id-sasrec,transrec-minilm,transrec-minilm-hybrid
+     .venv/bin/python benchmarks/content_vs_id.py --steps 200 \
+         --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # one budget, with hybrid items
 
 The synthetic source world is written with titles only (``image_frac=0``). Items are drawn at
 random into a held-out set until their share of the users' test targets (last items) reaches
