@@ -143,7 +143,6 @@ def cmd_compare(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
-
         raise UserError(f"--modes: unknown mode {bad[0]!r}; modes: {', '.join(MODES)}")
     overrides = list(args.overrides)
     try:

@@ -49,12 +49,6 @@ MODES = ("scratch", "full", "topk", "lora")
 TARGET_RECIPE = {"model.user.kind": "causal", "model.user.dropout": 0.5}
 
 
-def apply_target_recipe(cfg: Config) -> None:
-    """Set :data:`TARGET_RECIPE` on a target run's config."""
-    for key, value in TARGET_RECIPE.items():
-        set_key(cfg, key, value)
-
-
 def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: str | Path, *, topk: int = 2,
                     overrides: Iterable[str] = ()) -> Config:
     """The target run's config: the export's config with the mode applied, then ``overrides``."""
@@ -80,7 +74,8 @@ def transfer_config(pretrained: str | Path, data: str | Path, mode: str, out: st
         m.text.lora, m.image.lora = LoRAConfig(), LoRAConfig()
     if mode == "id":
         m.kind = "id"
-    apply_target_recipe(cfg)
+    for key, value in TARGET_RECIPE.items():
+        set_key(cfg, key, value)
     for text in overrides:
         key, value = parse_override(text)
         set_key(cfg, key, value)
@@ -254,7 +249,8 @@ def budget_table(rows: list[dict], metric: str = "test_ndcg@10") -> str:
     budgets = sorted({r["budget"] for r in rows if "budget" in r})
     modes = list(dict.fromkeys(r["mode"] for r in rows if "budget" in r))
     cell = {(r["mode"], r["budget"]): r for r in rows if "budget" in r}
-    name = metric.replace("test_", "test ").upper().replace("TEST ", "test ")
+    split, _, key = metric.partition("_")
+    name = f"{split} {key.upper()}"
     lines = ["| mode | " + " | ".join(f"{name} at {b} steps (best step)" for b in budgets) + " |",
              "|---|" + "|".join("---" for _ in budgets) + "|"]
     for m in modes:
