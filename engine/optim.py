@@ -56,8 +56,7 @@ def param_groups(model: nn.Module, lr: float, encoder_lr: float, weight_decay: f
 def make_optimizer(model: nn.Module, cfg, *, flat: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`; ``flat=True`` gives :class:`FlatAdamW` (for DeepSpeed
     without ZeRO and without bf16, where nothing else flattens the weights)."""
-    groups = param_groups(model, cfg.lr, cfg.encoder_lr, cfg.weight_decay, getattr(cfg, "id_lr", 0.0),
-                          getattr(cfg, "id_weight_decay", 0.0))
+    groups = param_groups(model, cfg.lr, cfg.encoder_lr, cfg.weight_decay, cfg.id_lr, cfg.id_weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     if flat:
