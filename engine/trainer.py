@@ -526,6 +526,8 @@ class Trainer:
         return False
 
     def _eval_due(self, total: int, final_eval: bool) -> bool:
+        """Whether this step validates: every ``eval.every`` steps before the last, and at the last
+        one with a monitored metric and ``final_eval``."""
         step, every = self.state.step, self.cfg.eval.every
         return (bool(every) and step % every == 0 and step < total) or (
             self.best.enabled and final_eval and step >= total)
@@ -603,12 +605,10 @@ class Trainer:
         """Validation every ``eval.every`` steps and, with a monitored metric and ``last``, at the
         last step (the final evaluation reuses it); an improvement saves the step's checkpoint as the
         best; True when the run should stop early (:meth:`~transrec.engine.best.BestWatch.judge`)."""
-        step, every = self.state.step, self.cfg.eval.every
-        due = bool(every) and step % every == 0 and step < total
-        if not due and not (self.best.enabled and last and step >= total):
+        if not self._eval_due(total, last):
             return False
         metrics = self.evaluate("valid")
-        self.report.validation(step, metrics)
+        self.report.validation(self.state.step, metrics)
         verdict = self.best.judge(self.state, metrics)
         if verdict.improved:
             self.save(best=True)
