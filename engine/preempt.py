@@ -86,9 +86,11 @@ class StopControl:
 
     # -- polls ------------------------------------------------------------------------------
     def _agree(self, local: list[float]) -> list[float]:
+        """The maximum of ``local`` over the ranks (one rank: ``local`` itself, no device round trip)."""
+        if self.world <= 1:
+            return local
         t = torch.tensor(local, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def _agreed_signal(self, sig: float) -> str | None:
@@ -99,6 +101,8 @@ class StopControl:
     def poll(self) -> tuple[str | None, bool]:
         """(the signal every rank agrees to stop on, or None; whether a checkpoint is due by the
         clock). Collective when there are several ranks: every rank calls it after every step."""
+        if not self.signals and self.seconds <= 0:  # nothing to watch (the same on every rank)
+            return None, False
         sig = float(self.received[0]) if self.received else 0.0
         due = 1.0 if self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds else 0.0
         agreed_sig, agreed_due = self._agree([sig, due])

@@ -115,8 +115,7 @@ def lock_run_folder(run_dir: str | Path, *, rank: int, world: int, device=None,
             lock.acquire(log=log)
         except RunFolderBusy as exc:
             busy = exc
-    if D.any_rank(busy is not None, device, world) and busy is None:
-        lock.release()
+    if D.any_rank(busy is not None, device, world) and busy is None:  # a rank that never held it
         busy = RunFolderBusy(f"{lock.run_dir}: another process writes this run folder (named on rank 0)")
     if busy is not None:
         raise busy

@@ -78,6 +78,7 @@ def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
     net = unwrap(model)
     n = int(content.n_items)
     outs = []
+    extra = {"residual": False} if content_only and getattr(net, "item_residual", None) is not None else {}
     with eval_mode(net):
         for s in tqdm(starts, disable=not show, file=sys.stderr, dynamic_ncols=True, leave=False,
                       desc="encode items", unit="chunk"):
@@ -85,8 +86,6 @@ def encode_chunks(model, content, starts: Sequence[int], *, chunk: int, device,
                 before_chunk()
             items = np.arange(s, min(s + chunk, n), dtype=np.int64)
             text, image = content.gather(items)
-            extra = {"residual": False} if content_only and getattr(net, "item_residual", None) is not None \
-                else {}
             emb = net.encode_items(torch.from_numpy(items).to(device),
                                    text.to(device) if text is not None else None,
                                    image.to(device) if image is not None else None, **extra)
