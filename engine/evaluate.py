@@ -132,10 +132,7 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
     ``score_chunk``: catalogue items scored per product (``[B, score_chunk]`` scores at a time).
     ``should_stop``: as in :func:`encode_catalogue`, polled before every chunk and every batch; an
     abandoned evaluation returns nothing and writes nothing."""
-    net = scoring.unwrap(model)
-    was_training = net.training
-    net.eval()
-    try:
+    with scoring.eval_mode(scoring.unwrap(model)):
         check = _abandon_when(should_stop)
         if item_emb is None:
             item_emb = encode_catalogue(model, content, chunk=item_chunk, device=device, show=show,
@@ -207,6 +204,4 @@ def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, d
         if line and rank == 0:
             say(line)
         return out
-    finally:
-        net.train(was_training)
 

@@ -378,12 +378,8 @@ class Trainer:
         net = self.engine.module
         if not net.catalogue_due(self.state.step):
             return
-        net.eval()
-        try:
-            emb = encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
-                                   device=self.device, show=False)
-        finally:
-            net.train()
+        emb = encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
+                               device=self.device, show=False)  # in eval mode, modes restored after
         net.refresh_catalogue(emb, self.state.step)
 
     def _skip(self, loss_sum: torch.Tensor) -> None:
@@ -644,15 +640,8 @@ class Trainer:
 
     def encode_items(self):
         """Every item's embedding under the weights the engine holds (eval mode, sharded over ranks)."""
-        net = self.engine.module
-        was = net.training
-        net.eval()
-        try:
-            return encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
-                                    device=self.device, show=self.show,
-                                    should_stop=self.stopper.stop_requested)
-        finally:
-            net.train(was)
+        return encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
+                                device=self.device, show=self.show, should_stop=self.stopper.stop_requested)
 
     def final_evaluation(self) -> dict:
         """valid and test at the last step and, with ``run.monitor``, at the best one, in
