@@ -60,7 +60,8 @@ def test_gpu_preset_trains_and_evaluates_on_cpu(preset, stage, data, tmp_path):
     argv = [sys.executable, "-m", "transrec.cli", "train", "--data", str(data), "--out", str(run),
             "--preset", preset, f"deepspeed.zero_stage={stage}", *TOY, *SMALLER[preset]]
     ranks = launch_ranks(argv, WORLD, tmp_path, timeout=300)
-    failed = [f"rank {r} exited with {code}: {log[-3000:]}" for r, (code, log) in enumerate(ranks) if code != 0]
+    failed = [f"rank {r} exited with {code}: {log[-3000:]}"
+              for r, (code, log) in enumerate(ranks) if code != 0]
     assert not failed, "\n\n".join(failed)
     log0 = ranks[0][1]
     line = [ln for ln in log0.splitlines() if ln.startswith("frozen-prefix cache")]
