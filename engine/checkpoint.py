@@ -145,7 +145,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-
 # ----------------------------------------------------------------------------- manager
 
 @dataclass
