@@ -93,6 +93,10 @@ class StopControl:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def _local_signal(self) -> float:
+        """The first stop signal this rank received (its number), or 0."""
+        return float(self.received[0]) if self.received else 0.0
+
     def _agreed_signal(self, sig: float) -> str | None:
         if sig:
             self.stop_name = signal.Signals(int(sig)).name
@@ -103,9 +107,8 @@ class StopControl:
         clock). Collective when there are several ranks: every rank calls it after every step."""
         if not self.signals and self.seconds <= 0:  # nothing to watch (the same on every rank)
             return None, False
-        sig = float(self.received[0]) if self.received else 0.0
         due = 1.0 if self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds else 0.0
-        agreed_sig, agreed_due = self._agree([sig, due])
+        agreed_sig, agreed_due = self._agree([self._local_signal(), due])
         return self._agreed_signal(agreed_sig), bool(agreed_due)
 
     def stop_requested(self) -> bool:
@@ -113,7 +116,7 @@ class StopControl:
         as an evaluation's, polled once per batch on every rank)."""
         if not self.signals:
             return False
-        (agreed,) = self._agree([float(self.received[0]) if self.received else 0.0])
+        (agreed,) = self._agree([self._local_signal()])
         return self._agreed_signal(agreed) is not None
 
     def saved(self) -> None:
