@@ -108,6 +108,25 @@ def no_temporaries(run: Path) -> None:
     assert not leftovers, leftovers
 
 
+def stopped_on_a_write(log_dir: Path, name: str, line: re.Pattern) -> tuple[re.Match, str]:
+    """The run ``name`` stopped on a failed write: exit 74, no traceback, one error line, of the form
+    ``line``; (its match, the stderr)."""
+    code, err = outcome(log_dir, name)
+    assert code == EXIT_WRITE_FAILED, err[-3000:]
+    assert "Traceback" not in err and len([x for x in err.splitlines() if "error" in x.lower()]) == 1, err
+    m = line.search(err)
+    assert m, err[-2000:]
+    return m, err
+
+
+def resumed_from_step_2_and_finished(log_dir: Path, final: Path) -> None:
+    """The rerun ``again`` resumed from step 2 and finished: step 6 the latest, no temporary left."""
+    code, err = outcome(log_dir, "again")
+    assert code == 0 and "resuming from step 2" in err, err[-3000:]
+    assert CheckpointManager(final).latest() == tag_for(6)
+    no_temporaries(final)
+
+
 @pytest.mark.slow
 def test_the_first_checkpoint_does_not_fit(world, tmp_path):
     """A disk too small for the first checkpoint (no earlier size to check against): the write itself
@@ -119,11 +138,8 @@ def test_the_first_checkpoint_does_not_fit(world, tmp_path):
     script = run_step("first", cmd, tmp_path) + copy_out(mnt / "run", tmp_path / "after")
     p = in_tmpfs(mnt, size // 3, script)
     assert p.returncode == 0, p.stderr
-    code, err = outcome(tmp_path, "first")
-    assert code == EXIT_WRITE_FAILED, err[-3000:]
-    assert "Traceback" not in err and len([x for x in err.splitlines() if "error" in x.lower()]) == 1, err
-    m = FAILED.search(err)
-    assert m and m[1] == tag_for(2) and Path(m[2]) == mnt / "run" / "checkpoints", err[-2000:]
+    m, err = stopped_on_a_write(tmp_path, "first", FAILED)
+    assert m[1] == tag_for(2) and Path(m[2]) == mnt / "run" / "checkpoints", err[-2000:]
     assert ", 0 B free;" not in err  # the free space is reported once the temporary's is released
     no_temporaries(tmp_path / "after")
     assert CheckpointManager(tmp_path / "after").latest() is None
@@ -142,20 +158,14 @@ def test_a_later_checkpoint_that_cannot_fit_stops_before_writing_and_the_rerun_r
               + run_step("again", cmd, tmp_path) + copy_out(mnt / "run", tmp_path / "final"))
     p = in_tmpfs(mnt, size * 3 // 2, script)
     assert p.returncode == 0, p.stderr
-    code, err = outcome(tmp_path, "short")
-    assert code == EXIT_WRITE_FAILED, err[-3000:]
-    assert "Traceback" not in err and len([x for x in err.splitlines() if "error" in x.lower()]) == 1, err
-    m = STOPPED_SHORT.search(err)
-    assert m and m[1] == tag_for(4) and Path(m[2]) == mnt / "run" / "checkpoints", err[-2000:]
+    m, err = stopped_on_a_write(tmp_path, "short", STOPPED_SHORT)
+    assert m[1] == tag_for(4) and Path(m[2]) == mnt / "run" / "checkpoints", err[-2000:]
     after = tmp_path / "after"
     no_temporaries(after)
     ck = CheckpointManager(after)
     assert ck.latest() == tag_for(2) and (ck.dir / "latest").read_text().strip() == tag_for(2)
     consolidated_state_dict(after)  # loadable
-    code, err = outcome(tmp_path, "again")
-    assert code == 0 and "resuming from step 2" in err, err[-3000:]
-    assert CheckpointManager(tmp_path / "final").latest() == tag_for(6)
-    no_temporaries(tmp_path / "final")
+    resumed_from_step_2_and_finished(tmp_path, tmp_path / "final")
 
 
 @pytest.mark.slow
@@ -175,20 +185,13 @@ def test_a_disk_that_fills_during_a_later_save(world, tmp_path):
               + run_step("again", cmd, tmp_path) + copy_out(run, tmp_path / "final"))
     p = in_tmpfs(mnt, 4 * size, script)  # keep_last=2: two checkpoints and the one being written
     assert p.returncode == 0, p.stderr
-    code, err = outcome(tmp_path, "full")
-    assert code == EXIT_WRITE_FAILED, err[-3000:]
-    assert "Traceback" not in err
-    assert len([x for x in err.splitlines() if "error" in x.lower()]) == 1, err
-    m = FAILED.search(err)
-    assert m and m[1] == tag_for(4) and Path(m[2]) == run / "checkpoints", err[-2000:]
+    m, err = stopped_on_a_write(tmp_path, "full", FAILED)
+    assert m[1] == tag_for(4) and Path(m[2]) == run / "checkpoints", err[-2000:]
     after = tmp_path / "after"
     no_temporaries(after)
     assert CheckpointManager(after).latest() == tag_for(2)
     consolidated_state_dict(after)
-    code, err = outcome(tmp_path, "again")
-    assert code == 0 and "resuming from step 2" in err, err[-3000:]
-    assert CheckpointManager(tmp_path / "final").latest() == tag_for(6)
-    no_temporaries(tmp_path / "final")
+    resumed_from_step_2_and_finished(tmp_path, tmp_path / "final")
 
 
 # ``transrec`` with a hook on the check before a checkpoint is written: once a later save's check has
