@@ -506,15 +506,13 @@ def case_diskfull(world_data: Path, tmp: Path, ref: dict, size: int, kind: str,
     q = shlex.quote(str(mnt))
     if mount:
         bigger = f"mount -o remount,size={5 * size} {q} || exit 91\n"
-        if kind == "first":
-            tmpfs_bytes, script = size // 3, step("full", cmd) + out("after") + bigger + step("again", cmd)
-        elif kind == "check":
-            tmpfs_bytes = size * 3 // 2
-            script = step("full", cmd) + out("after") + bigger + step("again", cmd)
-        else:
+        if kind == "fill":
             tmpfs_bytes = 5 * size
             script = (step("full", hooked("fill", cmd)) + out("after") + f"rm {shlex.quote(str(filler))}\n"
                       + step("again", cmd))
+        else:  # first / check: a disk for a third of a checkpoint / for one and a half, then made larger
+            tmpfs_bytes = size // 3 if kind == "first" else size * 3 // 2
+            script = step("full", cmd) + out("after") + bigger + step("again", cmd)
         script = f"mount -t tmpfs -o size={tmpfs_bytes} tmpfs {q} || exit 90\n{script}{out('final')}"
         p = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
                            timeout=1800)
