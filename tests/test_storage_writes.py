@@ -44,6 +44,11 @@ def enospc() -> OSError:
     return OSError(errno.ENOSPC, "No space left on device")
 
 
+def no_room(fd, offset, length):
+    """``os.posix_fallocate`` on a full disk."""
+    raise enospc()
+
+
 def failing(real, name: str, argpos: int = 1):
     """``real`` (a writer whose ``argpos``-th argument is the path, counting from 1) except for paths
     ending in ``name``: half of the bytes ``real`` would write are left in the file, then ENOSPC."""
@@ -162,10 +167,6 @@ def test_an_item_cache_whose_blocks_cannot_be_reserved_fails_before_filling(trai
     there, not a SIGBUS while the map is filled."""
     data, _, _ = trained
     cache = tmp_path / "cache"
-
-    def no_room(fd, offset, length):
-        raise enospc()
-
     monkeypatch.setattr("os.posix_fallocate", no_room)
     with pytest.raises(WriteFailed, match=r"building the item cache in .* failed: No space left on device"):
         build_or_load_item_cache(data, max_text_len=12, cache_dir=cache, progress=False)
@@ -246,9 +247,6 @@ def test_a_prefix_store_that_cannot_fit_stops_before_the_encoder_runs(trained, t
                                               r"writing: it needs about .* \(its arrays' size\)"):
             build_or_load_prefix_store(content, enc, TEXT, cache_dir=cache, progress=False)
     assert temporaries(cache) == []
-
-    def no_room(fd, offset, length):
-        raise enospc()
 
     monkeypatch.setattr("os.posix_fallocate", no_room)  # the values' blocks cannot be reserved
     with pytest.raises(WriteFailed, match=r"building the text prefix cache in .* failed: No space left"):
