@@ -124,7 +124,7 @@ def main() -> int:
             g[0].append(items[:-1])
             g[1].append(items[-1])
     rec = transrec.Recommender.from_export(work / "export", device="cpu")
-    rec.encode_items(data=train_data)  # every item, held-out ones included (their content only)
+    rec.add_items(data=train_data)  # every item, held-out ones included (their content only)
     train_ds = Dataset.open(train_data)
     assert all(int(train_ds.train_count[train_ds.item_index[k]]) == 0 for k in ds.item_ids
                if unsanitize_key(k) in cold), "a held-out item was trained on"

@@ -85,7 +85,7 @@ def pick_cold(world: Path, frac: float, rng: np.random.Generator) -> set[str]:
 def per_user(export: Path, data: Path, users: list[tuple[list[str], str, bool]]) -> dict:
     """``{protocol: {group: (hr@10, ndcg@10)}}`` for groups all / cold / warm."""
     rec = transrec.Recommender.from_export(export, device="cpu")
-    rec.encode_items(data=data)
+    rec.add_items(data=data)
     hist = [h for h, _, _ in users]
     tgt = [t for _, t, _ in users]
     out = {}

@@ -67,8 +67,8 @@ import torch
 from bench_common import append_rows, cpu_name, git_sha
 
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for, weights_only_loads
+from transrec.engine.consolidate import consolidated_state_dict
 from transrec.engine.distributed import free_port
-from transrec.engine.export import consolidated_state_dict
 from transrec.shards.synth import synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "faults.csv"

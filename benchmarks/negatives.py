@@ -40,7 +40,7 @@ VARIANTS = ("inbatch", "one-softmax", "fresh-detached", "fresh-grad", "memory")
 def run(variant: str, data: str, steps: int, memory: int, seed: int) -> dict:
     from transrec.config import build_config
     from transrec.engine.data import make_loader, open_data
-    from transrec.engine.evaluate import evaluate
+    from transrec.engine.ranking import split_metrics
     from transrec.models import build_model
     from transrec.models.losses import Criterion
 
@@ -87,7 +87,7 @@ def run(variant: str, data: str, steps: int, memory: int, seed: int) -> dict:
                 break
     seconds = time.time() - t0
     valid = make_loader(cfg, ds, content, "valid", batch_size=128, rank=0, world=1)
-    m = evaluate(model, valid, content, show=False, item_chunk=512)
+    m = split_metrics(model, valid, content, show=False, item_chunk=512)
     return {"variant": variant, "steps": steps, "memory": memory, "seconds": round(seconds, 1),
             "valid_ndcg@10": round(m["ndcg@10"], 4), "valid_hr@10": round(m["hr@10"], 4)}
 

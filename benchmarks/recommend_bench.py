@@ -105,7 +105,7 @@ def worker(args, chunk_name: str) -> dict:
     rec = Recommender.from_export(args.export, device="cpu", score_chunk=chunk)
     rec.batch_size = args.batch
     t0 = time.perf_counter()
-    rec.encode_items(data=args.data, progress=False)
+    rec.add_items(data=args.data, progress=False)
     encode_s = time.perf_counter() - t0
     ids = rec.item_ids
     rng = np.random.default_rng(args.seed)

@@ -1,5 +1,6 @@
-"""The Python API behind ``import transrec``: train, evaluate, export, recommend, each returning a
-small printable result (see README, "Python API")."""
+"""The training half of the Python API behind ``import transrec``: train, evaluate, export, each
+returning a small printable result (see README, "Python API"). ``transrec.Recommender`` comes from
+:mod:`transrec.inference.recommender`."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transrec.config import Config, build_config, parse_override, set_key
-from transrec.engine.export import export_run
+from transrec.engine.consolidate import export_run
 from transrec.engine.standalone import evaluate_run
 from transrec.engine.trainer import TrainResult
 from transrec.engine.trainer import train as _train
-from transrec.inference.recommender import Recommendations, Recommender
 from transrec.models.export import read_export
 
-__all__ = ["train", "evaluate", "export", "build_config", "Recommender", "Recommendations",
-           "TrainResult", "Metrics", "ExportInfo"]
+__all__ = ["train", "evaluate", "export", "build_config", "TrainResult", "Metrics", "ExportInfo"]
 
 _SHOWN = ("hr@10", "ndcg@10", "mrr")
 

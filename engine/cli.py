@@ -1,4 +1,4 @@
-"""Engine subcommands: train, eval, export, transfer, compare, demo, plot, recommend.
+"""Engine subcommands: train, eval, export, transfer, compare, demo, plot.
 
 :func:`register` adds them to the ``transrec`` command line (:mod:`transrec.cli`, which imports this
 module; nothing here imports it back)."""
@@ -27,12 +27,6 @@ def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "t
                    help="config overrides with dotted keys, e.g. optim.lr=3e-4 deepspeed.zero_stage=2")
     # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is what counts.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def _env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _quiet_deepspeed() -> None:
@@ -66,7 +60,6 @@ def _exit_code(run):
 # ----------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    _env()
     from transrec.engine import distributed as D  # lazy: fast --help
     from transrec.engine.trainer import train  # lazy: fast --help
 
@@ -91,7 +84,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    _env()
     from transrec.engine.standalone import evaluate_run  # lazy: fast --help
 
     res = evaluate_run(args.run, data=args.data, splits=args.split, item_chunk=args.item_chunk,
@@ -101,8 +93,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _env()
-    from transrec.engine.export import export_run  # lazy: fast --help
+    from transrec.engine.consolidate import export_run  # lazy: fast --help
     from transrec.models.export import read_export  # lazy: fast --help
 
     out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite, step=args.step)
@@ -112,7 +103,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    _env()
     _quiet_deepspeed()
     from transrec.engine import distributed as D  # lazy: fast --help
     from transrec.engine.transfer import format_table, run_transfer  # lazy: fast --help
@@ -130,7 +120,6 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    _env()
     _quiet_deepspeed()
     from transrec.engine.transfer import (  # lazy: fast --help
         MODES,
@@ -170,7 +159,6 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    _env()
     _quiet_deepspeed()
     from transrec.engine.demo import run_demo  # lazy: fast --help
 
@@ -184,38 +172,6 @@ def cmd_plot(args) -> int:
     out = args.out or os.path.join(args.runs[0], "curves.png")
     path = plot_runs(args.runs, out, metric=args.metric)
     print(f"wrote {path}")
-    return 0
-
-
-def cmd_recommend(args) -> int:
-    _env()
-    from transrec.inference.histories import read_histories, write_recommendations  # lazy: fast --help
-    from transrec.inference.recommender import Recommender  # lazy: fast --help
-
-    if not args.data and not args.catalogue:
-        raise UserError("recommend: give the candidate items with --data DIR and/or --catalogue DIR")
-    if (args.history is None) == (args.users is None):
-        raise UserError("recommend: give one of --history \"id1,id2,...\" or --users FILE")
-    if args.history is not None:
-        hist = [h.strip() for h in args.history.split(",") if h.strip()]
-        if not hist:
-            raise UserError("--history: empty (a user needs at least one item id)")
-        users = [("history", hist)]
-    else:
-        users = read_histories(args.users)
-        if not users:
-            raise UserError(f"{args.users}: no users")
-    rec = Recommender.from_export(args.export, device=args.device)
-    if args.data:
-        rec.encode_items(data=args.data)
-    if args.catalogue:
-        rec.encode_items(catalogue=args.catalogue)
-    fmt = args.format or ("jsonl" if str(args.out or "").endswith((".jsonl", ".json")) else "csv")
-    recs = rec.recommend_many([h for _, h in users], args.k, exclude_history=not args.include_history)
-    write_recommendations(args.out, [u for u, _ in users], recs, fmt)
-    if args.out and args.out != "-":
-        print(f"top-{args.k} of {len(rec)} items for {len(users)} user(s) written to {args.out}",
-              file=sys.stderr)
     return 0
 
 
@@ -327,29 +283,3 @@ def register(sub) -> None:
     p.add_argument("--out", help="PNG path (default: RUN/curves.png of the first run)")
     p.add_argument("--metric", default="ndcg@10", help="validation metric (default: %(default)s)")
     p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser(
-        "recommend", help="top-k items for histories from an export (new catalogue items included)",
-        formatter_class=_RAW,
-        description="Score candidate items for user histories with an export (full or adapter). The "
-                    "candidates are a dataset's items (--data) and/or a catalogue folder's (--catalogue: "
-                    "items.csv with item and title and/or image columns, plus images/; new items need no "
-                    "retraining). Items a user already has are left out unless --include-history.",
-        epilog="examples:\n"
-               "  transrec recommend --export exports/pre --data data/source --history s-i000001,s-i000002\n"
-               "  transrec recommend --export exports/pre --data data/source --catalogue new_items/ \\\n"
-               "      --users histories.csv --k 20 --out top.jsonl\n"
-               "--users FILE: an interactions table (user, item[, timestamp]; CSV/TSV/JSONL) or JSONL lines\n"
-               "  {\"user\": \"u1\", \"history\": [\"id1\", \"id2\"]}. Output: CSV user,rank,item,score or "
-               "JSONL\n  (from --out's suffix or --format); standard output without --out.")
-    p.add_argument("--export", required=True, help="export folder (transrec export)")
-    p.add_argument("--data", help="dataset folder whose items are candidates")
-    p.add_argument("--catalogue", help="catalogue folder (items.csv + images/) whose items are candidates")
-    p.add_argument("--history", help="one user's item ids, oldest first, comma-separated")
-    p.add_argument("--users", metavar="FILE", help="histories of many users (see below)")
-    p.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s)")
-    p.add_argument("--out", help="output file (.csv or .jsonl; default: standard output)")
-    p.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format")
-    p.add_argument("--include-history", action="store_true", help="allow items already in the history")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.set_defaults(func=cmd_recommend)

@@ -1,14 +1,14 @@
 """What the engine reads: a dataset folder, the item content its model needs, and loaders over it.
 
 Training, evaluation, the standalone evaluator and the benchmarks all open data here, so none of
-them imports the trainer. Opening a dataset's content (:func:`open_data`, :class:`NoContent`) belongs
-to :mod:`transrec.inference.content`, which serving shares without the training stack.
+them imports the trainer. Opening a dataset's content (:func:`open_data`, :class:`NoContent`) lives
+below both rooms, in :mod:`transrec.models.content`, which serving imports too.
 """
 
 from __future__ import annotations
 
 from transrec.config import Config
-from transrec.inference.content import NoContent, open_data
+from transrec.models.content import NoContent, open_data
 from transrec.shards.loader import SequenceLoader
 
 __all__ = ["NoContent", "open_data", "make_loader", "epoch_facts", "epoch_line"]

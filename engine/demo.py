@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transrec.config import preset_demo_cpu
-from transrec.engine.export import export_run
+from transrec.engine.consolidate import export_run
 from transrec.engine.plot import plot_runs
 from transrec.engine.tracking import say as log_line
 from transrec.engine.trainer import Trainer

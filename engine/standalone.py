@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from transrec.engine.consolidate import load_run
 from transrec.engine.data import make_loader, open_data
-from transrec.engine.evaluate import encode_catalogue, evaluate
-from transrec.engine.export import load_run
+from transrec.engine.ranking import encode_catalogue, split_metrics
 from transrec.engine.tracking import bars_enabled, say
 from transrec.errors import UserError
 from transrec.shards.dataset import Dataset
@@ -62,7 +62,7 @@ def evaluate_run(run: str | Path, *, data: str | None = None, splits: str = "val
         if split not in ("valid", "test"):
             raise UserError(f"--split: {split!r} is not valid or test")
         loader = make_loader(cfg, ds, content, split, batch_size=cfg.eval.batch_size, rank=0, world=1, seed=0)
-        out[split] = evaluate(model, loader, content, ks=tuple(cfg.eval.ks), item_chunk=chunk, device=device,
-                              max_users=cfg.eval.max_users, show=show, item_emb=emb,
-                              exclude_history=cfg.eval.exclude_history)
+        out[split] = split_metrics(model, loader, content, ks=tuple(cfg.eval.ks), item_chunk=chunk,
+                                   device=device, max_users=cfg.eval.max_users, show=show, item_emb=emb,
+                                   exclude_history=cfg.eval.exclude_history)
     return out

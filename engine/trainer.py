@@ -52,10 +52,11 @@ from transrec.engine import distributed as D
 from transrec.engine.best import BestWatch
 from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
 from transrec.engine.data import epoch_facts, epoch_line, make_loader, open_data
-from transrec.engine.evaluate import encode_catalogue, evaluate
+from transrec.engine.deepspeed_patches import single_process_fast_path
 from transrec.engine.guard import Diverged, FiniteGuard
 from transrec.engine.optim import make_optimizer, make_scheduler
 from transrec.engine.preempt import EvaluationAbandoned, RunStopped, StopControl, stopped_line
+from transrec.engine.ranking import encode_catalogue, split_metrics
 from transrec.engine.report import EvalReport
 from transrec.engine.runlock import lock_run_folder
 from transrec.engine.skips import SkipReport
@@ -87,34 +88,6 @@ class TrainResult:
         return (f"TrainResult(run={str(self.run_dir)!r}, step={self.step}, "
                 f"loss={self.losses[-1] if self.losses else float('nan'):.4f}, "
                 f"test_ndcg@10={test.get('ndcg@10', float('nan')):.4f}, seconds={self.seconds:.1f})")
-
-
-def _single_process_fast_path(engine) -> None:
-    """One process, ZeRO-0, fp32: drop DeepSpeed's per-tensor work that has nothing to do.
-
-    - The gradient all-reduce over a group of one rank (it flattens every gradient into a buffer,
-      reduces it and copies it back): switched off. It also gave a parameter without a gradient a zero
-      one; :class:`~transrec.engine.optim.FlatAdamW` steps such a parameter with zeros, as before.
-    - Gradient clipping: the same computation (global 2-norm of the per-tensor norms, coefficient
-      ``min(1, clip / (norm + 1e-6))``) with foreach kernels, without the all-reduce of the norm over
-      one rank, instead of a norm and a multiply per tensor.
-
-    Both are per-tensor loops whose cost grows when other processes hold the cores; the test
-    ``tests/test_engine_steps.py`` checks the result against DeepSpeed's own step.
-    """
-    engine.enable_backward_allreduce = False
-    max_norm = torch.tensor(float(engine.gradient_clipping()))
-
-    def clip_fp32_gradients():
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        total = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float().pow(0.5)
-        coef = torch.clamp(max_norm.to(total.device) / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        return total
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def _bn_stats(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -212,7 +185,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, config=self.ds_config)
         if flat and self.world == 1:
-            _single_process_fast_path(self.engine)
+            single_process_fast_path(self.engine)
         self.guard = FiniteGuard(self.engine, world=self.world, device=self.device)
         self.bad_in_row = 0  # skipped steps since the last applied one
         self.skipped = 0  # skipped steps in this process's life
@@ -633,7 +606,7 @@ class Trainer:
             make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size, rank=self.rank,
                         world=self.world, seed=0))
         loader.set_epoch(0)
-        return evaluate(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
+        return split_metrics(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                         item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
                         show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history,
                         should_stop=self.stopper.stop_requested)

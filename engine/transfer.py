@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from transrec.config import Config, LoRAConfig, parse_override, set_key
-from transrec.engine.evaluate import protocol_prefix
 from transrec.engine.plot import plot_budget, plot_comparison
+from transrec.engine.ranking import protocol_prefix
 from transrec.engine.tracking import say
 from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError
@@ -127,7 +127,7 @@ PROTOCOLS = {True: "history masked", False: "history ranked"}  # eval.exclude_hi
 
 def _both_protocols(row: dict) -> dict:
     """The row's test NDCG@10 / HR@10 under each protocol: its own (plain keys) and the other one
-    (prefixed, see :func:`transrec.engine.evaluate.protocol_prefix`)."""
+    (prefixed, see :func:`transrec.engine.ranking.protocol_prefix`)."""
     own = bool(row.get("exclude_history", True))
     other = f"test_{protocol_prefix(not own)}"
     out = dict(row)

@@ -9,9 +9,12 @@ DeepSpeed or :mod:`transrec.engine`, which builds on it (evaluation scores throu
 - :mod:`~transrec.inference.scoring`: catalogue encoding, user states and the one chunked scoring
   pass (top-k, history masking, rank intervals) that evaluation and serving share;
 - :mod:`~transrec.inference.metrics`: full-ranking metrics from rank intervals (ties in a random order);
-- :mod:`~transrec.inference.content`: a dataset's item content as a model config needs it;
 - :mod:`~transrec.inference.histories`: histories in, recommendations out (the files of
-  ``transrec recommend``)."""
+  ``transrec recommend``);
+- :mod:`~transrec.inference.cli`: the ``transrec recommend`` subcommand.
+
+A dataset's item content, as a model config needs it, opens through :mod:`transrec.models.content`,
+which training shares."""
 
 from transrec._toplevel import bare_import
 

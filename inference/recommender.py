@@ -3,14 +3,14 @@
 :class:`Recommender` wraps an export (full or adapter, from any ZeRO stage: the export folder hides
 that) and keeps a *pool* of candidate items, each an id with its embedding. Items join the pool from
 
-- a shards dataset (``encode_items(data=DIR)``): its item cache, encoded by
+- a shards dataset (``add_items(data=DIR)``): its item cache, encoded by
   :func:`~transrec.inference.scoring.encode_catalogue` in ``eval.item_chunk`` chunks, so the
   embeddings are those ``transrec eval`` ranks against;
-- a catalogue folder (``encode_items(catalogue=DIR)``): ``items.csv`` (or ``.tsv`` / ``.jsonl``) with
+- a catalogue folder (``add_items(catalogue=DIR)``): ``items.csv`` (or ``.tsv`` / ``.jsonl``) with
   an item column and a title and/or image column, plus an optional ``images/`` folder, read by the
   same code as ``transrec shards build`` (an item with a readable image is an image item, else a
   text item);
-- raw content with ids (``encode_items(titles=[...], images=[...], ids=[...])``).
+- raw content with ids (``add_items(titles=[...], images=[...], ids=[...])``).
 
 Raw content goes through the item cache's own preprocessing (:func:`~transrec.shards.cache.tokenize_titles`
 with the export's tokenizer and ``model.text.max_len``; :func:`~transrec.shards.cache.prepare_image` at
@@ -43,7 +43,6 @@ import torch
 from PIL import Image
 
 from transrec.errors import UserError
-from transrec.inference.content import open_data
 from transrec.inference.metrics import DEFAULT_KS, ranking_metrics
 from transrec.inference.scoring import (
     SCORE_CHUNK,
@@ -55,8 +54,9 @@ from transrec.inference.scoring import (
     score_matrix,
     user_states,
 )
+from transrec.models.content import open_data
 from transrec.models.export import export_config, read_export
-from transrec.models.recommender import SequentialRecommender, content_spec
+from transrec.models.sequential import SequentialRecommender, content_spec
 from transrec.shards.batch import IMAGE, TEXT, ArrayContent
 from transrec.shards.build import read_items
 from transrec.shards.cache import load_tokenizer, prepare_image, tokenize_titles
@@ -102,7 +102,7 @@ class Recommender:
     """Top-k recommendation from a trained model (see the module docstring).
 
     >>> rec = Recommender.from_export("exports/pre")              # doctest: +SKIP
-    >>> rec.encode_items(data="data/source")                      # doctest: +SKIP
+    >>> rec.add_items(data="data/source")                      # doctest: +SKIP
     >>> rec.recommend(["s-i000001", {"title": "red striped bold"}], k=5)  # doctest: +SKIP
     """
 
@@ -179,7 +179,7 @@ class Recommender:
     def _all(self) -> torch.Tensor:
         if self._table is None:
             if not self._rows:
-                raise UserError("no items yet: encode_items(data=DIR | catalogue=DIR | titles/images + ids)")
+                raise UserError("no items yet: add_items(data=DIR | catalogue=DIR | titles/images + ids)")
             self._table = torch.cat(self._rows) if len(self._rows) > 1 else self._rows[0]
             self._rows = [self._table]
         return self._table
@@ -216,14 +216,15 @@ class Recommender:
         r = self._pool.get(str(item_id))
         if r is None:
             raise UserError(f"unknown item id {item_id!r} (not in the {len(self._pool)} encoded items; "
-                            "add it with encode_items)")
+                            "add it with add_items)")
         return r
 
     # -- encoding -------------------------------------------------------------------------------
-    def encode_items(self, titles: Sequence[str] | None = None, images: Sequence | None = None, *,
+    def add_items(self, titles: Sequence[str] | None = None, images: Sequence | None = None, *,
                      ids: Sequence[str] | None = None, catalogue: str | Path | None = None,
                      data: str | Path | None = None, progress: bool | None = None) -> torch.Tensor:
-        """Embeddings ``[n, d]`` (float32, as the model outputs them) of the items given, in order.
+        """Add items to the candidate pool from their content; returns their embeddings ``[n, d]``
+        (float32, as the model outputs them), in order.
 
         - ``data=DIR``: every item of a shards dataset (items whose content was bad are left out);
         - ``catalogue=DIR``: ``items.csv|tsv|jsonl`` + optional ``images/`` (the ``shards build`` layout);
@@ -236,7 +237,7 @@ class Recommender:
         """
         given = [x is not None for x in (data, catalogue)]
         if sum(given) + bool(titles or images) > 1:
-            raise UserError("encode_items takes one of: data=DIR, catalogue=DIR, or titles/images")
+            raise UserError("add_items takes one of: data=DIR, catalogue=DIR, or titles/images")
         if data is not None:
             return self._encode_dataset(data, progress)
         if catalogue is not None:
@@ -244,7 +245,7 @@ class Recommender:
         else:
             raws = [self._raw_title(t) for t in (titles or [])] + [self._raw_image(x) for x in (images or [])]
             if not raws:
-                raise UserError("encode_items got no items (titles, images, catalogue= or data=)")
+                raise UserError("add_items got no items (titles, images, catalogue= or data=)")
             item_ids = None
             if ids is not None:
                 item_ids = [str(i) for i in ids]
@@ -275,7 +276,7 @@ class Recommender:
     def _need_content(self, what: str) -> None:
         if self.kind == "id":
             raise UserError(f"{what}: an ID model has no content encoder; it scores its own dataset's "
-                            "items only (encode_items(data=DIR))")
+                            "items only (add_items(data=DIR))")
 
     def _tokenizer(self):
         if self._tok is None:

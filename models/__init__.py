@@ -27,7 +27,7 @@ if not bare_import(__name__, __file__):  # a bare `import models` gets the insta
         save_adapters,
         trainable_report,
     )
-    from transrec.models.recommender import IDSASRec, SequentialRecommender, TransRec, build_model
+    from transrec.models.sequential import IDSASRec, SequentialRecommender, TransRec, build_model
 
 __all__ = [
     "ImageEncoderConfig", "LoRAConfig", "LossConfig", "ModelConfig", "TextEncoderConfig",

@@ -41,7 +41,7 @@ from transrec.config.schema import DataConfig
 from transrec.errors import ConfigError, DataError
 from transrec.locking import locked_build
 from transrec.models.encoder_base import ItemEncoderBase
-from transrec.models.recommender import TransRec
+from transrec.models.sequential import TransRec
 from transrec.shards.batch import IMAGE, MODALITY_NAMES, TEXT
 from transrec.shards.prefix_cache import (
     DTYPES,
@@ -236,7 +236,7 @@ def maybe_wrap(content, model, data: DataConfig | None = None, cache_dir: str | 
             reasons[name] = r
     for name, enc in encoders.items():
         # how an absent modality's dummy runs (tail only or whole): like that modality's real
-        # content, so that every rank runs the same modules under ZeRO-3 (see models.recommender)
+        # content, so that every rank runs the same modules under ZeRO-3 (see models.sequential)
         enc.serves_cached_prefix = name in use
     if not use:
         _emit("frozen-prefix cache off, full encoders run every step: " +

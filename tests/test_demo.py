@@ -48,7 +48,7 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     for png in (out / "target" / "compare.png", out / "pretrain.png"):
         assert png.stat().st_size > 10_000
     # The LoRA run's export is adapter-only and names the pretrained export as its base.
-    from transrec.engine.export import export_run
+    from transrec.engine.consolidate import export_run
     from transrec.models.export import read_export
 
     exp = export_run(out / "target" / f"steps-{budgets[0]}" / "lora", tmp_path / "lora-export")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transrec.config.reference import COMMAND, render
+from transrec.config.markdown import COMMAND, render
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transrec.cli import main as cli_main
 from transrec.config import build_config
 from transrec.engine.checkpoint import CheckpointManager, tag_for
-from transrec.engine.export import consolidated_state_dict, export_run
+from transrec.engine.consolidate import consolidated_state_dict, export_run
 from transrec.engine.tracking import read_metrics
 from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError

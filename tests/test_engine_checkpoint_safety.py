@@ -17,7 +17,7 @@ from torch.serialization import get_unsafe_globals_in_checkpoint
 from transrec.cli import main as cli_main
 from transrec.config import build_config
 from transrec.engine.checkpoint import CheckpointError, CheckpointManager, weights_only_loads
-from transrec.engine.export import export_run
+from transrec.engine.consolidate import export_run
 from transrec.engine.trainer import Trainer
 from transrec.errors import UserError
 from transrec.models import SequentialRecommender

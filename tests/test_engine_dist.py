@@ -50,7 +50,7 @@ def _driver(spec: dict) -> None:
         if spec.get("catalogue"):  # the trained weights and item embeddings (all ranks take part)
             import deepspeed
 
-            from transrec.engine.evaluate import encode_catalogue
+            from transrec.engine.ranking import encode_catalogue
 
             net = trainer.engine.module
             net.eval()
@@ -208,9 +208,9 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     # Export from ZeRO-3: a fresh model loaded from it holds the trained weights, bit for bit, and
     # reproduces the trained model's item embeddings.
     from transrec.engine.checkpoint import CheckpointError, CheckpointManager
+    from transrec.engine.consolidate import export_run
     from transrec.engine.data import open_data
-    from transrec.engine.evaluate import encode_catalogue
-    from transrec.engine.export import export_run
+    from transrec.engine.ranking import encode_catalogue
     from transrec.models import SequentialRecommender
     from transrec.models.export import export_config
     from transrec.models.negatives import STATE_PREFIX
@@ -273,7 +273,7 @@ def test_zero0_one_rank_equals_zero2_two_ranks_first_step(world_data, tmp_path):
 @pytest.mark.parametrize("negatives", ["memory", "catalogue"])
 def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(negatives, world_data, tmp_path):
     from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
-    from transrec.engine.export import consolidated_state_dict
+    from transrec.engine.consolidate import consolidated_state_dict
 
     k = 4
     # dropout on, so the RNG state must be restored too; ZeRO-1 so optimizer partitions are saved;

@@ -5,7 +5,7 @@ or as any user where user namespaces are enabled) and runs the command line ther
 meet a real ``ENOSPC``. Since the tmpfs vanishes with its namespace, the whole story of a case (the
 failing run, freeing space, the rerun) is one shell script, which copies the run folder out after
 each step for the checks. Where mounting is not permitted the cases are skipped, saying so; the
-simulated failures of ``tests/test_engine_disk_full.py`` and ``tests/test_storage_writes.py`` always
+simulated failures of ``tests/test_engine_checkpoint_disk_full.py`` and ``tests/test_storage.py`` always
 run.
 
 Sizes: a checkpoint of this configuration (ZeRO-0, fp32) is about 21.5 MiB (measured below from a
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
-from transrec.engine.export import consolidated_state_dict
+from transrec.engine.consolidate import consolidated_state_dict
 from transrec.storage import EXIT_WRITE_FAILED
 
 ROOT = Path(__file__).resolve().parents[1]

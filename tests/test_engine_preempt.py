@@ -18,7 +18,7 @@ import torch
 from spawn_ranks import start_ranks, wait_ranks
 
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
-from transrec.engine.export import consolidated_state_dict
+from transrec.engine.consolidate import consolidated_state_dict
 from transrec.engine.preempt import EXIT_STOPPED
 
 ROOT = Path(__file__).resolve().parents[1]

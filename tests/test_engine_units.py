@@ -78,7 +78,7 @@ def _eval_world(tmp_path):
 @pytest.mark.parametrize("exclude_history", [True, False], ids=["history-removed", "history-ranked"])
 def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path, exclude_history):
     from transrec.engine.data import NoContent, make_loader
-    from transrec.engine.evaluate import evaluate
+    from transrec.engine.ranking import split_metrics
     from transrec.models import build_model
     from transrec.shards.dataset import Dataset
 
@@ -96,7 +96,7 @@ def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_pat
     model.encode_users = lambda emb, mask: torch.round(encode_users(emb, mask) * 8) / 8
     content = NoContent(ds)
     loader = make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0)
-    got = evaluate(model, loader, content, ks=(1, 5, 10), item_chunk=7, show=False,
+    got = split_metrics(model, loader, content, ks=(1, 5, 10), item_chunk=7, show=False,
                    exclude_history=exclude_history)
 
     table = model.item_emb.weight.detach().numpy().astype(np.float64)
@@ -149,7 +149,7 @@ def test_a_constant_score_model_evaluates_at_chance_and_warns_of_collapse(tmp_pa
     """Every item scores the same (the item table zeroed): the ranking is a coin toss among all
     items, never a win for the target; distinct_scores says so and one warning line is logged."""
     from transrec.engine.data import NoContent, make_loader
-    from transrec.engine.evaluate import evaluate
+    from transrec.engine.ranking import split_metrics
     from transrec.models import build_model
     from transrec.shards.dataset import Dataset
 
@@ -160,7 +160,7 @@ def test_a_constant_score_model_evaluates_at_chance_and_warns_of_collapse(tmp_pa
         model.item_emb.weight.zero_()  # every item scores 0 for every user
     content = NoContent(ds)
     loader = make_loader(cfg, ds, content, "valid", batch_size=32, rank=0, world=1, seed=0)
-    got = evaluate(model, loader, content, ks=(5, 10), item_chunk=16, show=False)
+    got = split_metrics(model, loader, content, ks=(5, 10), item_chunk=16, show=False)
     n = ds.n_items
     assert got["users"] == sum(s.n_eval for s in ds.seq_shards)
     assert got["unmasked_hr@5"] == pytest.approx(5 / n, abs=1e-12)

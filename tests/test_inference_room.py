@@ -16,7 +16,7 @@ import torch
 
 from transrec.config import build_config
 from transrec.engine.data import NoContent, make_loader
-from transrec.engine.evaluate import evaluate
+from transrec.engine.ranking import split_metrics
 from transrec.errors import UserError
 from transrec.inference.histories import dataset_sequences
 from transrec.inference.metrics import target_ranks
@@ -71,7 +71,7 @@ import json
 import transrec
 from transrec.inference.histories import dataset_sequences
 rec = transrec.Recommender.from_export(EXP, device="cpu")
-rec.encode_items(data=DATA)
+rec.add_items(data=DATA)
 seqs = [s for _, s in dataset_sequences(DATA)][:12]
 hists, targets = [s[:-1] for s in seqs], [s[-1] for s in seqs]
 top = rec.recommend_many(hists, 5)
@@ -109,7 +109,7 @@ def test_serving_an_export_needs_no_deepspeed(world, tmp_path):
     assert res["rc"] == 0
     # the same answers as a Recommender in this process (which may have loaded anything)
     rec = Recommender.from_export(exp, device="cpu")
-    rec.encode_items(data=data)
+    rec.add_items(data=data)
     seqs = [s for _, s in dataset_sequences(data)][:12]
     hists, targets = [s[:-1] for s in seqs], [s[-1] for s in seqs]
     assert res["top"] == [r.ids for r in rec.recommend_many(hists, 5)]
@@ -226,10 +226,11 @@ def test_evaluation_and_the_recommender_agree_at_every_chunk_size(exact_model):
             targets.append(held[1])
     for chunk in (1, 7, n - 1, n, 2 * n):
         loader = make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0)
-        got = evaluate(model, loader, content, ks=(1, 5, 10), item_chunk=8, show=False, score_chunk=chunk)
+        got = split_metrics(model, loader, content, ks=(1, 5, 10), item_chunk=8, show=False,
+                            score_chunk=chunk)
         results.append(got)
         rec = Recommender(model, cfg, device="cpu", score_chunk=chunk)
-        rec.encode_items(data=data)
+        rec.add_items(data=data)
         direct = rec.evaluate(hists, targets, ks=(1, 5, 10))
         for key in ("hr@1", "hr@5", "ndcg@10", "mrr", "users"):
             assert direct[key] == pytest.approx(got[key], abs=1e-12), (chunk, key)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from transrec.config import build_config
+from transrec.engine.consolidate import export_run
 from transrec.engine.data import open_data
-from transrec.engine.evaluate import encode_catalogue
-from transrec.engine.export import export_run
+from transrec.engine.ranking import encode_catalogue
 from transrec.engine.trainer import Trainer
 from transrec.inference.histories import dataset_sequences
 from transrec.inference.recommender import Recommender
@@ -110,7 +110,7 @@ def test_training_moves_only_the_vectors_of_items_it_reads_and_the_export_serves
     ids = [unsanitize_key(k) for k in ds.item_ids]
     assert meta["item_ids"] == ids
     rec = Recommender.from_export(exp, device="cpu")
-    pool = rec.encode_items(data=data)  # the training catalogue: content + vector
+    pool = rec.add_items(data=data)  # the training catalogue: content + vector
     cfg = cfg_for(data, *HYBRID)
     _, content = open_data(cfg, str(data))
     want = encode_catalogue(net, content, chunk=cfg.eval.item_chunk, device="cpu", show=False)
@@ -118,7 +118,7 @@ def test_training_moves_only_the_vectors_of_items_it_reads_and_the_export_serves
     # a brand-new item with a trained item's title: its content alone, not the trained vector
     first = next(i for i in range(ds.n_items) if moved[i])
     title = _title_of(data, ds.item_ids[first])
-    new = rec.encode_items(titles=[title], ids=["brand-new"])[0]
+    new = rec.add_items(titles=[title], ids=["brand-new"])[0]
     only = encode_catalogue(net, content, chunk=cfg.eval.item_chunk, device="cpu", show=False,
                             content_only=True)
     torch.testing.assert_close(new, only[first], rtol=1e-6, atol=1e-6)
@@ -168,7 +168,7 @@ def test_a_transfer_starts_the_targets_vectors_at_zero_and_resume_is_exact(data,
     _, first = train(data, tmp_path / "part", *tf, "run.ckpt_every=4", stop_after=4, save_at_end=False)
     _, second = train(data, tmp_path / "part", *tf)
     assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
-    from transrec.engine.export import consolidated_state_dict
+    from transrec.engine.consolidate import consolidated_state_dict
 
     a, _ = consolidated_state_dict(tmp_path / "full")
     b, _ = consolidated_state_dict(tmp_path / "part")

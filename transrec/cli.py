@@ -1,9 +1,9 @@
 """The ``transrec`` command line.
 
-Each package registers its own subcommands: ``transrec.shards.cli`` (``shards
-synth|build|convert|info``) and ``transrec.engine.cli`` (``train``, ``eval``, ``export``,
-``transfer``, ``compare``, ``demo``, ``plot``, ``recommend``). Imports go one way: this module
-imports theirs, theirs never import it. Errors a user can fix are raised as
+Each room registers its own subcommands: ``transrec.shards.cli`` (``shards
+synth|build|convert|info``), ``transrec.engine.cli`` (``train``, ``eval``, ``export``,
+``transfer``, ``compare``, ``demo``, ``plot``) and ``transrec.inference.cli`` (``recommend``).
+Imports go one way: this module imports theirs, theirs never import it. Errors a user can fix are raised as
 :class:`transrec.errors.UserError` and printed as one line with a non-zero exit: 2, or the error's own
 ``exit_code`` (a failed write, :class:`transrec.storage.WriteFailed`: 74).
 """
@@ -11,15 +11,20 @@ imports theirs, theirs never import it. Errors a user can fix are raised as
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from transrec import __version__
 from transrec.engine import cli as engine_cli
 from transrec.errors import UserError
+from transrec.inference import cli as inference_cli
 from transrec.shards import cli as shards_cli
 
+# Models load from local folders only; tokenizers run in this process's threads, not in forks.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
 # The modules that define ``register(subparsers)``, in the order of the help's command list.
-_SUBCOMMANDS = (shards_cli, engine_cli)
+_SUBCOMMANDS = (shards_cli, engine_cli, inference_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         result = args.func(args)
     except UserError as exc:  # one line; its own exit code when it carries one (a failed write: 74)

@@ -12,7 +12,7 @@ import webdataset as wds
 
 from transrec.config import build_config
 from transrec.engine.data import make_loader, open_data
-from transrec.engine.evaluate import COLLAPSE_BELOW, encode_catalogue, evaluate, score_users
+from transrec.engine.ranking import COLLAPSE_BELOW, encode_catalogue, score_users, split_metrics
 from transrec.engine.trainer import Trainer
 from transrec.inference.histories import dataset_sequences
 from transrec.inference.metrics import ranking_metrics, target_ranks
@@ -66,7 +66,7 @@ def test_a_duplicated_title_shares_the_targets_rank(twins, capsys):
     assert emb[:n].unique(dim=0).shape[0] == n  # no other ties
 
     loader = make_loader(cfg, ds, content, "test", batch_size=16, rank=0, world=1, seed=0)
-    got = evaluate(model, loader, content, ks=(1, 10), show=False, item_emb=emb)
+    got = split_metrics(model, loader, content, ks=(1, 10), show=False, item_emb=emb)
     intervals = []
     for batch in loader:
         scores = score_users(model, batch, emb)

@@ -5,8 +5,8 @@ Every key of a run config with its type, default and help: the help is the field
 line), and each section starts with its dataclass's docstring. The presets table lists, for each
 preset, every key it sets away from the defaults. Importing this module loads no torch.
 
-    python -m transrec.config.reference docs/configuration.md   # rewrite the file
-    python -m transrec.config.reference -                       # print it
+    python -m transrec.config.markdown docs/configuration.md   # rewrite the file
+    python -m transrec.config.markdown -                       # print it
 
 ``tests/test_docs.py`` fails when ``docs/configuration.md`` differs from :func:`render`.
 """
@@ -31,7 +31,7 @@ from transrec.config import schema
 from transrec.config.presets import PRESETS
 from transrec.config.schema import Config
 
-COMMAND = "python -m transrec.config.reference docs/configuration.md"
+COMMAND = "python -m transrec.config.markdown docs/configuration.md"
 
 
 def _rst_to_md(text: str) -> str:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     asked = args[:1] in (["-h"], ["--help"])
     if len(args) != 1 or asked:
-        print("usage: python -m transrec.config.reference OUT.md   (OUT.md '-': standard output)\n"
+        print("usage: python -m transrec.config.markdown OUT.md   (OUT.md '-': standard output)\n"
               f"regenerate the docs: {COMMAND}", file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     text = render()

@@ -15,7 +15,7 @@ from transrec.cli import main
 from transrec.config import build_config
 from transrec.config.model import LoRAConfig
 from transrec.engine.data import make_loader, open_data
-from transrec.engine.evaluate import encode_catalogue, evaluate, score_users
+from transrec.engine.ranking import encode_catalogue, score_users, split_metrics
 from transrec.errors import UserError
 from transrec.inference.histories import dataset_sequences, read_histories
 from transrec.inference.metrics import ranking_metrics
@@ -55,15 +55,15 @@ def _raw_items(data):
 def test_scores_and_ranks_equal_full_ranking_evaluation(world):
     _, data, cfg, exp = world
     rec = Recommender.from_export(exp, device="cpu")
-    rec.encode_items(data=data)
+    rec.add_items(data=data)
     model = SequentialRecommender.from_export(exp)
     ds, content = open_data(cfg, str(data))
     emb = encode_catalogue(model, content, chunk=cfg.eval.item_chunk, device="cpu", show=False)
-    torch.testing.assert_close(rec.encode_items(data=data), emb, rtol=0, atol=0)  # the same code path
+    torch.testing.assert_close(rec.add_items(data=data), emb, rtol=0, atol=0)  # the same code path
 
-    # engine side: metrics from evaluate(), and each user's top 10 with the whole history masked
+    # engine side: metrics from split_metrics(), and each user's top 10 with the whole history masked
     loader = make_loader(cfg, ds, content, "test", batch_size=cfg.eval.batch_size, rank=0, world=1, seed=0)
-    want = evaluate(model, loader, content, item_chunk=cfg.eval.item_chunk, show=False)
+    want = split_metrics(model, loader, content, item_chunk=cfg.eval.item_chunk, show=False)
     top_engine = {}
     for batch in loader:
         scores = score_users(model, batch, emb)
@@ -85,7 +85,7 @@ def test_scores_and_ranks_equal_full_ranking_evaluation(world):
     index = {unsanitize_key(k): i for i, k in enumerate(ds.item_ids)}
     for u, r in zip(users, recs):
         assert [index[i] for i in r.ids] == top_engine[u]
-    # target ranks over the whole pool, history masked except the target: evaluate()'s metrics
+    # target ranks over the whole pool, history masked except the target: split_metrics()'s metrics
     ranks = []
     for h, t in zip(hists, targets):
         s = torch.from_numpy(rec.score(h, rec.item_ids))
@@ -113,7 +113,7 @@ def test_scores_and_ranks_equal_full_ranking_evaluation(world):
 def test_raw_content_and_catalogue_match_the_dataset(world, tmp_path):
     _, data, _, exp = world
     rec = Recommender.from_export(exp, device="cpu")
-    want = rec.encode_items(data=data)
+    want = rec.add_items(data=data)
     raw = _raw_items(data)
     cat = tmp_path / "cat"
     (cat / "images").mkdir(parents=True)
@@ -125,7 +125,7 @@ def test_raw_content_and_catalogue_match_the_dataset(world, tmp_path):
                 (cat / "images" / f"{iid}.{ext}").write_bytes(img)
             w.writerow([iid, title or "", f"{iid}.{ext}" if img is not None else ""])
     fresh = Recommender.from_export(exp, device="cpu")
-    got = fresh.encode_items(catalogue=cat)
+    got = fresh.add_items(catalogue=cat)
     assert fresh.item_ids == [r[0] for r in raw]
     torch.testing.assert_close(got, want)  # same items, same chunks: the dataset's embeddings
     # titles, image paths, PIL images and uint8 arrays one by one (other chunking: fp32 tolerance)
@@ -134,12 +134,12 @@ def test_raw_content_and_catalogue_match_the_dataset(world, tmp_path):
     pil = Image.open(images[1][1])
     arr = np.asarray(Image.open(images[2][1]).convert("RGB"))
     one = Recommender.from_export(exp, device="cpu")
-    e = one.encode_items(titles=[t for _, t in titles], images=[images[0][1], pil, arr.transpose(2, 0, 1)])
+    e = one.add_items(titles=[t for _, t in titles], images=[images[0][1], pil, arr.transpose(2, 0, 1)])
     pos = {r[0]: n for n, r in enumerate(raw)}
     rows = [pos[i] for i, _ in titles] + [pos[i] for i, _ in images]
     torch.testing.assert_close(e, want[rows])
     assert len(one) == 0  # raw content without ids is cached, not a candidate
-    one.encode_items(titles=["a brand new striped title"], ids=["new-1"])
+    one.add_items(titles=["a brand new striped title"], ids=["new-1"])
     assert one.item_ids == ["new-1"]
 
 
@@ -211,9 +211,9 @@ def test_adapter_export_loads_base_and_adapters(world, tmp_path):
     base = Recommender.from_export(exp, device="cpu")
     hist = next(dataset_sequences(data))[1][:4]
     for r in (rec, base):
-        r.encode_items(data=data)
+        r.add_items(data=data)
     _, content = open_data(cfg, str(data))
     want = encode_catalogue(model.eval(), content, chunk=cfg.eval.item_chunk, device="cpu", show=False)
-    torch.testing.assert_close(rec.encode_items(data=data), want)
-    assert not torch.allclose(base.encode_items(data=data), want)
+    torch.testing.assert_close(rec.add_items(data=data), want)
+    assert not torch.allclose(base.add_items(data=data), want)
     assert len(rec.recommend(hist, 5)) == 5 and len(tensors) < len(model.state_dict())

@@ -106,20 +106,20 @@ def _abandon_when(should_stop):
 
 
 def protocol_prefix(exclude_history: bool) -> str:
-    """The key prefix of a protocol's metrics when it is not the run's own (see :func:`evaluate`)."""
+    """The key prefix of a protocol's metrics when it is not the run's own (see :func:`split_metrics`)."""
     return "masked_" if exclude_history else "unmasked_"
 
 
 @torch.no_grad()
 def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
     """``[B, n_items]`` scores from the history columns ``seq[:, :-1]`` of an evaluation batch, in
-    one product (cosine when the loss normalises; :func:`evaluate` scores in chunks instead)."""
+    one product (cosine when the loss normalises; :func:`split_metrics` scores in chunks instead)."""
     user = user_states(model, item_emb, batch.seq[:, :-1], batch.mask[:, :-1])
     return scoring.score_matrix(user, item_emb, l2=cosine_scores(model))
 
 
 @torch.no_grad()
-def evaluate(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
+def split_metrics(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
              max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
              exclude_history: bool = True, score_chunk: int = SCORE_CHUNK, should_stop=None) -> dict:
     """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).

@@ -1,7 +1,8 @@
 """The item content a model reads: a dataset's item cache, or item indices only for the ID baseline.
 
 Serving (:class:`~transrec.inference.recommender.Recommender`) and the training engine
-(``transrec.engine.data``) open a dataset's content here, so both encode the same items the same way.
+(``transrec.engine.data``) both open a dataset's content here, below either room, so both encode the
+same items the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from transrec.config import Config
 from transrec.errors import ConfigError
-from transrec.models.recommender import content_spec
+from transrec.models.sequential import content_spec
 from transrec.shards.cache import build_or_load_item_cache
 from transrec.shards.dataset import Dataset
 
