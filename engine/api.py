@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transrec.config import Config, build_config, parse_override, set_key
 from transrec.engine.consolidate import export_run
+from transrec.engine.report import TrainResult
 from transrec.engine.standalone import evaluate_run
-from transrec.engine.trainer import TrainResult
 from transrec.engine.trainer import train as _train
 from transrec.models.export import read_export
 

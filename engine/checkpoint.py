@@ -49,8 +49,10 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
+from transrec.config import from_dict, load_yaml, to_dict
+from transrec.config.model import user_kind
 from transrec.engine import distributed as D
-from transrec.errors import UserError
+from transrec.errors import ConfigError, UserError
 from transrec.storage import WriteFailed, guarded_write, short_line, space_short
 
 SCHEMA = 1
@@ -359,3 +361,28 @@ class CheckpointManager:
         return ClientState(**man["client"])
 
 
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+def check_same_model(run_dir: Path, cfg) -> None:
+    """A resumed run must build the model its checkpoint holds: ConfigError naming the ``model.*``
+    keys that differ from the run folder's config.yaml (other sections may change on resume)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    old_cfg = from_dict(load_yaml(saved))
+    old = {**_flat(to_dict(old_cfg)["model"], "model"), "model.user.kind": user_kind(old_cfg.model)}
+    new = {**_flat(to_dict(cfg)["model"], "model"), "model.user.kind": user_kind(cfg.model)}
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        raise ConfigError(f"{run_dir} holds a checkpoint of another model ({shown}"
+                          f"{', ...' if len(diff) > 4 else ''}); resume with the run's own model "
+                          "settings, or start a new --out (run.init_from=EXPORT starts from its weights)")

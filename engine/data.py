@@ -11,7 +11,7 @@ from transrec.config import Config
 from transrec.models.content import NoContent, open_data
 from transrec.shards.loader import SequenceLoader
 
-__all__ = ["NoContent", "open_data", "make_loader", "epoch_facts", "epoch_line"]
+__all__ = ["NoContent", "open_data", "make_loader", "epoch_facts", "epoch_line", "batch_size_warning"]
 
 
 def make_loader(cfg: Config, ds, content, split: str, *, batch_size: int, rank: int, world: int,
@@ -38,3 +38,19 @@ def epoch_line(facts: dict) -> str:
             f"samples; an epoch is {facts['batches_per_epoch']} batches of {facts['batch_per_rank']} per "
             f"rank, {facts['rows_per_epoch']} rows over {facts['world_size']} rank(s) "
             f"(policy {facts['policy']})")
+
+
+def batch_size_warning(cfg: Config, ds, content) -> str | None:
+    """The warning line when a step asks for more sequences than the training split holds."""
+    n_train = sum(int(s.n_train) for s in ds.seq_shards)
+    what = "training sequences"
+    if cfg.data.windows != "last":  # several samples a sequence: count them
+        n_train = make_loader(cfg, ds, content, "train", batch_size=1, rank=0, world=1).samples_in_split
+        what = f"training samples (data.windows={cfg.data.windows})"
+    batch = cfg.data.batch_size
+    if batch <= n_train:
+        return None
+    repeat = ("policy repeat repeats rows within a step" if cfg.data.policy == "repeat"
+              else f"policy {cfg.data.policy} gives no full batch")
+    return (f"warning: data.batch_size={batch} exceeds the {n_train} {what} of "
+            f"{cfg.data.path or ds.path}; {repeat}")

@@ -24,6 +24,7 @@ import deepspeed
 import deepspeed.ops
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def free_port() -> int:
@@ -95,6 +96,26 @@ def any_rank(flag: bool, on=None, world: int | None = None) -> bool:
     t = torch.tensor(1.0 if flag else 0.0, device=on if on is not None else device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def average_buffers(module: torch.nn.Module, world: int, skip=()) -> None:
+    """Average ``module``'s floating-point buffers (BatchNorm running statistics) over ``world``
+    ranks in one flat all-reduce, leaving out the buffers in ``skip`` (already equal on every rank).
+
+    Each rank updates running statistics from its own micro-batches; DeepSpeed saves rank 0's and
+    leaves the others to drift, so evaluation (items dealt out to ranks) and export would disagree.
+    Done at every optimizer step, so a resumed run and an uninterrupted one stay identical."""
+    if world == 1:
+        return
+    own = {id(b) for b in skip}
+    bufs = [b for b in module.buffers() if b.is_floating_point() and id(b) not in own]
+    if not bufs:
+        return
+    flat = _flatten_dense_tensors([b.data.float() for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world
+    for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+        b.data.copy_(v.to(b.dtype))
 
 
 def is_main() -> bool:

@@ -20,17 +20,21 @@ not step the learning-rate schedule, zeroes the gradients and keeps its micro-st
 any other step. The trainer restores the buffers (BatchNorm statistics and counters) a skipped
 forward may have changed, so a skipped step leaves weights, moments, schedule and buffers as they
 were.
+
+This module decides; the patches that make each optimizer take its skip are in
+:mod:`~transrec.engine.deepspeed_patches` (:func:`~transrec.engine.deepspeed_patches.install_skip`),
+with the check of the DeepSpeed internals they use.
 """
 
 from __future__ import annotations
 
 import torch
-from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from transrec.engine import distributed as D
+from transrec.engine.deepspeed_patches import install_skip
+from transrec.engine.tracking import say
 from transrec.errors import UserError
+from transrec.models.negatives import step_buffers
 
 DIVERGED_EXIT = 3  # `transrec train`/`transfer`: the run stopped after run.max_bad_steps bad steps in a row
 
@@ -41,84 +45,31 @@ class Diverged(UserError):
     exit_code = DIVERGED_EXIT
 
 
-class FiniteGuard:
-    """Installs the skip on ``engine.optimizer``; :meth:`loss_check` before the boundary step,
-    :meth:`applied` after it."""
+def running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training step updates: BatchNorm running statistics of modules in training mode
+    and the loss's negative memory (the other buffers are constants)."""
+    bn = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+          for b in m.buffers(recurse=False)]
+    return bn + step_buffers(module)
 
-    def __init__(self, engine, *, world: int, device):
+
+class FiniteGuard:
+    """Installs the skip on ``engine.optimizer``. Per step: :meth:`hold` before the forward passes,
+    :meth:`loss_check` before the boundary step, :meth:`applied` after it, then :meth:`skipped`
+    (which puts the held buffers back) or :meth:`passed`."""
+
+    def __init__(self, engine, *, world: int, device, max_bad_steps: int = 5, rank: int = 0):
         self.engine = engine
         self.world = world
         self.device = device
+        self.max_bad_steps = max_bad_steps  # run.max_bad_steps
+        self.rank = rank
         self.loss_bad = False  # this step's global loss is not finite (set before the boundary step)
-        opt = engine.optimizer
-        if isinstance(opt, DeepSpeedZeroOptimizer):
-            self._wrap_zero12(opt)
-        elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-            self._wrap_zero3(opt)
-        elif isinstance(opt, BF16_Optimizer) or hasattr(opt, "_skip_invalid_grad_norm"):
-            self._wrap_half(opt)
-        elif isinstance(opt, torch.optim.Optimizer):
-            self._wrap_plain(opt)
-        else:  # pragma: no cover - a DeepSpeed config the engine does not build (fp16, offload variants)
-            raise UserError(f"the non-finite guard does not know DeepSpeed's {type(opt).__name__}")
-
-    # -- per optimizer kind ---------------------------------------------------------------------
-    def _wrap_zero12(self, opt) -> None:
-        opt.check_grad_overflow = True
-        orig = opt.check_overflow
-
-        def check_overflow(partition_gradients=True):
-            orig(partition_gradients)
-            opt.overflow = bool(opt.overflow or self.loss_bad)
-
-        opt.check_overflow = check_overflow
-
-    def _wrap_zero3(self, opt) -> None:
-        orig = opt._overflow_check_and_loss_scale_update
-
-        def overflow_check(update_scale=True):
-            orig(update_scale=False)
-            opt.overflow = bool(opt.overflow or self.loss_bad)
-            if not update_scale:
-                return opt.overflow
-            return opt._loss_scale_update_and_overflow_cleanup()
-
-        opt._overflow_check_and_loss_scale_update = overflow_check
-
-    def _wrap_half(self, opt) -> None:
-        orig = opt.step
-
-        def step(closure=None):
-            if self.loss_bad and hasattr(opt, "_skip_invalid_grad_norm"):  # FP16_(Unfused)Optimizer
-                return opt._skip_invalid_grad_norm()
-            if self.loss_bad:  # BF16_Optimizer's own overflow path
-                opt.overflow = True
-                opt._global_grad_norm = float("inf")
-                opt.clear_hp_grads()
-                opt.clear_lp_grads()
-                return None
-            return orig(closure)
-
-        opt.step = step
-
-    def _wrap_plain(self, opt) -> None:
-        orig = opt.step
-        opt.overflow = False
-
-        def step(closure=None):
-            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            finite = True
-            if grads:
-                norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum()
-                finite = bool(torch.isfinite(norm))
-            opt.overflow = D.any_rank(self.loss_bad or not finite, self.device, self.world)
-            if opt.overflow:
-                return None
-            return orig(closure)
-
-        if hasattr(orig, "_wrapped_by_lr_sched"):  # torch's scheduler wrapped the step it calls on
-            step._wrapped_by_lr_sched = True
-        opt.step = step
+        self.in_row = 0  # skipped steps since the last applied one
+        self.skipped_steps = 0  # skipped steps in this process's life
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        install_skip(engine.optimizer, lambda: self.loss_bad,
+                     lambda flag: D.any_rank(flag, self.device, self.world))
 
     # -- the trainer's side ---------------------------------------------------------------------
     def loss_check(self, loss_sum: torch.Tensor) -> None:
@@ -128,3 +79,31 @@ class FiniteGuard:
     def applied(self) -> bool:
         """After the boundary ``engine.step()``: whether it updated the weights (the same on every rank)."""
         return bool(self.engine.was_step_applied()) and not self.loss_bad
+
+    def hold(self) -> None:
+        """Before a step's forward passes: keep a copy of the buffers it may change."""
+        self._held = [(b, b.detach().clone()) for b in running_stats(self.engine.module)]
+
+    def passed(self) -> None:
+        """The step was applied."""
+        self.in_row = 0
+        self._held = []
+
+    def skipped(self, step: int, loss_sum: torch.Tensor, tracker, latest: str) -> None:
+        """The step after ``step`` was skipped: its buffers put back, its record and line; the run
+        stops with :class:`Diverged` after ``run.max_bad_steps`` in a row (``latest``: where the
+        latest checkpoint is, or that none was written)."""
+        for b, v in self._held:
+            b.data.copy_(v)
+        self._held = []
+        self.in_row += 1
+        self.skipped_steps += 1
+        what = "loss" if self.loss_bad else "gradient norm"
+        tracker.log("skip", step + 1, reason=f"non-finite {what}", in_row=self.in_row, loss=float(loss_sum))
+        if self.rank == 0:
+            say(f"step {step + 1} skipped: non-finite {what} ({self.in_row} in a row, {self.skipped_steps} "
+                f"in all; the run stops at {self.max_bad_steps} in a row)")
+        if self.in_row >= self.max_bad_steps:
+            raise Diverged(f"training diverged: {self.in_row} steps in a row had a non-finite loss or "
+                           f"gradient norm after step {step}; {latest}; lower optim.lr / "
+                           f"optim.encoder_lr (or raise run.max_bad_steps)")

@@ -73,11 +73,11 @@ class FlatAdamW(torch.optim.AdamW):
     """AdamW that updates each parameter group as one flat tensor.
 
     The weights stay ordinary separate tensors (nothing outside sees a difference: checkpoints,
-    exports and ``load_state_dict`` work on them as before). The moments live in one flat buffer per
-    group; the optimizer state holds per-parameter views of it, so ``state_dict`` has torch's AdamW
-    layout and a checkpoint of either optimizer loads into the other. Each step gathers the group's
-    weights and gradients into flat buffers (one copy each), runs one fused AdamW update (or the
-    plain one where no fused kernel exists) and copies the weights back.
+    exports and ``load_state_dict`` work on them as with torch's AdamW). The moments live in one
+    flat buffer per group; the optimizer state holds per-parameter views of it, so ``state_dict``
+    has torch's AdamW layout and a checkpoint of either optimizer loads into the other. Each step
+    gathers the group's weights and gradients into flat buffers (one copy each), runs one fused
+    AdamW update (or the plain one where no fused kernel exists) and copies the weights back.
 
     A parameter without a gradient is stepped with a zero gradient (decay and moments still apply),
     as after DeepSpeed's stage-0 gradient reduction, which gives every such parameter zeros; so the
@@ -179,3 +179,14 @@ class WarmupCosine:
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps,
                                                                      cfg.min_lr_ratio))
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(the user side's learning rate, the item encoders'): NaN for a side with no group."""
+    lr = enc = float("nan")
+    for g in optimizer.param_groups:
+        if g.get("name", "").startswith("encoder"):
+            enc = g["lr"]
+        else:
+            lr = g["lr"]
+    return lr, enc

@@ -1,5 +1,6 @@
-"""The evaluations of a run: each one's line on stderr and record in ``metrics.jsonl``, and after
-training valid and test at the last step and at the best one, in ``RUN/eval.json``.
+"""What a run reports: its :class:`TrainResult`, and its evaluations: each one's line on stderr and
+record in ``metrics.jsonl``, and after training valid and test at the last step and at the best one,
+in ``RUN/eval.json``.
 
 The final evaluation reuses a validation already done at the last step. With ``run.monitor`` it adds
 ``"best"`` (step, metric, value, valid, test): the last step's figures when it is the best, else those
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transrec.engine.best import BestWatch
@@ -19,6 +21,22 @@ from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
 from transrec.engine.tracking import Tracker, eval_line, say
 
 SPLITS = ("valid", "test")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step: mean over every target
+    metrics: dict = field(default_factory=dict)  # final evaluation per split
+    seconds: float = 0.0
+    sequences: int = 0
+
+    def __repr__(self) -> str:  # short: the per-step losses stay in .losses
+        test = self.metrics.get("test", {})
+        return (f"TrainResult(run={str(self.run_dir)!r}, step={self.step}, "
+                f"loss={self.losses[-1] if self.losses else float('nan'):.4f}, "
+                f"test_ndcg@10={test.get('ndcg@10', float('nan')):.4f}, seconds={self.seconds:.1f})")
 
 
 class EvalReport:

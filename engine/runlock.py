@@ -120,3 +120,12 @@ def lock_run_folder(run_dir: str | Path, *, rank: int, world: int, device=None,
     if busy is not None:
         raise busy
     return lock
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """One line instead of a traceback later: the run folder must be (or become) a writable folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; pass a folder to --out")
+    probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{run_dir}: cannot write there ({probe} is not writable)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.engine import distributed as D
+from transrec.engine.data import epoch_line
 from transrec.errors import DataError
 from transrec.shards.stats import SEQUENCE_KINDS, SkipStats, item_summary, sequence_summary, skip_violation
 
@@ -97,6 +98,7 @@ class SkipReport:
     def __init__(self, ds, content, *, max_rate: float, path: Path | None = None):
         self.dataset = ds.path
         self.n_items = int(ds.n_items)
+        self.n_train = sum(int(sh.n_train) for sh in ds.seq_shards)  # training sequences
         self.max_rate = float(max_rate)
         self.path = path
         valid = getattr(content, "valid", None)
@@ -138,6 +140,25 @@ class SkipReport:
         kinds = ", ".join(f"{k} {v['count']}" for k, v in items["by_kind"].items())
         return (f"data: {self.items_invalid} of {self.n_items} items skipped as bad input "
                 f"({items['rate']:.1%}: {kinds})")
+
+    def check_items(self, log=None) -> None:
+        """At start-up: ``data.json`` written, the items line through ``log`` (rank 0's ``say``, or
+        None), and a DataError (exit 2) when the items' skip rate is above ``max_rate``."""
+        self.write()
+        line = self.items_line()
+        if line and log is not None:
+            log(line)
+        self.check()
+
+    def start_epochs(self, facts: dict, log=None) -> None:
+        """What an epoch is (:func:`~transrec.engine.data.epoch_facts`): ``data.json``'s ``"epoch"``,
+        the training samples a sequence gives (the skip rate counts sequences), and the start line
+        through ``log`` (rank 0's ``say``, or None)."""
+        self.epoch = facts
+        self.train.rows_per_sequence = max(facts["samples"], 1) / max(self.n_train, 1)
+        if log is not None:
+            log(epoch_line(facts))
+            self.write()
 
     def check(self, *, world: int = 1, device=None) -> None:
         """DataError when the items' or the training sequences' skip rate is above ``max_rate``;

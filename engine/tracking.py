@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -157,3 +159,72 @@ def eval_line(split: str, step: int, metrics: dict, *, best: bool = False) -> st
         if k in metrics:
             parts.append(f"{k} {float(metrics[k]):.4f}")
     return "  ".join(parts)
+
+
+class StepLog:
+    """The training steps between two log lines: their losses (kept on the device until a line is
+    due, then one host sync and, on several ranks, one all-reduce for all of them) and the
+    throughput since the last line. A record goes to ``metrics.jsonl`` every ``run.log_every``
+    steps and at the last step; on the console the bar's postfix, or without bars one plain line
+    (:func:`step_line`)."""
+
+    def __init__(self, tracker: Tracker, *, every: int, batch_size: int, world: int, lines: bool):
+        self.tracker = tracker
+        self.every = every
+        self.batch_size = batch_size  # sequences per optimizer step, all ranks
+        self.world = world
+        self.lines = lines  # plain lines instead of bars
+        self.losses: list[float] = []  # every flushed step's global mean loss
+        self.items_encoded = 0  # unique items through the encoders in this process's life
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, count) of unlogged steps
+        self.restart()
+
+    def restart(self) -> None:
+        """Measure throughput from now on."""
+        self.window = {"seq": 0, "items": 0, "t": time.time()}
+
+    def batches(self, sequences: int, items: int) -> None:
+        """Micro-batches through forward and backward (a skipped step's too)."""
+        self.window["seq"] += sequences
+        self.window["items"] += items
+        self.items_encoded += items
+
+    def step(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """A committed step: this rank's loss sum and the global target count, on the device."""
+        self.pending.append((loss_sum, count))
+
+    def flush(self) -> None:
+        """Move the pending steps' losses to :attr:`losses` as global means."""
+        if not self.pending:
+            return
+        sums = torch.stack([s for s, _ in self.pending])
+        counts = torch.stack([c for _, c in self.pending])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        self.losses.extend((sums / counts.clamp_min(1.0)).tolist())
+        self.pending.clear()
+
+    def log(self, step: int, total: int, bar, *, epoch: int, lrs: tuple[float, float], skipped_rows: int,
+            skipped_steps: int) -> bool:
+        """The record and line of ``step`` when one is due (``lrs``: the user side's and the
+        encoders' learning rates); True when it was."""
+        if step % self.every and step != total:
+            return False
+        self.flush()
+        loss = self.losses[-1]
+        w = self.window
+        dt = max(time.time() - w["t"], 1e-9)
+        lr, enc = lrs
+        rec = dict(epoch=epoch, loss=loss, lr=lr, seq_per_s=w["seq"] * self.world / dt,
+                   items_per_s=w["items"] * self.world / dt)
+        if not math.isnan(enc):
+            rec["lr_encoder"] = enc
+        self.tracker.log("train", step, **rec)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        if self.lines:
+            seq_s = rec["seq_per_s"]
+            eta = (total - step) * self.batch_size / seq_s if seq_s > 0 else math.inf
+            say(step_line(step, total, loss=loss, lr=lr, seq_per_s=seq_s, eta_s=eta,
+                          skipped_rows=skipped_rows, skipped_steps=skipped_steps))
+        self.restart()
+        return True

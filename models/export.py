@@ -44,6 +44,14 @@ def read_export(path: str | Path) -> dict:
     return meta
 
 
+def start_from_export(model: torch.nn.Module, path: str | Path, item_ids: list[str]) -> None:
+    """Start a run's ``model`` from an export's weights. Per-item vectors belong to the export's
+    catalogue: on the same catalogue (``item_ids``, unsanitised) they carry on, on another (a
+    transfer) they start at zero."""
+    ids = read_export(path).get("item_ids")
+    model.load_export(path, strict=False, catalogue=ids is not None and ids == list(item_ids))
+
+
 def export_config(path: str | Path) -> Config:
     """The whole config an export was trained with."""
     return from_dict(load_yaml(Path(path) / "config.yaml"))

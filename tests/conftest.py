@@ -28,3 +28,4 @@ def inprocess_group():
     yield
     os.environ.clear()
     os.environ.update(saved)
+

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_parts import train_steps
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
@@ -44,15 +45,21 @@ def data(tmp_path_factory):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Trainer.evaluate: valid from SCRIPT by step, test = the weights' fingerprint."""
+    """Every trainer's split metrics: valid from SCRIPT by step, test = the weights' fingerprint."""
     calls = []
+    real_init = Trainer.__init__
 
-    def evaluate(self, split="valid", item_emb=None):
-        calls.append((split, self.state.step))
-        value = SCRIPT[self.state.step] if split == "valid" else fingerprint(self)
-        return {"ndcg@10": value, "hr@10": value, "users": 60}
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
 
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+        def split_metrics(split="valid", item_emb=None):
+            calls.append((split, self.state.step))
+            value = SCRIPT[self.state.step] if split == "valid" else fingerprint(self)
+            return {"ndcg@10": value, "hr@10": value, "users": 60}
+
+        self.validator.split_metrics = split_metrics
+
+    monkeypatch.setattr(Trainer, "__init__", init)
     return calls
 
 
@@ -124,7 +131,7 @@ def test_a_resumed_run_keeps_the_best_and_the_patience_count(data, tmp_path, scr
     run = tmp_path / "r"
     tr = make(data, run)
     try:
-        tr.fit(stop_after=15)  # killed after the checkpoint of step 15 (one evaluation without gain)
+        train_steps(tr, until=15)  # killed after the checkpoint of step 15 (one evaluation without gain)
     finally:
         tr.close()
     tr = make(data, run)

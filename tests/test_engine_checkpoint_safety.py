@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.serialization import get_unsafe_globals_in_checkpoint
+from train_parts import train_steps
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
         cfg = build_config("tiny", overrides=[f"data.path={data}", f"run.out={root / f'r{stage}'}", *COMMON,
                                               f"deepspeed.zero_stage={stage}"])
         tr = Trainer(cfg, show=False)
-        tr.fit(final_eval=False)
+        train_steps(tr, save=True)
         tr.close()
         out[stage] = (data, root / f"r{stage}")
     return out

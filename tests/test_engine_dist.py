@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from spawn_ranks import start_ranks, wait_ranks
+from train_parts import train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -41,8 +42,10 @@ def _driver(spec: dict) -> None:
     what = spec["what"]
     res: dict = {"rank": rank, "world": trainer.world}
     if what == "train":
-        r = trainer.fit(steps=spec.get("steps"), final_eval=spec.get("eval", False),
-                        stop_after=spec.get("stop_after"), save_at_end=spec.get("save_at_end", True))
+        if spec.get("eval"):
+            r = trainer.fit()
+        else:  # without the final evaluation; with stop_after, killed after that step (no end save)
+            r = train_steps(trainer, until=spec.get("stop_after"), save="stop_after" not in spec)
         res.update(losses=r.losses, step=r.step, metrics=r.metrics)
         if spec.get("then_die_in_save"):
             out.write_text(json.dumps(res))
@@ -109,7 +112,9 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
                             trainer.ds.log_q)
     trainer.engine.module.eval()
     count, scale = trainer.step_scale([batch])
-    loss_sum = trainer.backward(batch, scale)
+    loss, metrics = trainer.engine(batch)  # the trainer's forward and backward of one micro-batch
+    trainer.engine.backward(loss * metrics["count"] * scale)
+    loss_sum = metrics["loss_sum"]
     loss_t = loss_sum.detach().clone()
     if trainer.world > 1:
         dist.all_reduce(loss_t)
@@ -287,7 +292,7 @@ def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(negati
     full, first = spawn_many([
         (1, _spec(tmp_path, world_data, "full", "train", common), False),
         (1, _spec(tmp_path, world_data, "part", "train", common + [f"run.ckpt_every={k}"], stop_after=k,
-                  save_at_end=False, then_die_in_save=True), True)], tmp_path)
+                  then_die_in_save=True), True)], tmp_path)
     ck = CheckpointManager(tmp_path / "part")
     assert ck.latest() == tag_for(k)  # the killed save left the previous checkpoint as the latest
     assert (ck.dir / f"{TMP_PREFIX}{tag_for(k + 1)}").is_dir()

@@ -163,14 +163,14 @@ def test_a_signal_during_a_validation_abandons_it_and_the_resumed_run_redoes_it(
     def fit(out, *, kill_at=None):
         trainer = Trainer(build_config("tiny", overrides=over + [f"run.out={out}"]), show=False)
         if kill_at is not None:
-            real = trainer.evaluate
+            real = trainer.validator.split_metrics
 
-            def evaluate(split="valid", item_emb=None):
+            def split_metrics(split="valid", item_emb=None):
                 if trainer.state.step == kill_at and split == "valid":
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(split, item_emb)
 
-            trainer.evaluate = evaluate
+            trainer.validator.split_metrics = split_metrics
         try:
             return trainer.fit()
         finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_parts import train_steps
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
@@ -101,7 +102,7 @@ def test_resume_says_its_step_and_logs_each_step_once(data, tmp_path, capsys):
         assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
         with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
             make()
-        tr.fit(stop_after=3, final_eval=False)  # killed after step 3, the checkpoint is step 2's
+        train_steps(tr, until=3)  # killed after step 3, the checkpoint is step 2's
     finally:
         tr.close()
     assert not (run / LOCK_FILE).exists()
@@ -111,7 +112,7 @@ def test_resume_says_its_step_and_logs_each_step_once(data, tmp_path, capsys):
     capsys.readouterr()
     tr = make()
     try:
-        res = tr.fit(final_eval=False)
+        res = train_steps(tr, save=True)
     finally:
         tr.close()
     assert res.step == 6

@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from train_parts import train_steps
 
 from transrec.config import build_config
 from transrec.engine import trainer as trainer_mod
@@ -82,7 +83,7 @@ def test_accumulated_step_is_the_mean_over_every_target(data, tmp_path):
 def test_bf16_trains(data, tmp_path):
     tr = make(data, tmp_path / "r", "deepspeed.precision=bf16", "optim.steps=30", "data.batch_size=16")
     assert next(tr.engine.module.parameters()).dtype == torch.bfloat16
-    res = tr.fit(final_eval=False, save_at_end=False)
+    res = train_steps(tr)
     tr.close()
     assert len(res.losses) == 30 and all(np.isfinite(res.losses))
     assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5]) - 0.2, res.losses
@@ -95,13 +96,13 @@ def test_single_process_fast_path_steps_as_deepspeed_does(data, tmp_path, monkey
 
     def weights_after(name):
         tr = make(data, tmp_path / name, *extra)
-        tr.fit(final_eval=False, save_at_end=False)
+        train_steps(tr)
         tr.close()
         return {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}, tr
 
     fast, tr = weights_after("fast")
     assert not tr.engine.enable_backward_allreduce  # the fast path was taken
-    monkeypatch.setattr(trainer_mod, "_single_process_fast_path", lambda engine: None)
+    monkeypatch.setattr(trainer_mod, "single_process_fast_path", lambda engine: None)
     plain, tr = weights_after("plain")
     assert tr.engine.enable_backward_allreduce
     moved = 0

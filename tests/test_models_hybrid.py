@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from train_parts import train_steps
 
 from transrec.config import build_config
 from transrec.engine.consolidate import export_run
@@ -83,10 +84,10 @@ def test_the_config_is_checked():
         build_model(build_config("tiny", overrides=HYBRID).model)
 
 
-def train(data, out, *extra, steps=8, **fit):
+def train(data, out, *extra, steps=8, until=None):
     trainer = Trainer(cfg_for(data, *HYBRID, f"run.out={out}", f"optim.steps={steps}", *extra), show=False)
     try:
-        return trainer, trainer.fit(**fit)
+        return trainer, trainer.fit() if until is None else train_steps(trainer, until=until)
     finally:
         trainer.close()
 
@@ -165,7 +166,7 @@ def test_a_transfer_starts_the_targets_vectors_at_zero_and_resume_is_exact(data,
     # resume: 4 steps, stop, 4 more = 8 uninterrupted (dropout on the vectors draws random numbers)
     tf = [f"data.path={target}", *over]
     _, full = train(data, tmp_path / "full", *tf)
-    _, first = train(data, tmp_path / "part", *tf, "run.ckpt_every=4", stop_after=4, save_at_end=False)
+    _, first = train(data, tmp_path / "part", *tf, "run.ckpt_every=4", until=4)
     _, second = train(data, tmp_path / "part", *tf)
     assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
     from transrec.engine.consolidate import consolidated_state_dict

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_parts import train_steps
 
 from transrec.cli import main
 from transrec.config import build_config
@@ -96,7 +97,7 @@ def trained(tmp_path_factory):
     data = synthesize(root / "d", domain="source", n_users=60, n_items=30, seed=9, min_len=3, max_len=10)
     cfg = build_config("tiny", overrides=[f"data.path={data}", f"run.out={root / 'run'}", *COMMON])
     tr = Trainer(cfg, show=False)
-    tr.fit(final_eval=False)
+    train_steps(tr, save=True)
     tr.close()
     assert main(["export", "--run", str(root / "run"), "--out", str(root / "export")]) == 0
     return data, root / "run", root / "export"
