@@ -3,7 +3,9 @@
 as in any other folder (transformers imports the ``kernels`` distribution for its hub kernels).
 
 Every process here starts in the repo root the ways a user starts one there: ``python -c``,
-``python -m transrec.cli``, ``python -m pytest`` and a benchmark script."""
+``python -m transrec.cli``, ``python -m pytest`` and a benchmark script. The tree itself is the
+package layout (``transrec/<folder>`` is a relative symlink to the folder at the top), so the root
+imports ``transrec.*`` without an install too."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = "import transrec.models, transrec.engine, transrec.kernels, transrec.shards"
 
 
-def _run(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 300):
+def _run(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 300, cwd: Path = ROOT):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -46,6 +49,26 @@ def test_python_c_in_the_root_imports_the_project_and_the_installed_kernels():
     out = _ok(_run(["-c", f"{IMPORTS}\nimport kernels, transformers.integrations.hub_kernels\n"
                           "print(kernels.__file__)"]))
     assert Path(out.strip().splitlines()[-1]).resolve().parent == installed
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_each_folder_is_a_subpackage_through_a_relative_symlink(name):
+    link = ROOT / "transrec" / name
+    assert link.is_symlink() and os.readlink(link) == f"../{name}", f"transrec/{name} must link to ../{name}"
+    assert (link / "__init__.py").samefile(ROOT / name / "__init__.py")
+
+
+def test_the_root_imports_the_project_without_an_install(tmp_path):
+    # -S with site-packages on PYTHONPATH: the third-party packages import, but no .pth file is read,
+    # so the editable install's finder is not there; transrec comes from the tree or from nowhere
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    code = (f"import sys\n{IMPORTS}, transrec.inference\n"
+            "assert not [f for f in sys.meta_path if 'editable' in repr(f)], sys.meta_path\n"
+            "print(transrec.inference.__file__)")
+    here = _ok(_run(["-S", "-c", code], env)).strip().splitlines()[-1]
+    assert Path(here) == ROOT / "transrec" / "inference" / "__init__.py"
+    elsewhere = _run(["-S", "-c", "import transrec"], env, cwd=tmp_path)
+    assert elsewhere.returncode != 0 and "No module named 'transrec'" in elsewhere.stderr, elsewhere.stderr
 
 
 @pytest.mark.slow

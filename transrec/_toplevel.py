@@ -1,8 +1,8 @@
 """Bare top-level names for the project's folders.
 
 The repo root holds the folders ``engine/``, ``inference/``, ``kernels/``, ``models/`` and ``shards/``;
-they are installed as ``transrec.engine``, ``transrec.inference``, ``transrec.kernels``,
-``transrec.models`` and ``transrec.shards``
+they are the packages ``transrec.engine``, ``transrec.inference``, ``transrec.kernels``,
+``transrec.models`` and ``transrec.shards`` (through the symlinks ``transrec/<name> -> ../<name>``)
 and are never meant to be imported under their bare names. Python started in the repo root
 (``python -c``, ``python -m``, pytest, ``torchrun -m``, a REPL or a notebook) puts the root first
 on ``sys.path``, so a bare ``import kernels`` would find the folder instead of the ``kernels``
@@ -13,7 +13,8 @@ Each folder's ``__init__`` therefore starts by asking :func:`bare_import`. Under
 name the answer is False and the package loads as usual. Imported under the bare name, the folder
 steps aside: the name is looked up again on ``sys.path`` without the repo root, and the module
 found there (the installed distribution) takes the bare name in ``sys.modules``, which is what the
-``import`` statement then returns. With nothing of that name installed, the import fails with
+``import`` statement then returns (never the folder a second time, as a package apart from
+``transrec.<name>``). With nothing of that name installed, the import fails with
 ``ModuleNotFoundError``, as it would anywhere else. Either way the bare name means in the repo root
 what it means in every other folder.
 """
