@@ -61,28 +61,29 @@ class EvalReport:
         self.record("valid", step, metrics)
         self.valid_at = (step, metrics)
 
-    def splits(self, step: int, *, encode: Callable[[], object], evaluate: Callable[..., dict],
+    def splits(self, step: int, *, encode: Callable[[], object], split_metrics: Callable[..., dict],
                best: bool = False) -> dict:
         """valid and test of the weights the engine holds, those of ``step``: the catalogue encoded
-        once (``encode()``), each split ranked by ``evaluate(split, item_emb=...)``."""
+        once (``encode()``), each split ranked by ``split_metrics(split, item_emb=...)``."""
         emb = encode()
         out = {}
         for split in SPLITS:
             if split == "valid" and not best and self.valid_at and self.valid_at[0] == step:
                 out[split] = self.valid_at[1]
                 continue
-            out[split] = evaluate(split, item_emb=emb)
+            out[split] = split_metrics(split, item_emb=emb)
             self.record(split, step, out[split], best=best)
         return out
 
     def final(self, state: ClientState, watch: BestWatch, ckpt: CheckpointManager, *,
-              encode: Callable[[], object], evaluate: Callable[..., dict], load: Callable[[str], object],
+              encode: Callable[[], object], split_metrics: Callable[..., dict],
+              load: Callable[[str], object],
               data: Callable[[], dict]) -> dict:
         """valid and test at the last step and, with ``watch`` enabled, at the best one (``"best"``);
         ``load(tag)`` puts a checkpoint's weights into the engine, ``data()`` is the skipped-input
         summary copied into ``eval.json``."""
         step = state.step
-        out = self.splits(step, encode=encode, evaluate=evaluate)
+        out = self.splits(step, encode=encode, split_metrics=split_metrics)
         if watch.enabled:
             settled = watch.settle(state, out["valid"])  # no validation yet: the last step is the best
             if settled and self.rank == 0 and ckpt.latest() == tag_for(step):
@@ -92,7 +93,8 @@ class EvalReport:
                 best.update(valid=out["valid"], test=out["test"])
             elif ckpt.best() == tag_for(state.best_step):
                 load(tag_for(state.best_step))
-                best.update(self.splits(state.best_step, encode=encode, evaluate=evaluate, best=True))
+                best.update(self.splits(state.best_step, encode=encode, split_metrics=split_metrics,
+                                        best=True))
             else:
                 best["missing"] = f"no checkpoint of step {state.best_step} in {ckpt.dir}"
             out["best"] = best

@@ -97,4 +97,4 @@ class Validator:
         (:meth:`~transrec.engine.report.EvalReport.final`). When the best is an earlier step,
         ``load(tag)`` puts its checkpoint into the engine (the engine then holds the best weights)."""
         return self.report.final(state, self.best, ckpt, encode=self.encode_catalogue,
-                                 evaluate=self.split_metrics, load=load, data=self.skips.write)
+                                 split_metrics=self.split_metrics, load=load, data=self.skips.write)
