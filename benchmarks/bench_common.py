@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_sha() -> str:
-    """The checkout's short commit; $TRANSREC_GIT_SHA where the tree travels without .git (a GPU
-    machine gets a copy of the working tree)."""
+    """The checkout's short commit; $TRANSREC_GIT_SHA when set, for a source tree without .git
+    (benchmarks/gpu_proof.sh sets it from .whl/SOURCE there)."""
     if os.environ.get("TRANSREC_GIT_SHA"):
         return os.environ["TRANSREC_GIT_SHA"]
     try:

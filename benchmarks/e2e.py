@@ -219,6 +219,7 @@ def run_engine(args) -> dict:
     from transrec.engine.trainer import Trainer
 
     cfg = make_config(args)
+    cfg.run.monitor, cfg.eval.every = "", 0  # no validation: the steps alone are measured
     trainer = Trainer(cfg, show=False)
     if torch.cuda.is_available():  # peak of training (weights, optimizer state, steps), not of a cache build
         torch.cuda.reset_peak_memory_stats()
@@ -233,7 +234,11 @@ def run_engine(args) -> dict:
             marks[step] = (time.perf_counter(), time.process_time(), tr.items_encoded)
 
     trainer.after_step.append(mark)
-    res = trainer.fit(steps=args.warmup + args.steps, save_at_end=False, final_eval=False)
+    with trainer.stopper:  # Trainer.fit's steps, without its last checkpoint and final evaluation
+        if trainer.begin():
+            for _ in trainer.steps():
+                pass
+    res = trainer.result
     trainer.close()
     (t0, c0, items0), (t1, c1, items1) = marks[args.warmup], marks[args.warmup + args.steps]
     dt, cpu = t1 - t0, c1 - c0

@@ -64,15 +64,11 @@ FIELDS = ["date", "git_sha", "machine", "preset", "text_encoder", "image_encoder
 
 
 def _import_transrec():
-    """``import transrec.*``; without an installed project (a bare GPU box) map the repo folders."""
+    """``import transrec.*``; without an installed project, from the repo root."""
     try:
         import transrec.shards.prefix_cache  # noqa: F401
     except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import transrec
-
-        if str(ROOT) not in transrec.__path__:
-            transrec.__path__.append(str(ROOT))  # transrec.shards -> ROOT/shards, as package-dir does
+        sys.path.insert(0, str(ROOT))  # the repo root: transrec/<room> are links to its folders
         import transrec.shards.prefix_cache  # noqa: F401
 
 

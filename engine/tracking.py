@@ -116,7 +116,7 @@ def progress(iterable=None, *, enabled: bool = True, **kw):
 
 def bars_enabled(mode: str | bool, stream=None) -> bool:
     """Whether ``run.progress`` shows tqdm bars: ``on``; ``auto`` when ``stream`` (stderr) is a terminal."""
-    if isinstance(mode, bool):  # a config built in Python before the setting had three values
+    if isinstance(mode, bool):  # True/False set from Python: on/off
         mode = "on" if mode else "off"
     if mode == "on":
         return True

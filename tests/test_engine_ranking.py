@@ -80,7 +80,7 @@ def test_a_duplicated_title_shares_the_targets_rank(twins, capsys):
     for key in ("hr@1", "hr@10", "ndcg@10", "mrr"):
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
     assert got["mrr"] < old_rule["mrr"]
-    # at the top, the twin takes exactly half of what the old rule credited to the target
+    # at the top, the twin takes exactly half of what giving the tie to the target would credit
     first = intervals[:, 0] == 1
     assert got["hr@1"] == pytest.approx(0.5 * float(first.double().mean()), abs=1e-12)
     assert got["distinct_scores"] == pytest.approx(0.5, abs=1e-12)  # n distinct values over 2n items

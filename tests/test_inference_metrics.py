@@ -94,7 +94,7 @@ def test_exact_ranks_and_distinct_scores_keep_the_plain_metrics():
 @pytest.mark.parametrize("n", [100, 1000, 123457])
 def test_a_constant_model_scores_exactly_chance(n):
     """Every item scores the same: HR@K = K/N and NDCG@K, MRR the exact means over ranks 1..N,
-    whichever item is the target (ties no longer go to the target)."""
+    whichever item is the target (a tie never goes to the target)."""
     targets = torch.tensor([0, n // 3, n - 1])
     for dtype in (torch.float32, torch.bfloat16):
         ranks = target_ranks(torch.full((3, n), 0.25, dtype=dtype), targets)
@@ -119,7 +119,7 @@ def test_a_constant_model_with_masked_history_is_chance_over_what_is_left():
 
 def test_a_tied_copy_of_the_target_halves_its_hit_at_the_top():
     """One other item scores exactly as the target (a duplicated title), everything else lower: the
-    target is first or second with equal odds, where the old rule always put it first."""
+    target is first or second with equal odds, not first every time."""
     scores = torch.tensor([[0.7, 0.7, 0.1, 0.2, 0.3]])
     m = ranking_metrics(target_ranks(scores, torch.tensor([1])), ks=(1, 2))
     assert m["hr@1"] == 0.5 and m["hr@2"] == 1.0

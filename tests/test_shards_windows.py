@@ -186,7 +186,7 @@ def test_old_dataset_is_scanned_once_and_cached(world, tmp_path, monkeypatch):
     shutil.copytree(ds.path, old, ignore=shutil.ignore_patterns(".cache"))
     m = json.loads((old / "manifest.json").read_text())
     for e in m["seq_shards"]:
-        del e["lengths"]  # a dataset written before the manifest recorded lengths
+        del e["lengths"]  # a manifest without the shards' sequence lengths
     (old / "manifest.json").write_text(json.dumps(m))
     ods = Dataset.open(old)
     assert all(s.lengths is None for s in ods.seq_shards)

@@ -25,7 +25,7 @@ ModelKind = Literal["transrec", "id"]
 UserKind = Literal["auto", "bidirectional", "causal"]
 LossKind = Literal["softmax", "bce"]
 Negatives = Literal["inbatch", "global", "memory", "catalogue"]
-# Names earlier versions wrote (configs of old runs and exports): read as their new names.
+# Aliases a config or an export may use for a choice, read as the choice's name.
 RENAMED_CHOICES = {"model.loss.kind": {"inbatch": "softmax"}, "model.loss.negatives": {"local": "inbatch"}}
 POOLINGS = typing.get_args(Pooling)
 
