@@ -41,6 +41,7 @@ to benchmarks/results/e2e.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -53,6 +54,8 @@ from pathlib import Path
 
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
+from transrec.config import build_config
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,7 +63,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 
 
 def machine() -> str:
-    import torch
+    import torch  # lazy: fast --help
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -68,8 +71,6 @@ def machine() -> str:
 
 
 def make_config(args):
-    from transrec.config import build_config
-
     return build_config(args.preset, overrides=[
         f"data.path={args.data}", f"run.out={args.run}", f"data.batch_size={args.batch}",
         f"data.max_len={args.max_len}", f"model.user.max_len={args.max_len}",
@@ -78,7 +79,7 @@ def make_config(args):
 
 
 def peak_memory_mb() -> float:
-    import torch
+    import torch  # lazy: fast --help
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -106,10 +107,10 @@ FIELDS = ["date", "machine", "git_sha", "preset", "batch", "positions", "side", 
 
 def naive_step(model, batch, temperature: float, logq: bool, l2: bool):
     """Encode every valid position's item on its own, materialise the logits, cross-entropy."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: fast --help
+    import torch.nn.functional as F  # lazy: fast --help
 
-    from transrec.shards.batch import ImageContent, TextContent
+    from transrec.shards.batch import ImageContent, TextContent  # lazy: fast --help
 
     mask = batch.mask
     rows = batch.inverse[mask]  # the unique-item row of every valid position
@@ -149,7 +150,7 @@ def naive_step(model, batch, temperature: float, logq: bool, l2: bool):
 def naive_unique_step(model, batch, temperature: float, logq: bool, l2: bool):
     """The naive loop over the batch's unique items: each encoded once, one logit column each (the
     engine's objective), logits materialised, fp32."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # lazy: fast --help
 
     mask = batch.mask
     table = model.encode_items(batch.unique_items, batch.text, batch.image)  # [U, d]
@@ -166,11 +167,11 @@ def naive_unique_step(model, batch, temperature: float, logq: bool, l2: bool):
 
 
 def run_naive(args) -> dict:
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.engine.data import make_loader, open_data
-    from transrec.engine.trainer import seed_everything
-    from transrec.models import build_model
+    from transrec.engine.data import make_loader, open_data  # lazy: fast --help
+    from transrec.engine.trainer import seed_everything  # lazy: fast --help
+    from transrec.models import build_model  # lazy: fast --help
 
     cfg = make_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,9 +215,9 @@ def run_naive(args) -> dict:
 
 
 def run_engine(args) -> dict:
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.engine.trainer import Trainer
+    from transrec.engine.trainer import Trainer  # lazy: fast --help
 
     cfg = make_config(args)
     cfg.run.monitor, cfg.eval.every = "", 0  # no validation: the steps alone are measured
@@ -267,9 +268,7 @@ def one(args) -> int:
 def run_side(args, side: str, batch: int, tmp: str) -> dict:
     run = str(Path(tmp) / f"run-{side}-{batch}")
     if args.in_process:
-        import gc
-
-        import torch
+        import torch  # lazy: fast --help
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -343,14 +342,14 @@ def main() -> int:
             args.data = str(world)
             print(f"synthetic world: reused from {world}")
         elif not args.data:
-            from transrec.shards.synth import synthesize
+            from transrec.shards.synth import synthesize  # lazy: fast --help
 
             args.data = str(synthesize(world, domain="source", n_users=args.users,
                                        n_items=args.items, min_len=args.max_len + 3,
                                        max_len=args.max_len + 10, seed=0))
             print(f"synthetic world: {args.users} users, {args.items} items (half image 32x32), "
                   f"sequences of {args.max_len + 3}-{args.max_len + 10} items")
-        from transrec.engine.data import open_data
+        from transrec.engine.data import open_data  # lazy: fast --help
 
         args.run = str(Path(tmp) / "run")
         first = argparse.Namespace(**{**vars(args), "batch": batches[0]})
@@ -432,10 +431,10 @@ def main() -> int:
 
 
 def plot(rows, png, cond) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     batches = sorted({r["batch"] for r in rows})
     panels = (("seq_per_s", "sequences / s (wall)"), ("seq_per_cpu_s", "sequences / CPU-s"),

@@ -43,6 +43,7 @@ FLOPs (useful work, whatever an implementation recomputes): forward 2*N*M*D (the
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import statistics
 import sys
@@ -52,6 +53,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+
+from transrec.kernels import inbatch_softmax, inbatch_softmax_reference
+from transrec.kernels.triton_config import (
+    DESIGNS,
+    config_kwargs,
+    d_class,
+    d_layout,
+    interpreting,
+    num_splits,
+    sm_count,
+    split_mode,
+    table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -106,12 +120,9 @@ def eager_loss(q, k, t, b):
 
 def provider(name):
     if name == "transrec":
-        from transrec.kernels import inbatch_softmax
-
         return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="auto")
     if name.startswith("transrec:"):  # one design of the Triton kernels (and split-M), whatever DESIGN says
-        from transrec.kernels.triton_config import DESIGNS, split_mode
-        from transrec.kernels.triton_op import inbatch_softmax_triton_rows
+        from transrec.kernels.triton_op import inbatch_softmax_triton_rows  # optional: triton
 
         design, split = (name.split(":", 2) + [None])[1:3]
         if design not in DESIGNS:
@@ -120,8 +131,6 @@ def provider(name):
         return lambda q, k, t, b: inbatch_softmax_triton_rows(q, k, t, bias=b, temperature=TAU,
                                                               design=design, split=split).mean()
     if name == "chunked":
-        from transrec.kernels import inbatch_softmax
-
         return lambda q, k, t, b: inbatch_softmax(q, k, t, bias=b, temperature=TAU, impl="chunked")
     if name == "torch":
         return eager_loss
@@ -129,7 +138,7 @@ def provider(name):
         return torch.compile(eager_loss, dynamic=False)
     if name == "liger":
         try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # optional: liger_kernel
         except ImportError as e:
             raise Skip(f"liger-kernel not installed ({e}); pip install '.[bench]'") from None
         lce = LigerFusedLinearCrossEntropyLoss()
@@ -137,7 +146,7 @@ def provider(name):
         return lambda q, k, t, b: lce(k, q * (1.0 / TAU), t, b.to(q.dtype))
     if name == "cce":
         try:
-            from cut_cross_entropy import linear_cross_entropy
+            from cut_cross_entropy import linear_cross_entropy  # optional: cut_cross_entropy (bench extra)
         except ImportError as e:
             raise Skip(f"cut-cross-entropy not installed ({e}); pip install '.[bench]'") from None
 
@@ -159,8 +168,6 @@ CHECK_N = 1024
 def agreement(fn, d, dtype, device):
     """Largest relative error (max |x - ref| / max |ref|) of the loss, dq and dk of ``fn`` against the
     float32 reference on the same inputs (N = M = CHECK_N; D as in the timed shape)."""
-    from transrec.kernels import inbatch_softmax_reference
-
     q, k, t, b = make_inputs(CHECK_N, CHECK_N, d, dtype, device, seed=1)
     loss = fn(q, k, t, b)
     loss.backward()
@@ -189,7 +196,7 @@ class Cuda:
         return torch.cuda.get_device_name()
 
     def matmul_peak_tflops(self):
-        import triton.testing
+        import triton.testing  # optional: triton (GPU timing)
 
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -209,7 +216,7 @@ class Cuda:
         return torch.cuda.max_memory_allocated()
 
     def bench(self, run, grad_to_none):
-        import triton.testing
+        import triton.testing  # optional: triton (GPU timing)
 
         return triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8],
                                        grad_to_none=grad_to_none)
@@ -354,9 +361,8 @@ def stage_launch(stage, q, k, b, t, lse2, g, row, split="off"):
     """The launch of one stage with the tiles, warps and stages of table row ``row`` (pinned), split-M
     as ``split`` says (not the fused forward), and its outputs: fwd (loss, lse2, A), lse (loss, lse2,
     None), bwd (dk, db), dq dq."""
-    from transrec.kernels.triton_backward import backward_dk_launch, backward_dq_launch
-    from transrec.kernels.triton_config import config_kwargs, interpreting
-    from transrec.kernels.triton_forward import forward_launch
+    from transrec.kernels.triton_backward import backward_dk_launch, backward_dq_launch  # optional: triton
+    from transrec.kernels.triton_forward import forward_launch  # optional: triton
 
     tiles = dict(block_m=row[0], block_n=row[1], resident=row[4], split=split)
     if stage in ("fwd", "lse"):
@@ -374,7 +380,7 @@ def stage_launch(stage, q, k, b, t, lse2, g, row, split="off"):
 def stage_inputs(n, m, d, dtype, device, seed=0):
     """(q, k, bias, target) as the launchers take them (canonical), the float32 row LSE (log2 domain)
     and g = 1 (the gradient of a sum)."""
-    from transrec.kernels.triton_op import canonical_inputs
+    from transrec.kernels.triton_op import canonical_inputs  # optional: triton
 
     q, k, t, b = make_inputs(n, m, d, dtype, device, seed=seed)
     q, k, t, b = canonical_inputs(q.detach(), k.detach(), t, b)
@@ -383,7 +389,7 @@ def stage_inputs(n, m, d, dtype, device, seed=0):
     if logits is not None:
         lse2 = torch.logsumexp(logits, 1) * 1.4426950408889634
     else:  # the timed shapes: the kernel's own forward (the values barely matter for the timing)
-        from transrec.kernels.triton_forward import triton_forward
+        from transrec.kernels.triton_forward import triton_forward  # optional: triton
 
         lse2 = triton_forward(q, k, b, t, TAU, False)[1]
     return q, k, b, t, lse2.float().contiguous(), torch.ones(n, device=q.device)
@@ -391,8 +397,6 @@ def stage_inputs(n, m, d, dtype, device, seed=0):
 
 def stage_reference(q, k, b, t):
     """Float32 reference of what each stage computes: per-row loss, dq, dk, db of the summed loss."""
-    from transrec.kernels import inbatch_softmax_reference
-
     q32, k32, b32 = (x.detach().float().requires_grad_(True) for x in (q, k, b))
     rows = inbatch_softmax_reference(q32, k32, t, bias=b32, temperature=TAU, reduction="none")
     dq, dk, db = torch.autograd.grad(rows.sum(), [q32, k32, b32])
@@ -414,8 +418,6 @@ def stage_sweep(dev, emit, n, m, d, peak, check_n, splits=()):
     """Each stage at each config of its table: checked at check_n^2 x d, then timed at n x m x d; then
     the split-M launches of the LSE forward and of both backward passes, per config, for each of
     ``splits`` ("auto" or an S) that cuts this shape into more than one chunk (the S is in the note)."""
-    from transrec.kernels.triton_config import d_class, d_layout, table
-
     dclass = d_class(*d_layout(d)[:2])
     itemsize = torch.tensor([], dtype=dev.dtype).element_size()
     print(f"-- stages alone at {n}x{m}x{d} (D class {dclass}), each config of its table, pinned --")
@@ -471,8 +473,6 @@ def split_of(name):
 def underfilled(dev, n, m, d):
     """Whether the LSE forward's programs at this shape leave the card underfilled (split-M's case:
     triton_config.num_splits "auto" > 1 for the first row of the lse table); always on the dry run."""
-    from transrec.kernels.triton_config import d_class, d_layout, num_splits, sm_count, table
-
     if isinstance(dev, DryRun):
         return True
     row = table("lse", d_class(*d_layout(d)[:2]), torch.tensor([], dtype=dev.dtype).element_size())[0]
@@ -491,8 +491,6 @@ def _rss_kib(field):
 def cpu_extra_gib(run):
     """Peak resident memory over the resident memory before ``run`` (Linux: clear_refs resets VmHWM)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so reuse does not hide growth
     except (OSError, AttributeError):
         pass
@@ -559,10 +557,10 @@ class Sink:
 
 
 def plot(machine, rows, out: Path):
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     measured = lambda r: float(r["ms_median"]) == float(r["ms_median"])  # not nan (failed, out of memory)
     full = [r for r in rows if r["mode"] == "full" and measured(r)]

@@ -38,9 +38,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 from bench_common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ N_ITEMS, SEQ_LEN, TEXT_LEN, IMAGE_SIZE, DIM = 3000, 20, 32, 32, 64
 
 def machine(device: str) -> str:
     if device == "cuda":
-        import torch
+        import torch  # lazy: fast --help
 
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return f"cpu:{platform.machine()} x{os.cpu_count()}"
@@ -70,9 +72,7 @@ def peak_rss_mib() -> float:
 
 
 def make_world(seed: int = 0):
-    import numpy as np
-
-    from transrec.shards.batch import ArrayContent
+    from transrec.shards.batch import ArrayContent  # lazy: after __main__ puts the repo root on sys.path
 
     rng = np.random.default_rng(seed)
     mod = (rng.random(N_ITEMS) < 0.5).astype(np.int8)
@@ -89,9 +89,7 @@ def make_world(seed: int = 0):
 
 
 def make_batch(content, pop, batch: int, seed: int):
-    import numpy as np
-
-    from transrec.shards.batch import collate_windows
+    from transrec.shards.batch import collate_windows  # lazy: after __main__ puts the repo root on sys.path
 
     rng = np.random.default_rng(seed)
     windows = [rng.choice(N_ITEMS, size=SEQ_LEN + 1, p=pop) for _ in range(batch)]
@@ -99,7 +97,7 @@ def make_batch(content, pop, batch: int, seed: int):
 
 
 def model_cfg(variant: str):
-    from transrec.models import (
+    from transrec.models import (  # lazy: after __main__ puts the repo root on sys.path
         ImageEncoderConfig,
         LoRAConfig,
         ModelConfig,
@@ -124,9 +122,9 @@ def model_cfg(variant: str):
 
 def run_one(variant: str, batch_size: int, reps: int, device: str) -> dict:
     """One row, in this process (called in a fresh subprocess by the driver)."""
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.models import build_model
+    from transrec.models import build_model  # lazy: after __main__ puts the repo root on sys.path
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -203,9 +201,12 @@ def run_one(variant: str, batch_size: int, reps: int, device: str) -> dict:
 
 
 def _per_position_table(model, b):
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.shards.batch import ImageContent, TextContent
+    from transrec.shards.batch import (  # lazy: after __main__ puts the repo root on sys.path
+        ImageContent,
+        TextContent,
+    )
 
     rows = b.inverse[b.mask]
     p, u = int(rows.shape[0]), b.num_unique
@@ -227,10 +228,10 @@ def _per_position_table(model, b):
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -246,7 +247,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xticks([i + centre for i in range(len(variants))], variants, rotation=20)
         ax.set_ylabel(lab)
         ax.legend()
-    import textwrap
 
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     fig.tight_layout()
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         spec = json.loads(args.one)
         print("RESULT " + json.dumps(run_one(spec["variant"], spec["batch"], spec["reps"], spec["device"])))
         return 0
-    import torch
+    import torch  # lazy: fast --help
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     variants = [v for v in args.variants.split(",") if v]

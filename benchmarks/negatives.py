@@ -31,6 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transrec.config import build_config
+from transrec.engine.data import make_loader, open_data
+from transrec.engine.ranking import split_metrics
+from transrec.models import build_model
+from transrec.models.losses import Criterion
+from transrec.shards.synth import synthesize
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import ROOT, append_rows, cpu_name, git_sha  # noqa: E402
 
@@ -38,12 +45,6 @@ VARIANTS = ("inbatch", "one-softmax", "fresh-detached", "fresh-grad", "memory")
 
 
 def run(variant: str, data: str, steps: int, memory: int, seed: int) -> dict:
-    from transrec.config import build_config
-    from transrec.engine.data import make_loader, open_data
-    from transrec.engine.ranking import split_metrics
-    from transrec.models import build_model
-    from transrec.models.losses import Criterion
-
     cfg = build_config("tiny", overrides=[f"data.path={data}", "model.kind=id", "model.loss.impl=torch"])
     ds, content = open_data(cfg)
     torch.manual_seed(seed)
@@ -102,7 +103,6 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args()
-    from transrec.shards.synth import synthesize
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +67,10 @@ FIELDS = ["date", "git_sha", "machine", "preset", "text_encoder", "image_encoder
 def _import_transrec():
     """``import transrec.*``; without an installed project, from the repo root."""
     try:
-        import transrec.shards.prefix_cache  # noqa: F401
+        import transrec.shards.prefix_cache  # lazy: the probe for an installed project  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(ROOT))  # the repo root: transrec/<room> are links to its folders
-        import transrec.shards.prefix_cache  # noqa: F401
+        import transrec.shards.prefix_cache  # lazy: from the repo root  # noqa: F401
 
 
 @dataclass
@@ -103,7 +104,7 @@ SMOKE = {"n_items": 200, "steps": 2, "warmup": 1, "batches": (4,), "image_size":
 
 
 def machine_name(device: str) -> str:
-    import torch
+    import torch  # lazy: fast --help
 
     if device == "cuda" and torch.cuda.is_available():
         return "cuda:" + torch.cuda.get_device_name(0)
@@ -114,9 +115,7 @@ def machine_name(device: str) -> str:
 
 def make_catalogue(p: Preset, folder: Path, seed: int = 0):
     """An ArrayContent over memory-mapped arrays (the item cache's layout), half text half image."""
-    import numpy as np
-
-    from transrec.shards.batch import IMAGE, TEXT, ArrayContent
+    from transrec.shards.batch import IMAGE, TEXT, ArrayContent  # lazy: after _import_transrec()
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -143,8 +142,6 @@ def make_catalogue(p: Preset, folder: Path, seed: int = 0):
 
 def window_batches(p: Preset, batch: int, n_batches: int, seed: int = 1):
     """Windows of positions + 1 items drawn with power-law popularity (rank^-0.8)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     pop = (np.arange(p.n_items) + 1.0) ** -0.8
     pop = pop[rng.permutation(p.n_items)]
@@ -155,7 +152,12 @@ def window_batches(p: Preset, batch: int, n_batches: int, seed: int = 1):
 
 
 def model_config(p: Preset):
-    from transrec.models import ImageEncoderConfig, ModelConfig, TextEncoderConfig, UserEncoderConfig
+    from transrec.models import (  # lazy: after _import_transrec()
+        ImageEncoderConfig,
+        ModelConfig,
+        TextEncoderConfig,
+        UserEncoderConfig,
+    )
 
     return ModelConfig(
         dim=p.dim,
@@ -167,7 +169,7 @@ def model_config(p: Preset):
 
 
 def peak_memory(device) -> tuple[float, str]:
-    import torch
+    import torch  # lazy: fast --help
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
@@ -176,13 +178,12 @@ def peak_memory(device) -> tuple[float, str]:
 
 def run_one(p: Preset, batch: int, mode: str, work: Path, cache_dtype: str, loss_impl: str,
             producers: int = 1, eval_items: int = 1024) -> dict:
-    import numpy as np
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.models import build_model
-    from transrec.models.prefix import maybe_wrap
-    from transrec.shards.batch import collate_windows
-    from transrec.shards.prefix_cache import PrefixCachedContent
+    from transrec.models import build_model  # lazy: after _import_transrec()
+    from transrec.models.prefix import maybe_wrap  # lazy: after _import_transrec()
+    from transrec.shards.batch import collate_windows  # lazy: after _import_transrec()
+    from transrec.shards.prefix_cache import PrefixCachedContent  # lazy: after _import_transrec()
 
     device = torch.device(p.device)
     torch.manual_seed(0)
@@ -310,10 +311,10 @@ def measure(p: Preset, batch: int, mode: str, work: Path, args) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     groups = sorted({(r["preset"], int(r["batch"])) for r in rows})
     labels = [f"{pr}\nbatch {b}" for pr, b in groups]
@@ -371,7 +372,7 @@ def main(argv=None) -> None:
     for n in names:
         if n not in PRESETS:
             raise SystemExit(f"unknown preset {n!r}; choose from {', '.join(PRESETS)}")
-    import torch
+    import torch  # lazy: fast --help
 
     rows = []
     date = datetime.datetime.now().isoformat(timespec="seconds")

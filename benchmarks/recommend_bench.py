@@ -35,7 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+
+from transrec.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "recommend.csv"
@@ -59,19 +62,17 @@ def _reset_peak() -> bool:
 
 
 def _config(data: Path, batch: int):
-    from transrec.config import build_config
-
     return build_config("tiny", None, ["model.kind=id", "model.loss.l2_normalize=true", f"data.path={data}",
                                        f"eval.batch_size={batch}"])
 
 
 def make_catalogue(work: Path, n_items: int, batch: int, seed: int) -> tuple[Path, Path]:
     """(dataset, ID-model export) of ``n_items`` items under ``work`` (reused when already there)."""
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.models import build_model
-    from transrec.shards.dataset import Dataset
-    from transrec.shards.format import DatasetWriter
+    from transrec.models import build_model  # lazy: fast --help
+    from transrec.shards.dataset import Dataset  # lazy: fast --help
+    from transrec.shards.format import DatasetWriter  # lazy: fast --help
 
     data, export = work / "data", work / "export"
     try:
@@ -94,10 +95,9 @@ def make_catalogue(work: Path, n_items: int, batch: int, seed: int) -> tuple[Pat
 
 def worker(args, chunk_name: str) -> dict:
     """One chunk size: encode the catalogue, then time ``recommend_many``."""
-    import numpy as np
-    import torch
+    import torch  # lazy: fast --help
 
-    from transrec.inference.recommender import Recommender
+    from transrec.inference.recommender import Recommender  # lazy: fast --help
 
     if args.threads:
         torch.set_num_threads(args.threads)

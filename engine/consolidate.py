@@ -23,6 +23,8 @@ from transrec.errors import UserError
 from transrec.models import SequentialRecommender, build_model
 from transrec.models.export import check_export_target
 from transrec.models.lora import has_lora, merge_lora
+from transrec.shards.dataset import Dataset
+from transrec.shards.format import unsanitize_key
 
 
 def consolidated_state_dict(run_dir: str | Path, tag: str | None = None) -> tuple[dict, dict]:
@@ -77,9 +79,6 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> tuple[Config, Seque
 def catalogue_ids(data: str | Path, n_items: int) -> list[str]:
     """The item ids of the dataset a hybrid model trained on (its per-item vectors' rows);
     UserError when the dataset is gone or holds another number of items."""
-    from transrec.shards.dataset import Dataset  # noqa: PLC0415
-    from transrec.shards.format import unsanitize_key  # noqa: PLC0415
-
     try:
         ds = Dataset.open(data)
     except (OSError, UserError) as exc:

@@ -226,10 +226,8 @@ def num_splits(mode, owned: int, streamed: int, block_owned: int, block_streamed
 
 def sm_count(device) -> int:
     """SMs of ``device`` (a CUDA card), SMS elsewhere (the interpreter, the sm_90 check)."""
-    import torch as _torch
-
-    if getattr(device, "type", device) == "cuda" and _torch.cuda.is_available():
-        return _torch.cuda.get_device_properties(device).multi_processor_count
+    if getattr(device, "type", device) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
     return SMS
 
 

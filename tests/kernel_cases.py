@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transrec.kernels import inbatch_softmax
+from transrec.kernels import inbatch_softmax, reduce_rows
 
 # Triton runs on CUDA where there is a GPU, else on the CPU under TRITON_INTERPRET=1 (conftest).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,8 +63,7 @@ def loss_and_grads(fn, q, k, t, b, tau, row_mask, reduction, upcast=None, weight
 def impl_fn(impl):
     def fn(q, k, t, b, tau, row_mask, reduction, **kw):
         if impl == "triton" and kw:  # pinned tiles: bypass the dispatcher (its checks ran elsewhere)
-            from transrec.kernels import reduce_rows
-            from transrec.kernels.triton_op import inbatch_softmax_triton_rows
+            from transrec.kernels.triton_op import inbatch_softmax_triton_rows  # optional: triton
 
             rows = inbatch_softmax_triton_rows(q, k, t, bias=b, temperature=tau, **kw)
             return reduce_rows(rows, row_mask, reduction)

@@ -1,12 +1,15 @@
 """Run configuration: presets, YAML + key=value overrides, type checks, unknown keys, DeepSpeed JSON."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from transrec.config import (
     PRESETS,
     Config,
+    ModelConfig,
     build_config,
     from_dict,
     save_yaml,
@@ -16,6 +19,7 @@ from transrec.config import (
     validate,
     validate_model_config,
 )
+from transrec.config.model import user_kind
 from transrec.errors import ConfigError
 
 
@@ -98,9 +102,6 @@ def test_validate_rejects_cross_field_errors():
 
 def test_importing_the_config_imports_no_torch():
     """The config is a leaf: the CLI, tools and tests read it without loading torch or the models."""
-    import subprocess
-    import sys
-
     code = ("import sys, transrec.config as c; c.build_config('base-gpu'); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'torch', 'numpy', 'transformers', 'peft', 'deepspeed', 'triton', 'webdataset'}))")
@@ -126,8 +127,6 @@ def test_validation_names_the_key(key, value, words):
 
 
 def test_choices_are_checked_in_python_built_configs_too():
-    from transrec.config import ModelConfig
-
     cfg = build_config("tiny")
     cfg.model.loss.impl = "cuda"  # set in Python, not through an override
     with pytest.raises(ConfigError, match=r"model.loss.impl must be one of 'auto', 'triton'"):
@@ -146,8 +145,6 @@ def test_sequence_lengths_are_checked_together():
 
 
 def test_sasrec_preset_is_the_standard_id_recipe():
-    from transrec.config.model import user_kind
-
     cfg = build_config("sasrec")
     validate(cfg)
     m = cfg.model

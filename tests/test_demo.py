@@ -1,5 +1,6 @@
 """The one-command demo, in its reduced size, as a user runs it (a subprocess with a timeout)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -7,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from transrec.engine.consolidate import export_run
+from transrec.models.export import read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +42,6 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     for x in summary["leaders"]:
         assert x["test_ndcg@10"] == max(r["test_ndcg@10"] for r in curve if r["budget"] == x["budget"])
     assert "best test NDCG@10 by budget: " in text and f"at {budgets[-1]} steps (best step)" in text
-    import csv
 
     with open(out / "target" / "budget.csv") as f:
         assert len(list(csv.DictReader(f))) == len(curve)
@@ -48,9 +51,6 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     for png in (out / "target" / "compare.png", out / "pretrain.png"):
         assert png.stat().st_size > 10_000
     # The LoRA run's export is adapter-only and names the pretrained export as its base.
-    from transrec.engine.consolidate import export_run
-    from transrec.models.export import read_export
-
     exp = export_run(out / "target" / f"steps-{budgets[0]}" / "lora", tmp_path / "lora-export")
     meta = read_export(exp)
     assert meta["kind"] == "adapter" and Path(meta["base"]) == (out / "pretrained").resolve()

@@ -19,6 +19,7 @@ from transrec.engine.consolidate import consolidated_state_dict, export_run
 from transrec.engine.tracking import read_metrics
 from transrec.engine.trainer import Trainer
 from transrec.errors import ConfigError
+from transrec.shards.synth import synthesize
 
 pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
@@ -37,8 +38,6 @@ def fingerprint(trainer) -> float:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("best")
     return synthesize(root / "d", domain="source", n_users=60, n_items=30, seed=9, min_len=3, max_len=10)
 

@@ -22,6 +22,7 @@ from transrec.engine.consolidate import export_run
 from transrec.engine.trainer import Trainer
 from transrec.errors import UserError
 from transrec.models import SequentialRecommender
+from transrec.shards.synth import synthesize
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",
@@ -45,8 +46,6 @@ pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One trained step per ZeRO stage: {stage: (data, run folder)}."""
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("safety")
     data = synthesize(root / "d", domain="source", n_users=60, n_items=30, seed=9, min_len=3, max_len=10)
     out = {}

@@ -14,6 +14,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils.nvtx import instrument_w_nvtx
 
 from transrec.engine import deepspeed_patches as P
 from transrec.errors import UserError
@@ -83,8 +84,6 @@ def test_changed_parameters_are_refused_with_both_shapes(monkeypatch):
 
 def test_parameters_are_read_through_a_decorator_without_wraps(monkeypatch):
     """DeepSpeed's instrument_w_nvtx hides the signature behind (*args, **kwargs)."""
-    from deepspeed.utils.nvtx import instrument_w_nvtx
-
     def _overflow_check_and_loss_scale_update(self, update_scale=False):
         return None
 

@@ -15,11 +15,19 @@ import signal
 import sys
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from spawn_ranks import start_ranks, wait_ranks
 from train_parts import train_steps
+
+from transrec.config import build_config
+from transrec.engine.checkpoint import TMP_PREFIX, CheckpointError, CheckpointManager, tag_for
+from transrec.shards.batch import collate_windows
+from transrec.shards.dataset import Dataset
+from transrec.shards.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -32,8 +40,7 @@ BASE = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "data.b
 # ----------------------------------------------------------------------------- driver (in a rank)
 
 def _driver(spec: dict) -> None:
-    from transrec.config import build_config
-    from transrec.engine.trainer import Trainer
+    from transrec.engine.trainer import Trainer  # lazy: see __main__
 
     cfg = build_config("tiny", overrides=BASE + spec.get("overrides", []))
     out = Path(spec["result"])
@@ -51,19 +58,17 @@ def _driver(spec: dict) -> None:
             out.write_text(json.dumps(res))
             _die_in_save(trainer)
         if spec.get("catalogue"):  # the trained weights and item embeddings (all ranks take part)
-            import deepspeed
-
-            from transrec.engine.ranking import encode_catalogue
+            from transrec.engine.ranking import encode_catalogue  # lazy: see __main__
 
             net = trainer.engine.module
             net.eval()
             emb = encode_catalogue(trainer.engine, trainer.content, chunk=16, device="cpu", show=False)
             # last: leaving the gathered context partitions even the parameters ZeRO-3 kept whole
             with deepspeed.zero.GatheredParameters(list(net.parameters()), enabled=trainer.zero_stage == 3):
-                from transrec.models.negatives import STATE_PREFIX  # training state, not in exports
+                from transrec.models.negatives import STATE_PREFIX  # lazy: see __main__
 
                 weights = {k: v.detach().clone() for k, v in net.state_dict().items()
-                           if not k.startswith(STATE_PREFIX)}
+                           if not k.startswith(STATE_PREFIX)}  # training state, not in exports
             if rank == 0:
                 torch.save(emb, out.with_suffix(".emb.pt"))
                 torch.save(weights, out.with_suffix(".weights.pt"))
@@ -95,11 +100,7 @@ def _first_step_grads(trainer, global_rows: int, out: Path) -> dict:
     computation does not depend on which other rows share its rank; what differs between the runs is
     only how DeepSpeed shards, reduces and averages, and how negatives are gathered across ranks.
     """
-    import deepspeed
-    import torch.distributed as dist
-
-    from transrec.engine.data import make_loader
-    from transrec.shards.batch import collate_windows
+    from transrec.engine.data import make_loader  # lazy: see __main__
 
     loader = make_loader(trainer.cfg, trainer.ds, trainer.content, "train", batch_size=global_rows,
                          rank=0, world=1)
@@ -167,9 +168,7 @@ def _tail(tmp: Path, spec_path: Path) -> str:
 @pytest.fixture(scope="session")
 def world_data(tmp_path_factory):
     """A small source world with 8 sequence shards and its item cache, built once."""
-    from transrec.config import build_config
-    from transrec.engine.data import open_data
-    from transrec.shards.synth import synthesize
+    from transrec.engine.data import open_data  # lazy: see __main__
 
     root = tmp_path_factory.mktemp("engine_world")
     path = synthesize(root / "source", domain="source", n_users=160, n_items=64, seed=3, max_len=12)
@@ -206,19 +205,16 @@ def test_two_rank_zero_training_loss_falls(stage, world_data, tmp_path):
     if stage != 3:
         return
     # Each evaluated user counted once over the two ranks.
-    from transrec.shards.dataset import Dataset
-
     n_eval = sum(s.n_eval for s in Dataset.open(world_data).seq_shards)
     assert res["metrics"]["test"]["users"] == n_eval
     # Export from ZeRO-3: a fresh model loaded from it holds the trained weights, bit for bit, and
     # reproduces the trained model's item embeddings.
-    from transrec.engine.checkpoint import CheckpointError, CheckpointManager
-    from transrec.engine.consolidate import export_run
-    from transrec.engine.data import open_data
-    from transrec.engine.ranking import encode_catalogue
-    from transrec.models import SequentialRecommender
-    from transrec.models.export import export_config
-    from transrec.models.negatives import STATE_PREFIX
+    from transrec.engine.consolidate import export_run  # lazy: see __main__
+    from transrec.engine.data import open_data  # lazy: see __main__
+    from transrec.engine.ranking import encode_catalogue  # lazy: see __main__
+    from transrec.models import SequentialRecommender  # lazy: see __main__
+    from transrec.models.export import export_config  # lazy: see __main__
+    from transrec.models.negatives import STATE_PREFIX  # lazy: see __main__
 
     run = tmp_path / "z3"
     exp = export_run(run, tmp_path / "z3-export")
@@ -277,8 +273,7 @@ def test_zero0_one_rank_equals_zero2_two_ranks_first_step(world_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["memory", "catalogue"])
 def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(negatives, world_data, tmp_path):
-    from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
-    from transrec.engine.consolidate import consolidated_state_dict
+    from transrec.engine.consolidate import consolidated_state_dict  # lazy: see __main__
 
     k = 4
     # dropout on, so the RNG state must be restored too; ZeRO-1 so optimizer partitions are saved;
@@ -308,6 +303,8 @@ def test_resume_is_exact_and_a_killed_save_leaves_the_previous_checkpoint(negati
 
 
 if __name__ == "__main__":
+    # A rank sets its environment before transformers loads (it reads HF_HUB_OFFLINE on import): the
+    # modules that load it are imported inside the functions above, marked "lazy: see __main__".
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))

@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from transrec.config import build_config
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
 from transrec.engine.consolidate import consolidated_state_dict
+from transrec.engine.data import open_data
+from transrec.shards.synth import synthesize
 from transrec.storage import EXIT_WRITE_FAILED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +57,6 @@ def _can_mount(where: Path) -> str | None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(dataset with its item cache built, bytes of one checkpoint of this configuration)."""
-    from transrec.config import build_config
-    from transrec.engine.data import open_data
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("faults-disk")
     why = _can_mount(root / "probe")
     if why:

@@ -15,11 +15,13 @@ from train_parts import train_steps
 
 from transrec.cli import main as cli_main
 from transrec.config import build_config
+from transrec.engine.data import open_data
 from transrec.engine.guard import DIVERGED_EXIT, Diverged
 from transrec.engine.optim import learning_rates
 from transrec.engine.trainer import Trainer
 from transrec.errors import UserError
 from transrec.models.export import write_export
+from transrec.shards.synth import synthesize
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "data.batch_size=8", "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false",
@@ -32,9 +34,6 @@ pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.engine.data import open_data
-    from transrec.shards.synth import synthesize
-
     path = synthesize(tmp_path_factory.mktemp("guard") / "d", domain="source", n_users=80, n_items=40,
                       seed=7, min_len=3, max_len=10)
     open_data(build_config("tiny", overrides=[f"data.path={path}", *COMMON]))  # the item cache, once

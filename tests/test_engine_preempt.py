@@ -6,6 +6,8 @@ Runs go through the command line in real processes, one per rank with the launch
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -17,9 +19,14 @@ import pytest
 import torch
 from spawn_ranks import start_ranks, wait_ranks
 
+from transrec.config import build_config, validate
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for
 from transrec.engine.consolidate import consolidated_state_dict
-from transrec.engine.preempt import EXIT_STOPPED
+from transrec.engine.data import open_data
+from transrec.engine.preempt import EXIT_STOPPED, RunStopped
+from transrec.engine.trainer import Trainer
+from transrec.errors import ConfigError
+from transrec.shards.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -33,10 +40,6 @@ STOPPED = re.compile(r"stopped by (SIG\w+) at step (\d+); checkpoint written to 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transrec.config import build_config
-    from transrec.engine.data import open_data
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("preempt")
     path = synthesize(root / "w", domain="source", n_users=160, n_items=64, seed=4, max_len=12)
     open_data(build_config("tiny", overrides=[f"data.path={path}", "model.text.max_len=12"]))  # item cache
@@ -124,9 +127,6 @@ def test_a_second_signal_during_the_save_changes_nothing(world, tmp_path):
 
 
 def test_stop_signals_are_checked():
-    from transrec.config import build_config, validate
-    from transrec.errors import ConfigError
-
     for bad in ("SIGKILL", "SIGSTOP", "NOPE"):
         with pytest.raises(ConfigError, match=f"run.stop_signals: '{bad}' is not a signal a process can"):
             validate(build_config("tiny", overrides=[f"run.stop_signals={bad}"]))
@@ -149,13 +149,6 @@ def test_a_signal_during_a_validation_abandons_it_and_the_resumed_run_redoes_it(
     """SIGTERM arrives while step 4's validation runs: the validation is abandoned (no eval record of
     step 4), the checkpoint of step 4 says so, and the resumed run validates step 4 first; weights,
     losses and the validation records equal an uninterrupted run's."""
-    import json
-    import os
-
-    from transrec.config import build_config
-    from transrec.engine.preempt import RunStopped
-    from transrec.engine.trainer import Trainer
-
     over = [f"data.path={world}", "model.user.layers=1", "model.user.max_len=8", "data.max_len=8",
             "data.batch_size=16", "model.text.max_len=12", "optim.steps=8", "eval.every=4",
             "run.progress=false", "run.tensorboard=false", "model.user.dropout=0.2"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from transrec.shards.synth import synthesize
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +28,6 @@ def _train(tmp_path: Path, data: Path, name: str, *extra: str) -> tuple[str, lis
 
 @pytest.mark.slow
 def test_engine_trains_and_evaluates_the_same_with_and_without_the_cache(tmp_path):
-    from transrec.shards.synth import synthesize
-
     data = synthesize(tmp_path / "data", domain="target", n_users=120, n_items=80, seed=3)
     out_on, rows_on = _train(tmp_path, data, "on")
     out_off, rows_off = _train(tmp_path, data, "off", "data.prefix_cache=false")
@@ -59,8 +59,6 @@ def test_loader_workers_carry_the_cache_for_both_modalities(tmp_path):
     """GPU presets train with loader workers: the cached activations of both modalities must cross
     the worker boundary (images would otherwise reach the encoder as 0x0 pixels, and text would
     silently run the whole encoder)."""
-    from transrec.shards.synth import synthesize
-
     data = synthesize(tmp_path / "data", domain="target", n_users=120, n_items=80, seed=3, seq_shard_size=40)
     both = ("data.num_workers=2", "model.image.trainable=1")
     out_on, rows_on = _train(tmp_path, data, "on", *both)

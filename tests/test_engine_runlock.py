@@ -22,6 +22,7 @@ from transrec.engine.trainer import Trainer
 from transrec.locking import locked_build
 from transrec.models.export import write_export
 from transrec.shards.dataset import Dataset
+from transrec.shards.synth import synthesize
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "optim.warmup_steps=0", "run.progress=off", "run.tensorboard=false", "eval.max_users=0",
@@ -33,8 +34,6 @@ HOLD = ("import sys, time; from transrec.engine.runlock import RunLock; RunLock(
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.shards.synth import synthesize
-
     return synthesize(tmp_path_factory.mktemp("lock") / "d", domain="source", n_users=40, n_items=30,
                       seed=3, min_len=3, max_len=10)
 

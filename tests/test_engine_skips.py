@@ -14,6 +14,7 @@ from transrec.engine.skips import LoaderSkips
 from transrec.engine.trainer import Trainer
 from transrec.shards.dataset import Dataset
 from transrec.shards.stats import SkipStats
+from transrec.shards.synth import synthesize
 
 pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
@@ -25,8 +26,6 @@ N_BAD = 6  # corrupt sequences: 10% of the users, above the default data.max_ski
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("skips")
     return synthesize(root / "d", domain="source", n_users=60, n_items=30, seed=5, min_len=4, max_len=10)
 

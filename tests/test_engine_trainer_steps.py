@@ -15,6 +15,7 @@ from transrec.config import build_config
 from transrec.engine import trainer as trainer_mod
 from transrec.engine.optim import FlatAdamW
 from transrec.engine.trainer import Trainer
+from transrec.shards.synth import synthesize
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
           "optim.warmup_steps=0", "run.progress=false", "run.tensorboard=false", "eval.max_users=0"]
@@ -25,8 +26,6 @@ pytestmark = pytest.mark.usefixtures("inprocess_group")  # see conftest
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.shards.synth import synthesize
-
     return synthesize(tmp_path_factory.mktemp("steps") / "d", domain="source", n_users=120, n_items=60,
                       seed=5, min_len=3, max_len=12)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from transrec.cli import main
+from transrec.config import build_config
 from transrec.engine.transfer import (
     TARGET_RECIPE,
     _fitted_schedule,
@@ -42,8 +44,6 @@ def test_the_leader_of_each_budget_and_the_table(tmp_path):
 
 
 def test_every_mode_takes_the_target_recipe_and_overrides_win(tmp_path):
-    from transrec.config import build_config
-
     exp = tmp_path / "exp"
     model = __import__("transrec.models", fromlist=["build_model"]).build_model(build_config("tiny").model)
     model.save_export(exp, build_config("tiny"), {"kind": "full", "step": 0})
@@ -60,8 +60,6 @@ def test_every_mode_takes_the_target_recipe_and_overrides_win(tmp_path):
 
 @pytest.mark.parametrize("steps,msg", [("30,x", "one number or several"), ("0,10", "must be positive")])
 def test_bad_budgets_are_one_line(steps, msg, capsys, tmp_path):
-    from transrec.cli import main
-
     assert main(["compare", "--pretrained", str(tmp_path), "--data", str(tmp_path),
                  "--out", str(tmp_path / "o"), "--steps", steps]) == 2
     err = capsys.readouterr().err

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.config import build_config
+from transrec.config import build_config, save_yaml
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, ClientState
+from transrec.engine.data import NoContent, make_loader
 from transrec.engine.optim import WarmupCosine, make_optimizer
+from transrec.engine.plot import plot_runs, run_label, validation_note
+from transrec.engine.ranking import split_metrics
+from transrec.engine.tracking import Tracker, read_metrics
+from transrec.engine.transfer import format_table
+from transrec.models import build_model
+from transrec.shards.dataset import Dataset
+from transrec.shards.synth import synthesize
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -25,8 +33,6 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_item_encoders_get_their_own_learning_rate_and_no_decay_on_norms():
-    from transrec.models import build_model
-
     cfg = build_config("tiny", overrides=["optim.lr=0.01", "optim.encoder_lr=0.001"])
     model = build_model(cfg.model)
     opt = make_optimizer(model, cfg.optim)
@@ -70,18 +76,11 @@ def test_checkpoints_keep_last_k_and_never_take_a_damaged_or_partial_one(tmp_pat
 
 
 def _eval_world(tmp_path):
-    from transrec.shards.synth import synthesize
-
     return synthesize(tmp_path / "w", domain="target", n_users=70, n_items=40, seed=5, min_len=4, max_len=9)
 
 
 @pytest.mark.parametrize("exclude_history", [True, False], ids=["history-removed", "history-ranked"])
 def test_evaluation_equals_a_brute_force_reference_with_ties_and_masking(tmp_path, exclude_history):
-    from transrec.engine.data import NoContent, make_loader
-    from transrec.engine.ranking import split_metrics
-    from transrec.models import build_model
-    from transrec.shards.dataset import Dataset
-
     ds = Dataset.open(_eval_world(tmp_path))
     cfg = build_config("tiny", overrides=["model.kind=id", "model.dim=4", "model.user.heads=1",
                                           "eval.batch_size=16", "data.max_len=6", "model.user.max_len=6",
@@ -148,11 +147,6 @@ def _assert_expected(got, prefix, intervals):
 def test_a_constant_score_model_evaluates_at_chance_and_warns_of_collapse(tmp_path, capsys):
     """Every item scores the same (the item table zeroed): the ranking is a coin toss among all
     items, never a win for the target; distinct_scores says so and one warning line is logged."""
-    from transrec.engine.data import NoContent, make_loader
-    from transrec.engine.ranking import split_metrics
-    from transrec.models import build_model
-    from transrec.shards.dataset import Dataset
-
     ds = Dataset.open(_eval_world(tmp_path))
     cfg = build_config("tiny", overrides=["model.kind=id", "model.loss.l2_normalize=false"])
     model = build_model(cfg.model, n_items=ds.n_items).eval()
@@ -172,9 +166,6 @@ def test_a_constant_score_model_evaluates_at_chance_and_warns_of_collapse(tmp_pa
 
 
 def test_metrics_log_and_plot(tmp_path):
-    from transrec.engine.plot import plot_runs
-    from transrec.engine.tracking import Tracker, read_metrics
-
     tr = Tracker(tmp_path / "run", tensorboard=True)
     for step in range(1, 6):
         tr.log("train", step, loss=5.0 - step * 0.3, lr=0.001)
@@ -188,9 +179,6 @@ def test_metrics_log_and_plot(tmp_path):
 
 
 def test_plot_legends_tell_runs_apart_and_a_lone_validation_point_is_explained(tmp_path):
-    from transrec.config import build_config, save_yaml
-    from transrec.engine.plot import run_label, validation_note
-
     for parent, mode in (("a", "full"), ("b", "full")):
         run = tmp_path / parent / mode
         run.mkdir(parents=True)
@@ -207,8 +195,6 @@ def test_plot_legends_tell_runs_apart_and_a_lone_validation_point_is_explained(t
 
 
 def test_comparison_table_shows_the_protocol_its_main_columns_do_not():
-    from transrec.engine.transfer import format_table
-
     masked = {"mode": "full", "test_ndcg@10": 0.31, "test_hr@10": 0.52, "test_unmasked_ndcg@10": 0.21,
               "test_unmasked_hr@10": 0.42, "exclude_history": True}
     head, _, row = format_table([masked]).splitlines()

@@ -25,6 +25,10 @@ import pytest
 import yaml
 from spawn_ranks import launch_ranks
 
+from transrec.config import build_config
+from transrec.shards.dataset import Dataset
+from transrec.shards.synth import synthesize
+
 WORLD, WORKERS, STEPS = 2, 4, 3
 TOY = ["model.text.max_len=8", "model.image.image_size=32", "data.batch_size=16", "data.max_len=6",
        "model.user.max_len=6", f"optim.steps={STEPS}", "optim.warmup_steps=1", "eval.every=2",
@@ -35,9 +39,6 @@ SMALLER = {"small-gpu": [], "base-gpu": ["model.text.name=small"]}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from transrec.shards.dataset import Dataset
-    from transrec.shards.synth import synthesize
-
     path = synthesize(tmp_path_factory.mktemp("gpu_presets") / "data", domain="source", n_users=160,
                       n_items=64, seed=3, max_len=12, seq_shard_size=16)
     n_shards = len(Dataset.open(path).seq_shards)
@@ -49,9 +50,6 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3], ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("preset", ["small-gpu", "base-gpu"])
 def test_gpu_preset_trains_and_evaluates_on_cpu(preset, stage, data, tmp_path):
-    from transrec.config import build_config
-    from transrec.shards.dataset import Dataset
-
     cfg = build_config(preset)
     # the switches under test are the preset's own
     assert cfg.data.num_workers == WORKERS and cfg.deepspeed.precision == "bf16"

@@ -1,18 +1,25 @@
 """Which package imports which: the kernels stand alone (no config, errors or command line of
 transrec), the configuration names their implementations without loading torch, and the command
-line's root imports the subcommand modules, never the other way round."""
+line's root imports the subcommand modules, never the other way round. Where imports sit: at the top
+of each file, an import inside a function marked as an optional package or deliberate lazy loading."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("engine", "inference", "kernels", "models", "shards", "transrec")
+# the folders whose function-local imports carry a mark (docs/development.md)
+MARKED_FOLDERS = (*FOLDERS, "benchmarks", "tests")
+MARK = re.compile(r"# (lazy|optional): \S")  # "# lazy: <why>", "# optional: <package> (what for)"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -83,3 +90,68 @@ def test_only_the_command_line_root_imports_it():
                        if path != ROOT / "transrec" / "cli.py"
                        and any(_under(m, ("transrec.cli",)) for m in imported_modules(path)))
     assert not importers, f"these modules import transrec.cli: {importers}"
+
+
+def own_files(folders: tuple[str, ...]) -> list[Path]:
+    """Every .py file under ``folders``, each once: none through a symlink (transrec/engine -> ../engine)."""
+    found = []
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT)
+            if not any((ROOT / part).is_symlink() for part in (rel, *rel.parents[:-1])):
+                found.append(path)
+    return found
+
+
+def unmarked_local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of each import statement inside a function, at any depth, none of whose lines
+    carries a comment ``# lazy: <why>`` or ``# optional: <package>``."""
+    src = path.read_text()
+    lines = src.splitlines()
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                if tok.type == tokenize.COMMENT}
+    found: dict[int, str] = {}
+    for fn in ast.walk(ast.parse(src, str(path))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not any(
+                    MARK.search(comments.get(line, "")) for line in range(node.lineno, node.end_lineno + 1)):
+                found[node.lineno] = lines[node.lineno - 1].strip()
+    return sorted(found.items())
+
+
+def test_unmarked_local_imports_finds_the_unmarked_ones_only(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\n"
+                   "if os.name:\n    import json\n"  # module level: not a function's
+                   "def f():\n"
+                   "    import csv\n"  # 5
+                   "    from a import (  # lazy: fast --help\n        b,\n    )\n"
+                   "    from c import (\n        d,  # optional: c (a peer kernel)\n    )\n"
+                   "    class K:\n"
+                   "        def g(self):\n"
+                   "            from x import y\n"  # 14: nested, in a method
+                   "    s = '# lazy: a string'; import z\n"  # 15: a string is no mark
+                   "    import w  # lazy:\n"  # 16: a mark gives its reason
+                   "async def h():\n"
+                   "    import q  # noqa: F401\n"  # 18
+                   "    import r  # lazy: after the set-up above  # noqa: F401\n")
+    assert unmarked_local_imports(src) == [
+        (5, "import csv"), (14, "from x import y"), (15, "s = '# lazy: a string'; import z"),
+        (16, "import w  # lazy:"), (18, "import q  # noqa: F401")]
+
+
+def test_own_files_skips_the_symlinked_folders():
+    files = own_files(("transrec",))
+    assert ROOT / "transrec" / "cli.py" in files
+    assert not [p for p in files if p.relative_to(ROOT).parts[1] in ("engine", "kernels", "models")]
+
+
+def test_every_function_local_import_is_marked():
+    """Imports sit at the top of each file; one inside a function is an optional package or
+    deliberate lazy loading and says so on its line (docs/development.md)."""
+    unmarked = [f"{path.relative_to(ROOT)}:{line}: {text}" for path in own_files(MARKED_FOLDERS)
+                for line, text in unmarked_local_imports(path)]
+    assert not unmarked, ("function-local imports without '# lazy: <why>' or '# optional: <package> (what "
+                          "for)': move each to the top of its file, or mark it\n" + "\n".join(unmarked))

@@ -20,7 +20,9 @@ from kernel_cases import (
     rel_err,
 )
 
-from transrec.kernels import KernelInputError, inbatch_softmax
+from transrec.kernels import KernelInputError, auto_impl, inbatch_softmax
+from transrec.kernels import triton_config as tc
+from transrec.kernels.triton_config import DESIGN_ENV, MAX_D, SPLIT_ENV
 
 SHAPES = [(47, 123, 31), (252, 507, 123)]
 
@@ -134,9 +136,9 @@ def test_triton_split_m_matches_truth(case):
 @pytest.mark.skipif(ON_GPU, reason="interpreter tiles")
 def test_triton_split_m_fused_design_splits_the_dk_pass_only():
     """The fused forward keeps its dQ accumulator whole (no split); its dK pass splits over q."""
-    from transrec.kernels.triton_backward import backward_dk_launch
-    from transrec.kernels.triton_forward import forward_launch
-    from transrec.kernels.triton_op import canonical_inputs
+    from transrec.kernels.triton_backward import backward_dk_launch  # optional: triton (Linux only)
+    from transrec.kernels.triton_forward import forward_launch  # optional: triton (Linux only)
+    from transrec.kernels.triton_op import canonical_inputs  # optional: triton (Linux only)
 
     q, k, t, _, _ = make_inputs(47, 123, 31, seed=2)
     q, k, t, b = canonical_inputs(q, k, t, None)
@@ -151,8 +153,6 @@ def test_triton_split_m_fused_design_splits_the_dk_pass_only():
 def test_split_count_heuristic_and_mode(monkeypatch):
     """S from the SM count: none where the programs fill two waves, enough chunks otherwise, each of
     at least SPLIT_MIN_STEPS streamed tiles; a forced S; the partial buffer's cap; bad values."""
-    from transrec.kernels import triton_config as tc
-
     assert tc.split_count(8192, 8192, 64, 64) == 3  # 128 programs on 132 SMs
     assert tc.split_count(8192, 8192, 64, 64, sms=64) == 1  # 2 waves of a 64-SM card
     assert tc.split_count(65536, 65536, 64, 64) == 1
@@ -179,8 +179,7 @@ def test_split_count_heuristic_and_mode(monkeypatch):
 def test_triton_design_switch(monkeypatch):
     """The design comes from the table, $TRANSREC_TRITON_DESIGN or the call; a bad name is one clear
     error; a split forward keeps no [N, D] buffer for backward."""
-    from transrec.kernels import triton_config as tc
-    from transrec.kernels.triton_op import design_of
+    from transrec.kernels.triton_op import design_of  # optional: triton (Linux only)
 
     assert set(tc.DESIGN) == {"small", "d256", "large", "xl"} and set(tc.DESIGN.values()) <= set(tc.DESIGNS)
     monkeypatch.setenv(tc.DESIGN_ENV, "split")
@@ -204,8 +203,6 @@ def test_partial_gradients_and_no_grad(impl, monkeypatch):
     """Only some inputs need grad (each constexpr switch, in both Triton designs), and a forward
     under no_grad."""
     if impl == "triton-split":
-        from transrec.kernels.triton_config import DESIGN_ENV
-
         monkeypatch.setenv(DESIGN_ENV, "split")
         impl = "triton"
     q, k, t, b, _ = make_inputs(40, 50, 24, seed=3)
@@ -229,8 +226,6 @@ def test_minus_inf_bias_equals_dropping_the_column(impl, monkeypatch):
     """Duplicates across ranks are masked by bias -inf: such a column must vanish exactly (split-M:
     under the interpreter's 32-column tiles the second of two chunks holds only such columns)."""
     if impl == "triton-split-m":
-        from transrec.kernels.triton_config import DESIGN_ENV, SPLIT_ENV
-
         monkeypatch.setenv(DESIGN_ENV, "split")
         monkeypatch.setenv(SPLIT_ENV, "2")
         impl = "triton"
@@ -344,9 +339,6 @@ def test_mixed_dtypes_meet_in_one(impl, reduction, autocast):
 
 
 def test_auto_picks_triton_only_where_a_launch_exists():
-    from transrec.kernels import auto_impl
-    from transrec.kernels.triton_config import MAX_D
-
     assert auto_impl("cuda", torch.bfloat16, 768) == "triton"
     assert auto_impl("cuda", torch.float32, MAX_D) == "triton"
     assert auto_impl("cuda", torch.float64, 64) == "chunked"  # no fp64 launch
@@ -417,7 +409,6 @@ def test_triton_gpu_bf16_large(shape):
     q, k, t, b, mask = make_inputs(n, m, d, torch.bfloat16, bias=True, mask=True)
     dev = torch.device("cuda")
     args = on(dev, q, k, t, b, mask)
-    from kernel_cases import impl_fn, loss_and_grads, plain_torch, rel_err
 
     w = torch.randn(n, device=dev)
     truth = loss_and_grads(impl_fn("torch"), *args[:4], 0.05, args[4], "none", upcast=torch.float64,

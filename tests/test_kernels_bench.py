@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from transrec.kernels import triton_config as tc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +41,6 @@ def test_cpu_benchmark_smoke(tmp_path, capsys, monkeypatch):
 def test_agreement_check_catches_a_wrong_provider(monkeypatch):
     """Every provider is compared with the reference before it is timed: a loss with another
     temperature, or without the bias, must be caught."""
-    import torch.nn.functional as F
-
     bench = _bench(monkeypatch)
     monkeypatch.setattr(bench, "CHECK_N", 96)
     tol = bench.AGREE_TOL[torch.float32]
@@ -103,8 +104,6 @@ def test_design_sweep_dry_run(tmp_path, monkeypatch):
     """--sweep on the CPU (the kernels under the interpreter): each design (and split-M variant) as a
     provider in every mode, then each kernel stage at each config of its table with that exact config,
     unsplit and split, every row checked against the float32 reference first."""
-    from transrec.kernels import triton_config as tc
-
     bench = _bench(monkeypatch)
     for stage in bench.STAGES:  # two configs a stage (time): one row each, with its own warps and stages
         monkeypatch.setitem(tc.TABLES[stage], ("small", 2), [(32, 32, 4, 2), (32, 32, 8, 3, False)])

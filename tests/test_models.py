@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transrec.config import Config
+from transrec.config.model import user_kind
 from transrec.errors import ConfigError, UserError
 from transrec.kernels import KernelInputError
 from transrec.models import (
@@ -17,6 +19,7 @@ from transrec.models import (
     LoRAConfig,
     LossConfig,
     ModelConfig,
+    SequentialRecommender,
     TextEncoderConfig,
     UserEncoderConfig,
     build_model,
@@ -26,9 +29,11 @@ from transrec.models import (
     save_adapters,
     trainable_report,
 )
+from transrec.models.lora import inject_lora
 from transrec.models.losses import Criterion, bce_sampled, first_copy, sample_negatives
+from transrec.models.text import TextItemEncoder
 from transrec.models.user import UserEncoder
-from transrec.shards.batch import IMAGE, TEXT, ArrayContent, collate_windows
+from transrec.shards.batch import IMAGE, TEXT, ArrayContent, TextContent, collate_windows
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -157,8 +162,6 @@ def test_user_encoder_padding_never_changes_outputs(kind, input_norm):
 
 def test_text_padding_tokens_never_change_item_embedding():
     torch.manual_seed(0)
-    from transrec.models.text import TextItemEncoder
-    from transrec.shards.batch import TextContent
 
     for pooling in ("cls", "mean", "attn"):
         enc = TextItemEncoder(TextEncoderConfig(name="tiny", trainable=1, pooling=pooling), 8).eval()
@@ -467,7 +470,6 @@ def test_prefix_not_cacheable_cases():
     cfg.text.lora = LoRAConfig(r=2)
     m = build_model(cfg)
     assert m.text_encoder.prefix_is_cacheable()  # adapters sit in the trainable top block only
-    from transrec.models.lora import inject_lora
 
     inject_lora([m.text_encoder.backbone.encoder.layer[0]], "bert", LoRAConfig(r=2))
     for p in m.text_encoder.backbone.encoder.layer[0].parameters():
@@ -630,9 +632,6 @@ def test_model_trains_under_autocast_bf16(content, kind):
 @pytest.mark.parametrize("kind", ["transrec", "id"])
 def test_export_round_trip_is_exact(content, kind, tmp_path):
     """save_export then from_export gives the same architecture and every weight bit for bit."""
-    from transrec.config import Config
-    from transrec.models import SequentialRecommender
-
     torch.manual_seed(0)
     cfg = Config(model=tiny_cfg() if kind == "transrec" else ModelConfig(kind="id", dim=32))
     model = build_model(cfg.model, n_items=content.n_items)
@@ -674,8 +673,6 @@ def test_catalogue_negatives_are_a_full_softmax_over_the_item_table(content):
 
 
 def test_user_kind_auto_and_catalogue_checks():
-    from transrec.config.model import user_kind
-
     assert user_kind(ModelConfig(kind="id")) == "causal"
     assert user_kind(ModelConfig(kind="transrec")) == "bidirectional"
     assert user_kind(ModelConfig(kind="id", user=UserEncoderConfig(kind="bidirectional"))) == "bidirectional"

@@ -9,17 +9,17 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from spawn_ranks import run_ranks
+from test_models import make_content, tiny_cfg
+
+from transrec.models import build_model
+from transrec.shards.batch import collate_windows
 
 B_PER_RANK, L = 4, 6
 
 
 def _setup():
-    from test_models import make_content, tiny_cfg
-
-    from transrec.models import build_model
-    from transrec.shards.batch import collate_windows
-
     content = make_content(24, seed=3)
     rng = np.random.default_rng(5)
     windows = [rng.choice(24, size=int(rng.integers(3, L + 1))) for _ in range(2 * B_PER_RANK)]
@@ -41,12 +41,8 @@ def _summed_loss(model, batch):
     return loss * metrics["count"]  # the rank's summed loss (what data parallelism adds up)
 
 
-def _worker(rank, port, out_dir, tests_dir):
-    import sys
-
-    sys.path.insert(0, tests_dir)
+def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model, batch = _setup()
@@ -61,15 +57,11 @@ def _worker(rank, port, out_dir, tests_dir):
 
 @pytest.mark.slow
 def test_global_negatives_two_ranks_match_one_process(tmp_path):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    run_ranks(_worker, str(tmp_path), tests_dir, timeout=120)
+    run_ranks(_worker, str(tmp_path), timeout=120)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     shared = np.intersect1d(res[0]["unique"].numpy(), res[1]["unique"].numpy())
     assert shared.size > 0  # the ranks do share items: the duplicate masking is exercised
 
-    import sys
-
-    sys.path.insert(0, tests_dir)
     model, batch = _setup()
     model.criterion.cfg.negatives = "inbatch"  # one process: the concatenated batch is the global pool
     total = _summed_loss(model, batch(list(range(2 * B_PER_RANK))))

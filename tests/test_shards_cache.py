@@ -2,7 +2,9 @@
 
 import io
 import multiprocessing as mp
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -70,8 +72,6 @@ def test_reuse_and_rebuild_on_change(data, tmp_path, monkeypatch):
 
 
 def _slow_build(*args, **kw):
-    import os
-    import time
     marker = args[1].parent / f"built-by-{os.getpid()}"
     marker.write_text("x")
     time.sleep(0.5)

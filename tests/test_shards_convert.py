@@ -10,6 +10,7 @@ from PIL import Image
 
 from transrec.cli import main
 from transrec.errors import UserError
+from transrec.shards.convert import convert
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import sanitize_key
 
@@ -165,7 +166,6 @@ def test_csv_images(tmp_path):
 
 
 def test_unknown_format_and_missing_input(tmp_path):
-    from transrec.shards.convert import convert
     with pytest.raises(UserError, match="unknown format"):
         convert("movielens", tmp_path, tmp_path / "o")
     with pytest.raises(UserError, match="behaviors.tsv"):

@@ -1,6 +1,7 @@
 """Streaming loader: splits, rank/worker coverage, equal batch counts, determinism, resume, dedup."""
 
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -236,8 +237,6 @@ def _every_field_batch() -> Batch:
 
 
 def test_pack_unpack_round_trips_every_field():
-    from dataclasses import fields
-
     batch = _every_field_batch()
     for obj in (batch, batch.text, batch.image):  # the sample sets every field, so none goes untested
         unset = [f.name for f in fields(obj) if getattr(obj, f.name) is None]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from train_parts import train_steps
 
+import transrec.models.export as mexport
 from transrec.cli import main
 from transrec.config import build_config
 from transrec.engine.trainer import Trainer
@@ -28,6 +29,7 @@ from transrec.models.prefix import build_or_load_prefix_store
 from transrec.shards.batch import TEXT
 from transrec.shards.cache import ItemCache, build_or_load_item_cache
 from transrec.shards.prefix_cache import PrefixStore
+from transrec.shards.synth import synthesize
 from transrec.storage import EXIT_WRITE_FAILED, WriteFailed
 
 COMMON = ["model.user.layers=1", "model.user.max_len=8", "data.max_len=8", "model.text.max_len=12",
@@ -91,8 +93,6 @@ def temporaries(folder: Path) -> list[str]:
 def trained(tmp_path_factory):
     """(dataset, run folder, export folder): one trained step with a frozen text block (so the item
     cache and a text prefix cache are built beside the dataset), and an export of it."""
-    from transrec.shards.synth import synthesize
-
     root = tmp_path_factory.mktemp("writes")
     data = synthesize(root / "d", domain="source", n_users=60, n_items=30, seed=9, min_len=3, max_len=10)
     cfg = build_config("tiny", overrides=[f"data.path={data}", f"run.out={root / 'run'}", *COMMON])
@@ -112,7 +112,6 @@ def test_a_failed_export_is_one_line_exit_74_and_keeps_the_previous_export(train
     shutil.copytree(export, out)
     before = digest(out)
     capsys.readouterr()
-    import transrec.models.export as mexport
 
     monkeypatch.setattr(mexport, "save_file", failing(mexport.save_file, "model.safetensors", argpos=2))
     assert main(["export", "--run", str(run), "--out", str(out)]) == EXIT_WRITE_FAILED

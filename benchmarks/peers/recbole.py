@@ -113,17 +113,17 @@ def ensure_recbole_venv(venv: Path) -> Path:
 # ----------------------------------------------------------------------------- data
 
 def project_sequences(data: Path) -> dict[str, list[str]]:
-    from transrec.inference.histories import dataset_sequences  # noqa: PLC0415  (lazy: loads torch)
+    from transrec.inference.histories import dataset_sequences  # lazy: fast --help
 
     return dict(dataset_sequences(data))
 
 
 def project_titles(data: Path) -> dict[str, tuple[str, bytes | None, str]]:
     """item id -> (title, image bytes or None, image extension) in the dataset's index order."""
-    import webdataset as wds  # noqa: PLC0415  (lazy: the project's dependency)
+    import webdataset as wds  # lazy: fast --help
 
-    from transrec.shards.dataset import Dataset  # noqa: PLC0415
-    from transrec.shards.format import unsanitize_key  # noqa: PLC0415
+    from transrec.shards.dataset import Dataset  # lazy: fast --help
+    from transrec.shards.format import unsanitize_key  # lazy: fast --help
 
     ds = Dataset.open(data)
     samples = {}
@@ -283,9 +283,9 @@ def recbole_under_project_rule(rb: dict) -> dict:
     if "test_intervals" not in rb:
         raise SystemExit("recbole peer: RecBole's result has no rank intervals (made by an older worker); "
                          "run without --reuse-recbole")
-    import torch  # noqa: PLC0415  (lazy: this file loads no torch at module level)
+    import torch  # lazy: fast --help
 
-    from transrec.inference.metrics import ranking_metrics  # noqa: PLC0415
+    from transrec.inference.metrics import ranking_metrics  # lazy: fast --help
 
     iv = torch.tensor(rb["test_intervals"], dtype=torch.long)
     out = ranking_metrics(iv, ks=(10,))

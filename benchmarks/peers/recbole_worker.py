@@ -24,17 +24,18 @@ import json
 import sys
 import time
 
+import torch
+
 
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    import torch  # noqa: PLC0415  (lazy: after the thread count is known)
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    from recbole.config import Config  # noqa: PLC0415
-    from recbole.data import create_dataset, data_preparation  # noqa: PLC0415
-    from recbole.trainer import Trainer  # noqa: PLC0415
-    from recbole.utils import get_model, init_seed  # noqa: PLC0415
+    from recbole.config import Config  # optional: recbole (RecBole's venv only)
+    from recbole.data import create_dataset, data_preparation  # optional: recbole (RecBole's venv only)
+    from recbole.trainer import Trainer  # optional: recbole (RecBole's venv only)
+    from recbole.utils import get_model, init_seed  # optional: recbole (RecBole's venv only)
 
     t0 = time.perf_counter()
     cfg = dict(spec["config"], data_path=spec["data_path"])

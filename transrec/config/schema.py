@@ -26,6 +26,7 @@ global negatives to grow the pool.
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -176,8 +177,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 def stop_signal_numbers(names: str) -> list[int]:
     """``run.stop_signals`` ("SIGTERM,SIGUSR1"; names with or without "SIG", any case) as signal
     numbers; ConfigError naming one that is unknown or cannot be caught (SIGKILL, SIGSTOP)."""
-    import signal  # noqa: PLC0415  (the standard library; only this check needs it)
-
     out = []
     for raw in str(names or "").replace(" ", "").split(","):
         if not raw:
