@@ -2,6 +2,7 @@
 #   make demo          set up .venv from the lock files (idempotent), then run the main job on the CPU
 #   make test          set up .venv likewise, then run the whole test suite (what CI runs)
 #   make test-fast     the suite without the tests marked slow: the quick check while editing
+#   make test-sm90     the full sm_90 shared-memory sweep of the Triton kernels (every launch, minutes)
 #   make lock          regenerate requirements/*.lock from pyproject.toml with uv (needs the network)
 #   make test-latest   the suite in .venv-latest, with the newest release of every dependency
 PY ?= python3
@@ -26,7 +27,7 @@ UV_TORCH = $(PIP_TORCH) $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS
 UV_COMPILE = $(TOOLS)/bin/uv pip compile --quiet --generate-hashes --no-emit-find-links \
 	--python-version $(PYTHON_SERIES) --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: setup demo test test-fast test-latest lock lint clean check-python
+.PHONY: setup demo test test-fast test-sm90 test-latest lock lint clean check-python
 
 setup: $(STAMP)
 
@@ -48,10 +49,13 @@ demo: setup
 	$(BIN)/transrec demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not sm90_sweep" tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not sm90_sweep" tests
+
+test-sm90: setup
+	$(BIN)/python -m pytest -q -m sm90_sweep tests
 
 # Drift on purpose: every dependency at its newest release (torch stays at the lock's CPU build, a
 # deliberate upgrade of its own), the suite run against it. A failure here is a lock to hold back

@@ -6,6 +6,7 @@ ptxas and cuobjdump), exactly as the launchers would specialise them on the card
     .venv/bin/python -m transrec.kernels.sm90_check dq 768           # stages: fwd lse bwd dq (triton_config)
     .venv/bin/python -m transrec.kernels.sm90_check lse 256 --split 3  # the split-M launch (partials)
     .venv/bin/python -m transrec.kernels.sm90_check verify           # every reachable launch fits?
+    .venv/bin/python -m transrec.kernels.sm90_check verify --quick   # every config, at its largest launch
 
 What is compiled comes from the launchers themselves: ``triton_op.canonical_inputs`` makes the inputs
 (CPU tensors of each launch dtype), ``forward_launch``/``backward_dk_launch`` build the launch the card
@@ -18,8 +19,13 @@ less shared memory than the card then asks for.
 ``verify`` enumerates every reachable specialisation (dtype x gradient switches x EVEN_M x split-M
 or not x config, for the D values of ``triton_config.CHECK_D``), compiles each distinct one only as far as
 shared-memory allocation (TTGIR plus the allocation pass: no LLVM, no ptxas), and exits 1 if any
-needs more than the card's 232,448 B. The full compiles of the report modes read the same number from
-Triton's metadata and cross-check the short path.
+needs more than the card's 232,448 B; the largest of each stage also goes through the backend's LLIR
+stage, where Triton sets the kernel's shared-memory figure, and must agree. The full compiles of the
+report modes read the same number from Triton's metadata and cross-check the short path too.
+``verify --quick`` compiles every table config at every D, at the launches that need the most shared
+memory (QUICK_*: about a fifth of the sweep); the full sweep checks that they do. Figures are cached
+per specialisation key (kernel source, signature, constants, options; Triton version) in .cache/sm90,
+and distinct specialisations compile in ``--jobs`` processes.
 """
 
 from __future__ import annotations
@@ -145,11 +151,10 @@ class Spec:
                 f"stages={kw['num_stages']} resident={int(kw['RESIDENT'])}")
 
 
-def shared_bytes(spec: Spec) -> int:
-    """Shared memory of one specialisation: the code generator and the TTGIR passes of the backend,
-    then the passes of its LLIR stage up to and including shared-memory allocation."""
-    from triton._C.libtriton import ir, nvidia, passes  # lazy: after TRITON_INTERPRET is cleared
-    from triton.backends.nvidia.compiler import get_ptx_version_from_options  # lazy: see main()
+def _lower(spec: Spec, stage: str):
+    """The code generator, then the backend's own stages up to ``stage`` ("ttgir" or "llir"), as
+    ``triton.compile`` runs them for sm_90: (module or LLVM IR text, metadata, options)."""
+    from triton._C.libtriton import ir  # lazy: after TRITON_INTERPRET is cleared
     from triton.compiler import make_backend  # lazy: after TRITON_INTERPRET is cleared
 
     target = _target()
@@ -163,8 +168,18 @@ def shared_bytes(spec: Spec) -> int:
     mod = spec.source().make_ir(target, options, backend.get_codegen_implementation(options),
                                 backend.get_module_map(), context)
     metadata = {"hash": spec.key, "target": target, **options.__dict__}
-    mod = stages["ttir"](mod, metadata)
-    mod = stages["ttgir"](mod, metadata)
+    for name in ("ttir", "ttgir", "llir")[:("ttir", "ttgir", "llir").index(stage) + 1]:
+        mod = stages[name](mod, metadata)
+    return mod, metadata, options
+
+
+def shared_bytes(spec: Spec) -> int:
+    """Shared memory of one specialisation: the code generator and the TTGIR passes of the backend,
+    then the passes of its LLIR stage up to and including shared-memory allocation."""
+    from triton._C.libtriton import ir, nvidia, passes  # lazy: after TRITON_INTERPRET is cleared
+    from triton.backends.nvidia.compiler import get_ptx_version_from_options  # lazy: see main()
+
+    mod, _, options = _lower(spec, "ttgir")
     pm = ir.pass_manager(mod.context)
     passes.ttgpuir.add_combine_tensor_select_and_if(pm)
     try:
@@ -177,6 +192,12 @@ def shared_bytes(spec: Spec) -> int:
                                                         get_ptx_version_from_options(options, CAPABILITY))
     pm.run(mod, "sm90_check_shared")
     return int(mod.get_int_attr("ttg.shared") or 0)
+
+
+def llir_shared(spec: Spec) -> int:
+    """Triton's own figure: the backend's whole LLIR stage sets the ``shared`` of the kernel's
+    metadata (what a launch checks against the card); the PTX and cubin stages do not change it."""
+    return int(_lower(spec, "llir")[1]["shared"] or 0)
 
 
 def full_compile(spec: Spec) -> dict:
@@ -196,15 +217,40 @@ def full_compile(spec: Spec) -> dict:
 
 
 # ----- verify: every reachable specialisation fits -----
+# The quick check (``verify --quick``, the sm_90 test of `make test`): every config of every table, at
+# every D of CHECK_D and every stage, each compiled at the launch that needs the most shared memory:
+# one dtype per element size, M not a multiple of BLOCK_N (masked), split-M (partials; the fused
+# forward never splits), and for the dK pass both the launch with every accumulator and the one
+# without dK. The full sweep checks that premise: per (stage, D, element size, config) the quick
+# launches reach the largest figure of all launches (tests/test_kernels_sm90.py).
+QUICK_DTYPES = ("bfloat16", "float32")
+QUICK_M = 1000
+QUICK_SPLIT = 2
+QUICK_BWD = (("1", "1"), ("0", "1"))  # (dk, db) as the labels write them
 _PENDING: list = []  # specialisations handed to forked workers by index
 CACHE_VERSION = 1  # bump when shared_bytes changes what it measures
+
+
+def _quick_launch(label: str) -> bool:
+    """Whether a verify label (stage, class, D, dtype, then ``launches``' fields) is a quick launch,
+    whatever its dtype."""
+    words = label.split()
+    f = dict(w.split("=", 1) for w in words[4:] if "=" in w)
+    split = "1" if words[0] == "fwd" else str(QUICK_SPLIT)
+    return (f["M"] == str(QUICK_M) and f["split"] == split
+            and (words[0] != "bwd" or (f["dk"], f["db"]) in QUICK_BWD))
+
+
+def is_quick(label: str) -> bool:
+    """Whether ``verify --quick`` compiles the launch of a verify label."""
+    return label.split()[3] in QUICK_DTYPES and _quick_launch(label)
 
 
 def _cache_path():
     import triton  # lazy: after TRITON_INTERPRET is cleared
 
-    root = os.environ.get("TRANSREC_SM90_CACHE") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "sm90")
+    root = os.environ.get("TRANSREC_SM90_CACHE") or os.path.join(  # the repo root, through the symlink
+        os.path.dirname(os.path.dirname(os.path.realpath(__file__))), ".cache", "sm90")
     return os.path.join(root, f"shared-v{CACHE_VERSION}-triton{triton.__version__}.json")
 
 
@@ -235,67 +281,101 @@ def _shared_of(i: int) -> int:
     return shared_bytes(_PENDING[i])
 
 
+def _llir_shared_of(i: int) -> int:
+    return llir_shared(_PENDING[i])
+
+
+def _cost(spec: Spec) -> tuple:
+    """Compile time grows with the D chunks unrolled and the tile: the costliest go first, so that the
+    last worker does not finish long after the other."""
+    kw = spec.kwargs
+    return (-kw.get("NUM_DC", 1), -kw["BLOCK_M"] * kw["BLOCK_N"])
+
+
 def verify(d_values: dict | None = None, jobs: int = 1, dtypes=None, cross_check: bool = True,
-           use_cache: bool = True, out=sys.stdout) -> list[dict]:
-    """Shared memory of every distinct reachable specialisation; prints one line per over-limit one
-    and a summary per (stage, class, D, dtype). ``cross_check``: compile the largest of each stage to
-    a cubin and compare Triton's figure with the short path's. ``use_cache``: reuse the figures of
-    specialisations compiled before (.cache/sm90, or $TRANSREC_SM90_CACHE). Returns rows (key, shared,
-    labels)."""
+           use_cache: bool = True, quick: bool = False, stages=STAGES, out=sys.stdout) -> list[dict]:
+    """Shared memory of every distinct reachable specialisation (``quick``: of the quick launches);
+    prints one line per over-limit one and a summary per (stage, class, D, dtype). ``cross_check``:
+    lower the largest of each stage through the backend's LLIR stage and compare Triton's figure (the
+    kernel metadata's) with the short path's. ``use_cache``: reuse the figures of specialisations
+    compiled before (.cache/sm90, or $TRANSREC_SM90_CACHE). ``jobs`` > 1: forked compiler processes.
+    Returns rows (key, shared, labels)."""
+    import torch  # lazy: after TRITON_INTERPRET is cleared
+
     from transrec.kernels.triton_config import CHECK_D  # lazy: after TRITON_INTERPRET is cleared
 
     d_values = d_values or CHECK_D
+    if quick and dtypes is None:
+        dtypes = [getattr(torch, name) for name in QUICK_DTYPES]
+    sizes = dict(ms=(QUICK_M,), splits=(1, QUICK_SPLIT)) if quick else {}
     t0 = time.time()
     distinct = {}  # key -> (Spec, labels)
     combos = 0
     for dclass, ds in d_values.items():
-        for d, stage in itertools.product(ds, STAGES):
-            for label, launch in launches(stage, d, dtypes):
+        for d, stage in itertools.product(ds, stages):
+            for label, launch in launches(stage, d, dtypes, **sizes):
+                label = f"{stage} {dclass} D={d} {label}"
+                if quick and not _quick_launch(label):
+                    continue
                 for fn, kw in configs_of(launch):
                     spec = Spec(fn, launch.args, kw)
                     combos += 1
-                    distinct.setdefault(spec.key, (spec, []))[1].append(f"{stage} {dclass} D={d} {label} "
-                                                                        + spec.tiles())
+                    distinct.setdefault(spec.key, (spec, []))[1].append(f"{label} {spec.tiles()}")
     items = list(distinct.values())
-    print(f"{combos} launch x config combinations, {len(items)} distinct specialisations "
-          f"(Triton {_triton_version()}, sm_{CAPABILITY})", file=out, flush=True)
+    _PENDING[:] = [spec for spec, _ in items]  # before the workers fork: they read it by index
+    print(f"{combos} launch x config combinations{' (quick)' if quick else ''}, {len(items)} distinct "
+          f"specialisations (Triton {_triton_version()}, sm_{CAPABILITY})", file=out, flush=True)
     cache = _load_cache() if use_cache else {}
-    todo = [i for i, (spec, _) in enumerate(items) if spec.key not in cache]
+    todo = sorted((i for i, (spec, _) in enumerate(items) if spec.key not in cache),
+                  key=lambda i: _cost(items[i][0]))
     print(f"{len(items) - len(todo)} from the cache ({_cache_path()}), {len(todo)} to compile", file=out,
           flush=True)
-    _PENDING[:] = [items[i][0] for i in todo]
-    if jobs > 1 and len(todo) > 1:  # forked workers share the specialisations built here
+    pool = None
+    if jobs > 1 and (len(todo) > 1 or cross_check):
         import multiprocessing as mp  # lazy: after TRITON_INTERPRET is cleared
 
-        with mp.get_context("fork").Pool(jobs) as pool:
-            fresh = pool.map(_shared_of, range(len(todo)), chunksize=4)
-    else:
-        fresh = [_shared_of(i) for i in range(len(todo))]
-    new = {items[i][0].key: s for i, s in zip(todo, fresh)}
-    if use_cache and new:
-        _save_cache(new)
-    cache.update(new)
-    shared = [cache[spec.key] for spec, _ in items]
-    _PENDING[:] = [spec for spec, _ in items]
-    rows = [dict(key=spec.key, shared=s, labels=labels) for (spec, labels), s in zip(items, shared)]
-    over = [r for r in rows if r["shared"] > SMEM_LIMIT]
-    for r in over:
-        print(f"OVER {r['shared']} B > {SMEM_LIMIT}: {r['labels'][0]}"
-              + (f" (+{len(r['labels']) - 1} more launches)" if len(r["labels"]) > 1 else ""), file=out)
-    summary = {}
-    for r in rows:
-        for lab in r["labels"]:
-            stage, dclass, d, dtype = lab.split()[:4]
-            key = (stage, dclass, d, dtype)
-            summary[key] = max(summary.get(key, 0), r["shared"])
-    for (stage, dclass, d, dtype), s in sorted(summary.items()):
-        print(f"{stage} {dclass:5} {d:7} {dtype:8} max shared {s:7d} B", file=out)
-    for stage in STAGES if cross_check else ():  # the short path against Triton's own figure
-        top = max((r for r in rows if r["labels"][0].startswith(stage)), key=lambda r: r["shared"])
-        full = full_compile(_PENDING[rows.index(top)])["shared"]
-        print(f"cross-check {stage}: full compile {full} B, allocation pass {top['shared']} B", file=out)
-        if full != top["shared"]:
-            raise RuntimeError(f"allocation-only shared memory {top['shared']} != full compile {full}")
+        pool = mp.get_context("fork").Pool(jobs)  # forked workers share the specialisations built here
+    run = (lambda f, idx: pool.map(f, idx, chunksize=1)) if pool else (lambda f, idx: [f(i) for i in idx])
+    try:
+        new = {items[i][0].key: s for i, s in zip(todo, run(_shared_of, todo))}
+        if use_cache and new:
+            _save_cache(new)
+        cache.update(new)
+        rows = [dict(key=spec.key, shared=cache[spec.key], labels=labels) for spec, labels in items]
+        over = [r for r in rows if r["shared"] > SMEM_LIMIT]
+        for r in over:
+            print(f"OVER {r['shared']} B > {SMEM_LIMIT}: {r['labels'][0]}"
+                  + (f" (+{len(r['labels']) - 1} more launches)" if len(r["labels"]) > 1 else ""), file=out)
+        summary = {}
+        for r in rows:
+            for lab in r["labels"]:
+                stage, dclass, d, dtype = lab.split()[:4]
+                key = (stage, dclass, d, dtype)
+                summary[key] = max(summary.get(key, 0), r["shared"])
+        for (stage, dclass, d, dtype), s in sorted(summary.items()):
+            print(f"{stage} {dclass:5} {d:7} {dtype:8} max shared {s:7d} B", file=out)
+        if cross_check:  # the short path against Triton's own figure, the largest of each stage; of
+            # equal ones, a 16-bit one (the tensor-core path, lowered in a fraction of the time)
+            def rank(i):
+                sixteen = rows[i]["labels"][0].split()[3] != "float32"
+                return rows[i]["shared"], sixteen, items[i][0].kwargs["num_warps"]
+
+            tops = [max((i for i, r in enumerate(rows) if r["labels"][0].startswith(stage + " ")), key=rank)
+                    for stage in stages]
+            keys = ["llir:" + items[i][0].key for i in tops]
+            todo = sorted({i for i, k in zip(tops, keys) if k not in cache}, key=lambda i: _cost(items[i][0]))
+            new = {"llir:" + items[i][0].key: s for i, s in zip(todo, run(_llir_shared_of, todo))}
+            if use_cache and new:
+                _save_cache(new)
+            cache.update(new)
+            for stage, i, k in zip(stages, tops, keys):
+                short = rows[i]["shared"]
+                print(f"cross-check {stage}: LLIR stage {cache[k]} B, allocation pass {short} B", file=out)
+                if cache[k] != short:
+                    raise RuntimeError(f"allocation-only shared memory {short} != LLIR stage {cache[k]}")
+    finally:
+        if pool:
+            pool.terminate()
     print(f"{len(over)} over the limit; {time.time() - t0:.0f} s", file=out, flush=True)
     return rows
 
@@ -374,7 +454,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="verify: compiler processes")
     ap.add_argument("--json", type=str, default=None, help="verify: write the rows here")
     ap.add_argument("--no-cache", action="store_true", help="verify: compile everything afresh")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help="verify: every config at its largest launch only")
+    ap.add_argument("--stage", choices=STAGES, action="append", help="verify: this stage only (repeatable)")
+    args = ap.parse_intermixed_args(argv)  # D may follow the options
     os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
     if args.what == "verify":
         d_values = None
@@ -388,7 +470,8 @@ def main(argv=None):
         import torch  # lazy: after TRITON_INTERPRET is cleared
 
         dtypes = [getattr(torch, args.dtype)] if args.dtype else None
-        rows = verify(d_values, jobs=args.jobs, dtypes=dtypes, use_cache=not args.no_cache)
+        rows = verify(d_values, jobs=args.jobs, dtypes=dtypes, use_cache=not args.no_cache, quick=args.quick,
+                      stages=tuple(args.stage or STAGES))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(triton=_triton_version(), rows=rows), f)
