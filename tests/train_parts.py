@@ -7,8 +7,10 @@ def train_steps(trainer, *, until: int | None = None, save: bool = False):
     to step ``until`` (a run killed after that step: no end save), then, with ``save``, the last
     step's checkpoint. Returns ``trainer.result``."""
     if trainer.begin():
-        for step in trainer.steps():
+        steps = trainer.steps()
+        for step in steps:
             if until is not None and step >= until:
+                steps.close()  # the loop's own end: the bar closed, the losses flushed
                 return trainer.result
     if save:
         trainer.save()
