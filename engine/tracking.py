@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -204,17 +205,17 @@ class StepLog:
         self.losses.extend((sums / counts.clamp_min(1.0)).tolist())
         self.pending.clear()
 
-    def log(self, step: int, total: int, bar, *, epoch: int, lrs: tuple[float, float], skipped_rows: int,
-            skipped_steps: int) -> bool:
-        """The record and line of ``step`` when one is due (``lrs``: the user side's and the
-        encoders' learning rates); True when it was."""
+    def log(self, step: int, total: int, bar, *, epoch: int, lrs: Callable[[], tuple[float, float]],
+            skipped_rows: int, skipped_steps: int) -> bool:
+        """The record and line of ``step`` when one is due (``lrs()``: the user side's and the
+        encoders' learning rates, read only then); True when it was."""
         if step % self.every and step != total:
             return False
         self.flush()
         loss = self.losses[-1]
         w = self.window
         dt = max(time.time() - w["t"], 1e-9)
-        lr, enc = lrs
+        lr, enc = lrs()
         rec = dict(epoch=epoch, loss=loss, lr=lr, seq_per_s=w["seq"] * self.world / dt,
                    items_per_s=w["items"] * self.world / dt)
         if not math.isnan(enc):

@@ -214,7 +214,8 @@ class Trainer:
                 for hook in self.after_step:
                     hook(self, self.state.step)
                 if self.steplog.log(self.state.step, self.total, bar, epoch=self.state.epoch,
-                                    lrs=learning_rates(self.optimizer), skipped_rows=self.skips.train.total,
+                                    lrs=lambda: learning_rates(self.optimizer),
+                                    skipped_rows=self.skips.train.total,
                                     skipped_steps=self.guard.skipped_steps):
                     self.skips.write()
                     self.skips.check(world=self.world, device=self.device)
