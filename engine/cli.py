@@ -1,4 +1,4 @@
-"""Engine subcommands: train, eval, export, transfer, compare, demo, plot.
+"""Engine subcommands: train, eval, export, transfer, compare, demo, plot, bench.
 
 :func:`register` adds them to the ``transrec`` command line (:mod:`transrec.cli`, which imports this
 module; nothing here imports it back)."""
@@ -175,6 +175,13 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    _quiet_deepspeed()
+    from transrec.engine.bench import run  # lazy: fast --help
+
+    return run(args)
+
+
 # ----------------------------------------------------------------------------- parser
 
 def register(sub) -> None:
@@ -283,3 +290,42 @@ def register(sub) -> None:
     p.add_argument("--out", help="PNG path (default: RUN/curves.png of the first run)")
     p.add_argument("--metric", default="ndcg@10", help="validation metric (default: %(default)s)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "bench", help="training throughput: step-time breakdown, counted FLOPs, MFU, ablations, sweeps",
+        formatter_class=_RAW,
+        description="Trains a config as `transrec train` would (one process, or every rank under torchrun/"
+                    "deepspeed) and reports seq/s, unique items, text tokens and images per second, the time "
+                    "of each part of a step, model FLOPs per step (torch.utils.flop_counter), achieved FLOP/s "
+                    "and MFU against the device's peak (a published GPU peak; on a CPU a measured matmul "
+                    "peak), peak memory and the efficiency switches in effect. Writes OUT/bench.json and "
+                    "OUT/bench.md.",
+        epilog="examples:\n"
+               "  transrec bench --preset tiny --synth 2000,1000\n"
+               "  transrec bench --preset demo-cpu --synth 2000,1000 --ablate dedup,prefix_cache,kernel,bf16\n"
+               "  transrec bench --preset tiny --synth 2000,1000 --sweep data.batch_size=64,128,256\n"
+               "  transrec bench --preset tiny --synth 2000,1000 --sweep world=1,2\n"
+               "  torchrun --nproc_per_node 8 -m transrec.cli bench --preset base-gpu --data D --out B\n"
+               "  transrec bench --compare machine-a/bench.json machine-b/bench.json")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="dataset folder to train on")
+    src.add_argument("--synth", metavar="USERS,ITEMS",
+                     help="a synthetic source world of that size, made once under OUT and reused")
+    p.add_argument("--image-frac", type=float, default=0.5,
+                   help="share of image items in a --synth world (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps, once plain (throughput) and once with the step clock (default: "
+                        "%(default)s)")
+    p.add_argument("--ablate", metavar="SWITCHES",
+                   help="comma-separated switches to turn off in turn, with the ratio against the full "
+                        "engine: dedup, prefix_cache, kernel, bf16")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="one row per value of a config key (or world=1,2,4: one launch per rank count, with "
+                        "the scaling efficiency), and OUT/bench_sweep.png")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="the ratio table B / A of two bench results, matched by row label")
+    p.add_argument("--label", help="the row's name (default: the preset)")
+    p.add_argument("--out", default="bench", help="output folder (default: %(default)s)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_bench)

@@ -48,6 +48,7 @@ from transrec.engine.preempt import EvaluationAbandoned, RunStopped, StopControl
 from transrec.engine.report import EvalReport, TrainResult
 from transrec.engine.runlock import check_run_dir, lock_run_folder
 from transrec.engine.skips import SkipReport
+from transrec.engine.stepclock import NO_CLOCK
 from transrec.engine.tracking import StepLog, Tracker, bars_enabled, progress, say
 from transrec.engine.validation import Validator
 from transrec.errors import ConfigError, UserError
@@ -138,6 +139,7 @@ class Trainer:
         self.position = (0, 0)  # (epoch, cursor) after the last micro-batch handed out
         self.saved_step: int | None = None  # step of the checkpoint this process wrote last
         self.after_step: list = []
+        self.clock = NO_CLOCK  # the parts of a step, timed when a benchmark sets a StepClock
         self.start_step, self.started = 0, time.time()  # where and when this process's training began
         self.tracker = Tracker(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.run.tensorboard)
         self.steplog = StepLog(self.tracker, every=cfg.run.log_every, batch_size=cfg.data.batch_size,
@@ -344,13 +346,16 @@ class Trainer:
         self.guard.hold()
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            loss, metrics = self.engine(batch.to(self.device, non_blocking=True))
-            self.engine.backward(loss * metrics["count"] * scale)  # loss * count: this micro-batch's sum
+            with self.clock("forward"):
+                loss, metrics = self.engine(batch.to(self.device, non_blocking=True))
+            with self.clock("backward"):  # loss * count: this micro-batch's sum
+                self.engine.backward(loss * metrics["count"] * scale)
             self.steplog.batches(batch.batch_size, batch.num_unique)
             loss_sum += metrics["loss_sum"]
             if i == len(micro_batches) - 1:
                 self.guard.loss_check(loss_sum)
-            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            with self.clock("optimizer"):
+                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
         self.state.epoch, self.state.cursor = self.position
         if not self.guard.applied():
             latest = self.ckpt.latest()

@@ -314,10 +314,14 @@ class TransRec(SequentialRecommender):
         others[unique_items.to(others.device)] = False  # the batch's own items come fresh, with gradient
         return None, (cat.table[others].to(table.dtype), None)
 
-    def forward(self, batch: Batch, dedup: bool = True):
-        """Training loss. ``dedup=False`` encodes every position's item separately (the naive
-        path, for tests and benchmarks): same values, U -> number of valid positions of work."""
-        if dedup:
+    # encode each of a batch's unique items once (False: every position's item on its own, the
+    # naive path that ``transrec bench --ablate dedup`` measures; the same loss values)
+    dedup = True
+
+    def forward(self, batch: Batch, dedup: bool | None = None):
+        """Training loss. ``dedup=False`` (default: the model's :attr:`dedup`) encodes every
+        position's item separately: same values, U -> number of valid positions of work."""
+        if self.dedup if dedup is None else dedup:
             return super().forward(batch)
         return self._forward_per_position(batch)
 
