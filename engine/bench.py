@@ -43,7 +43,7 @@ from transrec.engine.flops import analytic_flops, counting
 from transrec.engine.hardware import device_peak, machine_stamp
 from transrec.engine.stepclock import NO_CLOCK, PARTS, StepClock
 from transrec.engine.tracking import say
-from transrec.errors import ConfigError, UserError
+from transrec.errors import UserError
 from transrec.kernels.dispatch import auto_impl
 
 # the switches --ablate turns off, each as (what the row calls it, how)
@@ -59,8 +59,8 @@ FIELDS = [*STAMP, "label", "preset", "data", "world", "batch", "micro_batch", "a
 
 
 # what a launcher sets for its ranks (a world sweep's launches start without them)
-LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-              "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 class BenchError(UserError):
@@ -235,7 +235,8 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
     flops_step = float(rows[:, 6].sum())
     formula_step = None if (rows[:, 7] < 0).any() else float(rows[:, 7].sum())
     part_ms = {p: float(rows[:, 11 + i].mean()) / steps * 1e3 for i, p in enumerate(PARTS)}
-    compute = rows[:, 11:].sum(1) - rows[:, 11 + PARTS.index("data")] - rows[:, 11 + PARTS.index("communication")]
+    waits = rows[:, 11 + PARTS.index("data")] + rows[:, 11 + PARTS.index("communication")]
+    compute = rows[:, 11:].sum(1) - waits
     skew = float(compute.max() / compute.mean()) if float(compute.mean()) > 0 else 1.0
     tflops = flops_step * steps / plain_s / 1e12
     peak = device_peak(device, cfg.deepspeed.precision)
@@ -251,7 +252,8 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
            **{f"{p}_ms": v for p, v in part_ms.items()}, "breakdown_step_ms": breakdown_ms,
            "parts_sum_ms": sum(part_ms.values()),
            "comm_share": part_ms["communication"] / breakdown_ms if breakdown_ms else 0.0,
-           "rank_skew": skew, "gpu_alloc_mib": float(rows[:, 9].max()), "gpu_reserved_mib": float(rows[:, 10].max()),
+           "rank_skew": skew, "gpu_alloc_mib": float(rows[:, 9].max()),
+           "gpu_reserved_mib": float(rows[:, 10].max()),
            "rss_mib": float(rows[:, 8].max()), "overrides": " ".join(overrides or []), "note": ""}
     return row
 
@@ -460,7 +462,8 @@ def world_sweep(args, data: str, worlds: list[str], out: Path) -> list[dict]:
         sub = out / f"world{w}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}",
                "-m", "transrec.cli", "bench", "--preset", args.preset, "--data", data, "--out", str(sub),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--label", f"{args.label or args.preset} world={w}",
+               "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--label", f"{args.label or args.preset} world={w}",
                *(["--config", args.config] if args.config else []), *args.overrides]
         say(f"bench: {w} rank{'s' if w > 1 else ''}: {' '.join(cmd[1:])}")
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # torchrun sets its own
@@ -558,7 +561,8 @@ def run(args) -> int:
     if D.rank() == 0:
         if lines:
             print(f"\nablations of {label} ({full['seq_per_s']:.1f} seq/s with every switch on):\n"
-                  "| switch off | seq/s | full engine / this | note |\n|---|---|---|---|\n" + "\n".join(lines))
+                  "| switch off | seq/s | full engine / this | note |\n|---|---|---|---|\n"
+                  + "\n".join(lines))
         if sweep:
             sweep_plot(rows, sweep[0], out / "bench_sweep.png")
         print(f"rows: {out / 'bench.json'}, {out / 'bench.md'}")

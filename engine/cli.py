@@ -143,16 +143,29 @@ def cmd_compare(args) -> int:
         raise UserError(f"--steps: budgets must be positive, got {args.steps!r}")
     if len(budgets) == 1:
         overrides.append(f"optim.steps={budgets[0]}")
+    tune = []
+    for text in args.tune:
+        key, sep, values = text.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise UserError(f"--tune takes KEY=V1,V2,... (e.g. model.user.dropout=0.1,0.5), got {text!r}")
+        tune.append((key.strip(), vals))
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: integers, e.g. 0,1,2, got {args.seeds!r}") from None
     rows = _exit_code(lambda: compare(args.pretrained, args.data, args.out, modes=modes,
                                       id_baseline=not args.no_id, topk=args.topk, overrides=overrides,
-                                      budgets=budgets if len(budgets) > 1 else None))
+                                      budgets=budgets if len(budgets) > 1 else None, tune=tune,
+                                      seeds=seeds or None))
     if isinstance(rows, int):
         return rows
     print(format_table(rows))
     if len(budgets) > 1:
         print()
         print(budget_table(rows))
-        print(leaders_line(rows))
+    print(leaders_line(rows))
+    if len(budgets) > 1:
         print(f"budget curve: {args.out}/budget.png, {args.out}/budget.csv")
     print(f"table and plot: {args.out}/compare.md, {args.out}/compare.png")
     return 0
@@ -265,6 +278,12 @@ def register(sub) -> None:
     p.add_argument("--steps", "--budgets", default="", metavar="N[,N...]",
                    help="optimizer steps per run; several (e.g. 30,100,300) run every mode at each budget "
                         "and write the budget curve OUT/budget.{png,csv,md}")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run every mode (the ID baseline too) with each value at each budget and keep the "
+                        "value with the best validation metric (run.monitor); repeatable (the grid of all "
+                        "combinations), e.g. --tune model.user.dropout=0.1,0.3,0.5")
+    p.add_argument("--seeds", default="", metavar="S[,S...]",
+                   help="repeat every run with each run.seed; rows report the mean and the spread over seeds")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     p.set_defaults(func=cmd_compare)
 
@@ -296,13 +315,15 @@ def register(sub) -> None:
         formatter_class=_RAW,
         description="Trains a config as `transrec train` would (one process, or every rank under torchrun/"
                     "deepspeed) and reports seq/s, unique items, text tokens and images per second, the time "
-                    "of each part of a step, model FLOPs per step (torch.utils.flop_counter), achieved FLOP/s "
+                    "of each part of a step, model FLOPs per step (torch.utils.flop_counter), achieved "
+                    "FLOP/s "
                     "and MFU against the device's peak (a published GPU peak; on a CPU a measured matmul "
                     "peak), peak memory and the efficiency switches in effect. Writes OUT/bench.json and "
                     "OUT/bench.md.",
         epilog="examples:\n"
                "  transrec bench --preset tiny --synth 2000,1000\n"
-               "  transrec bench --preset demo-cpu --synth 2000,1000 --ablate dedup,prefix_cache,kernel,bf16\n"
+               "  transrec bench --preset demo-cpu --synth 2000,1000 \\\n"
+               "      --ablate dedup,prefix_cache,kernel,bf16\n"
                "  transrec bench --preset tiny --synth 2000,1000 --sweep data.batch_size=64,128,256\n"
                "  transrec bench --preset tiny --synth 2000,1000 --sweep world=1,2\n"
                "  torchrun --nproc_per_node 8 -m transrec.cli bench --preset base-gpu --data D --out B\n"

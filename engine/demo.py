@@ -127,8 +127,8 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
     gain = by_mode["full"]["test_ndcg@10"] - by_mode["scratch"]["test_ndcg@10"]
     summary = {"seconds": round(elapsed, 1), "seed": seed, "size": asdict(sz),
                "source_test": pre.metrics.get("test", {}), "rows": rows, "budget_rows": all_rows,
-               "leaders": [{"budget": b, "mode": m, "test_ndcg@10": v}
-                           for b, m, v in budget_leaders(all_rows)],
+               "leaders": [{"budget": b, "protocol": p, "leader": lead, "tied": tied}
+                           for p in ("masked", "ranked") for b, lead, tied in budget_leaders(all_rows, p)],
                "pretrained_minus_scratch_ndcg@10": round(gain, 5)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
     head = f"Target test metrics at {first} steps (full ranking over all {sz.target_items} target items):"

@@ -58,8 +58,10 @@ def _model_formulas() -> dict:
     for name in ("_scaled_dot_product_flash_attention_for_cpu",):
         if hasattr(aten, name):
             out[getattr(aten, name)] = _attention
-    for name in ("_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
-                 "_scaled_dot_product_cudnn_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    for name in ("_scaled_dot_product_flash_attention_backward",
+                 "_scaled_dot_product_efficient_attention_backward",
+                 "_scaled_dot_product_cudnn_attention_backward",
+                 "_scaled_dot_product_flash_attention_for_cpu_backward"):
         if hasattr(aten, name):
             out[getattr(aten, name)] = _attention_backward
     return out

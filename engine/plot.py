@@ -101,15 +101,28 @@ def plot_comparison(rows: list[dict], out: str | Path, title: str = "") -> Path:
     return _save(fig, out, (ax_l,))
 
 
+def _interval_key(row: dict, metric: str) -> str:
+    """Where a row keeps the interval of a test metric under its own protocol (masked_/ranked_)."""
+    protocol = "masked" if row.get("exclude_history", True) else "ranked"
+    return f"{protocol}_{metric.removeprefix('test_')}"
+
+
 def plot_budget(rows: list[dict], out: str | Path, title: str = "", metric: str = "test_ndcg@10") -> Path:
-    """``metric`` against the optimizer-step budget, one line per mode (rows with a ``budget``)."""
+    """``metric`` against the optimizer-step budget, one line per mode (rows with a ``budget``), with
+    its 95 % bootstrap interval over test users as a band where the rows carry one."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     modes = list(dict.fromkeys(r["mode"] for r in rows if "budget" in r))
     for m in modes:
         pts = sorted((r["budget"], r.get(metric, float("nan"))) for r in rows
                      if r.get("mode") == m and "budget" in r)
-        ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=m)
+        line, = ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=m)
+        band = sorted((r["budget"], r[f"{_interval_key(r, metric)}_lo"], r[f"{_interval_key(r, metric)}_hi"])
+                      for r in rows if r.get("mode") == m and "budget" in r
+                      and f"{_interval_key(r, metric)}_lo" in r)
+        if band:  # the 95 % bootstrap interval over test users
+            ax.fill_between([b for b, _, _ in band], [lo for _, lo, _ in band], [hi for _, _, hi in band],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log")
     budgets = sorted({r["budget"] for r in rows if "budget" in r})
     ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -121,7 +121,8 @@ def score_users(model, batch, item_emb: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def split_metrics(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 1024, device="cpu",
              max_users: int = 0, show: bool = True, item_emb: torch.Tensor | None = None,
-             exclude_history: bool = True, score_chunk: int = SCORE_CHUNK, should_stop=None) -> dict:
+             exclude_history: bool = True, score_chunk: int = SCORE_CHUNK, should_stop=None,
+             keep: dict | None = None) -> dict:
     """HR@K, NDCG@K, MRR over the users ``loader`` yields (an evaluation-split SequenceLoader).
 
     ``exclude_history``: items the user already interacted with are removed from the ranking (this
@@ -131,7 +132,10 @@ def split_metrics(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 10
     :func:`protocol_prefix` (``"unmasked_"`` or ``"masked_"``), from the same scores.
     ``score_chunk``: catalogue items scored per product (``[B, score_chunk]`` scores at a time).
     ``should_stop``: as in :func:`encode_catalogue`, polled before every chunk and every batch; an
-    abandoned evaluation returns nothing and writes nothing."""
+    abandoned evaluation returns nothing and writes nothing. ``keep``: a dict that receives each
+    evaluated user once, ``"users"`` ``[U]`` (dataset user indices, ascending) and ``"ranks"``
+    ``[U, 2, 2]`` (the chosen protocol's then the other's target rank interval), on the CPU on
+    every rank, for intervals over users."""
     with scoring.eval_mode(scoring.unwrap(model)):
         check = _abandon_when(should_stop)
         if item_emb is None:
@@ -195,6 +199,9 @@ def split_metrics(model, loader, content, *, ks=DEFAULT_KS, item_chunk: int = 10
         ranks_u = ranks_s[first]
         if max_users:
             ranks_u = ranks_u[:max_users]
+        if keep is not None:
+            keep["users"] = users_s[first][: ranks_u.shape[0]].cpu()
+            keep["ranks"] = ranks_u.cpu()
         out = finalize(metric_sums(ranks_u[:, 0], ks))
         other = finalize(metric_sums(ranks_u[:, 1], ks))
         prefix = protocol_prefix(not exclude_history)

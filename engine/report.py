@@ -1,6 +1,7 @@
 """What a run reports: its :class:`TrainResult`, and its evaluations: each one's line on stderr and
 record in ``metrics.jsonl``, and after training valid and test at the last step and at the best one,
-in ``RUN/eval.json``.
+in ``RUN/eval.json``; each test user's target ranks go to ``RUN/ranks/`` (intervals over users,
+:mod:`~transrec.engine.intervals`).
 
 The final evaluation reuses a validation already done at the last step. With ``run.monitor`` it adds
 ``"best"`` (step, metric, value, valid, test): the last step's figures when it is the best, else those
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from transrec.engine.best import BestWatch
 from transrec.engine.checkpoint import CheckpointManager, ClientState, tag_for
+from transrec.engine.intervals import save_ranks
 from transrec.engine.tracking import Tracker, eval_line, say
 
 SPLITS = ("valid", "test")
@@ -71,7 +73,11 @@ class EvalReport:
             if split == "valid" and not best and self.valid_at and self.valid_at[0] == step:
                 out[split] = self.valid_at[1]
                 continue
-            out[split] = split_metrics(split, item_emb=emb)
+            keep = {} if split == "test" else None
+            out[split] = split_metrics(split, item_emb=emb, keep=keep)
+            if keep and self.rank == 0:  # each test user's ranks, for intervals over users
+                save_ranks(self.path.parent, step, keep["users"], keep["ranks"],
+                           bool(self.protocol.get("exclude_history", True)))
             self.record(split, step, out[split], best=best)
         return out
 

@@ -35,7 +35,8 @@ PARTS = ("data", "item_encoding", "user_encoder", "loss", "forward", "backward",
          "communication", "other")
 
 # module attribute of a model -> the part its forward counts as
-MODULE_PARTS = {"text_encoder": "item_encoding", "image_encoder": "item_encoding", "item_emb": "item_encoding",
+MODULE_PARTS = {"text_encoder": "item_encoding", "image_encoder": "item_encoding",
+                "item_emb": "item_encoding",
                 "item_residual": "item_encoding", "modality": "item_encoding", "user": "user_encoder",
                 "criterion": "loss"}
 

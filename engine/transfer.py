@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import csv
 import gc
+import itertools
 import json
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 from transrec.config import Config, LoRAConfig, parse_override, set_key
+from transrec.config.schema import monitor_metric
+from transrec.engine.intervals import bootstrap_interval, leader, load_ranks, user_values
 from transrec.engine.plot import plot_budget, plot_comparison
 from transrec.engine.ranking import protocol_prefix
 from transrec.engine.tracking import say
@@ -137,6 +143,19 @@ def _both_protocols(row: dict) -> dict:
     return out
 
 
+def _with_intervals(row: dict) -> dict:
+    """Text cells of a row's intervals: the value [lo, hi], and its difference to the best row."""
+    out = dict(row)
+    for p in PROTOCOL_OF:
+        key = f"{p}_ndcg@10"
+        if f"{key}_lo" in row:
+            out[f"{key}_ci"] = f"{row[key]:.4f} [{row[key + '_lo']:.4f}, {row[key + '_hi']:.4f}]"
+            d, lo, hi = row[f"{key}_diff"], row[f"{key}_diff_lo"], row[f"{key}_diff_hi"]
+            best = (d, lo, hi) == (0.0, 0.0, 0.0)
+            out[f"{key}_diff_ci"] = "best" if best else f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the comparison (test metrics unless marked 'val', at the step named):
     each run's own protocol in the main columns, then test NDCG@10 / HR@10 under the protocol the
@@ -146,11 +165,19 @@ def format_table(rows: list[dict]) -> str:
     base = list(TABLE_COLUMNS)
     if any("budget" in r for r in rows):  # a budget curve: which budget each row trained with
         base.insert(1, ("budget", "budget"))
+    if any("tuned" in r for r in rows):
+        base.insert(1, ("tuned", "tuned"))
     cols = base + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
                                   for x in extra for m in ("ndcg@10", "hr@10")]
+    if any("masked_ndcg@10_lo" in r for r in rows):
+        cols += [(f"{p}_ndcg@10_ci", f"NDCG@10 {PROTOCOLS[PROTOCOL_OF[p]]} [95% CI]") for p in PROTOCOL_OF]
+        cols += [(f"{p}_ndcg@10_diff_ci", f"to best, {PROTOCOLS[PROTOCOL_OF[p]]} [95% CI]")
+                 for p in PROTOCOL_OF]
+    if any("seeds" in r for r in rows):
+        cols.append(("test_ndcg@10_sd", "NDCG@10 sd over seeds"))
     head = [t for _, t in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in map(_both_protocols, rows):
+    for r in map(_with_intervals, map(_both_protocols, rows)):
         cells = []
         for k, _ in cols:
             v = r.get(k, "")
@@ -177,44 +204,150 @@ def write_comparison(rows: list[dict], out: str | Path, title: str = "") -> None
             "History masked: the items a user already interacted with are removed from the ranking "
             "(eval.exclude_history=true); history ranked: they are ranked like any other item "
             "(eval.exclude_history=false, RecBole's protocol for sequential models).")
-    (out / "compare.md").write_text((f"{title}\n\n" if title else "") + format_table(rows) + f"\n\n{note}\n")
+    leaders = f"\n\n{leaders_line(rows)}" if any("masked_ndcg@10_tied" in r for r in rows) else ""
+    (out / "compare.md").write_text((f"{title}\n\n" if title else "") + format_table(rows) + leaders
+                                    + f"\n\n{note}\n")
     plot_comparison(rows, out / "compare.png", title=title)
 
 
 def compare(pretrained, data, out, *, modes: Iterable[str] = ("scratch", "full", "lora"),
             id_baseline: bool = True,
             topk: int = 2, overrides: Iterable[str] = (), id_overrides: Iterable[str] = (),
-            show: bool | None = None, budgets: Iterable[int] | None = None) -> list[dict]:
+            show: bool | None = None, budgets: Iterable[int] | None = None,
+            tune: Iterable[tuple[str, list[str]]] = (), seeds: Iterable[int] | None = None) -> list[dict]:
     """Each mode (and the ID baseline) on the target; one row each, table files in ``out``. ``show`` as
     in :func:`run_transfer`; False also drops the line on stderr that starts each mode.
 
     ``budgets`` (optimizer steps, e.g. ``(30, 100, 300)``): every mode runs once per budget, each
     run with its own schedule (warm-up and decay fitted to its budget) in ``out/steps-N/<mode>``;
     the rows carry a ``budget`` column, and ``out/budget.{csv,md,png}`` hold test NDCG@10 against
-    the budget per mode with the leader at each budget (:func:`budget_leaders`)."""
+    the budget per mode with the leaders at each budget (:func:`leaders_line`).
+
+    ``tune`` ((key, values) pairs): every mode runs every combination of the values at every budget
+    and keeps the one with the best validation metric (``run.monitor``), averaged over seeds; its row
+    names the choice (``tuned``) and reports that run's test metrics only. ``seeds``: every run is
+    repeated with each ``run.seed``; a row's metrics are the means over seeds, with their standard
+    deviation (``*_sd``). Every row gets bootstrap intervals over test users
+    (:func:`add_intervals`)."""
     out = Path(out)
     todo = list(modes) + (["id"] if id_baseline else [])
     steps = sorted({int(b) for b in budgets}) if budgets else [None]
     if any(b is not None and b < 1 for b in steps):
         raise ConfigError(f"budgets must be positive step counts, got {list(budgets or [])}")
+    tune = [(k, list(vs)) for k, vs in tune]
+    grid = [dict(zip([k for k, _ in tune], combo)) for combo in itertools.product(*[vs for _, vs in tune])]
+    seed_list = [int(x) for x in seeds] if seeds else [None]
+    probe = transfer_config(pretrained, data, "scratch", out, overrides=overrides)
+    monitor = "valid_" + (monitor_metric(probe) or "ndcg@10")
     rows = []
     for budget in steps:
         where = out if budget is None or len(steps) == 1 else out / f"steps-{budget}"
         for mode in todo:
             name = mode if mode != "id" else "id-sasrec"
-            if show is not False:
-                say(f"== {name} on {data}" + (f", {budget} steps" if budget else ""))
             extra = list(overrides) + (list(id_overrides) if mode == "id" else [])
             if budget is not None:
                 extra += _fitted_schedule(extra, budget)
-            row = run_transfer(pretrained, data, mode, where / name, topk=topk, overrides=extra, show=show)
+            candidates = []
+            for setting in grid:
+                runs = []
+                for seed in seed_list:
+                    folder = where / (name + _suffix(setting, seed, len(grid) > 1, len(seed_list) > 1))
+                    if show is not False:
+                        say(f"== {folder.name} on {data}" + (f", {budget} steps" if budget else ""))
+                    chosen = [f"{k}={v}" for k, v in setting.items()]
+                    chosen += [f"run.seed={seed}"] if seed is not None else []
+                    runs.append(run_transfer(pretrained, data, mode, folder, topk=topk,
+                                             overrides=extra + chosen, show=show))
+                candidates.append((setting, runs))
+            row = _chosen_row(candidates, monitor, tuned=bool(tune))
             if budget is not None:
                 row["budget"] = budget
             rows.append(row)
+    add_intervals(rows)
     write_comparison(rows, out, title=f"Transfer to {data} from {pretrained}")
     if len(steps) > 1:
         write_budget_curve(rows, out, title=f"Transfer to {data}: test NDCG@10 by budget")
     return rows
+
+
+def _suffix(setting: dict, seed: int | None, tuned: bool, seeded: bool) -> str:
+    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in setting.items()] if tuned else []
+    parts += [f"seed={seed}"] if seeded else []
+    return "".join(f"-{p}" for p in parts)
+
+
+def _chosen_row(candidates: list[tuple[dict, list[dict]]], monitor: str, *, tuned: bool) -> dict:
+    """The candidate with the best mean validation ``monitor`` (ties: the first), as one row: means
+    over its seeds, the spread of the test metrics, the choice and what the others scored."""
+    def score(c):
+        vals = [r.get(monitor) for r in c[1]]
+        vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+        return sum(vals) / len(vals) if vals else float("-inf")
+
+    setting, runs = max(candidates, key=score)  # max keeps the first of equal scores
+    row = dict(runs[0])
+    if len(runs) > 1:
+        for k in runs[0]:
+            vals = [r.get(k) for r in runs]
+            if k.startswith(("valid_", "test_")) and all(isinstance(v, (int, float)) for v in vals):
+                mean = sum(vals) / len(vals)
+                row[k] = round(mean, 5)
+                if k.startswith("test_"):
+                    row[f"{k}_sd"] = round(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)), 5)
+        row["seeds"] = len(runs)
+        row["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+    row["runs"] = [r["run"] for r in runs]
+    row["eval_steps"] = [r["eval_step"] for r in runs]
+    if tuned:
+        row["tuned"] = ", ".join(f"{k}={v}" for k, v in setting.items())
+        row["tuning"] = [{"setting": ", ".join(f"{k}={v}" for k, v in s.items()),
+                          monitor: round(score((s, rs)), 5)} for s, rs in candidates]
+    return row
+
+
+PROTOCOL_OF = {"masked": True, "ranked": False}  # interval key prefix -> eval.exclude_history
+
+
+def _user_values(row: dict, metric: str, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """(users, the row's per-user ``metric`` under ``protocol``, averaged over its seeds' runs)."""
+    users, values = None, []
+    for run, step in zip(row.get("runs", [row["run"]]), row.get("eval_steps", [row["eval_step"]])):
+        u, ranks = load_ranks(run, step)
+        v = user_values(ranks, metric, protocol)
+        if users is None:
+            users = u
+        elif not np.array_equal(users, u):  # the same target split: the same users
+            common, ia, ib = np.intersect1d(users, u, assume_unique=True, return_indices=True)
+            users, values, v = common, [x[ia] for x in values], v[ib]
+        values.append(v)
+    return users, np.mean(values, axis=0)
+
+
+def add_intervals(rows: list[dict], metrics=("ndcg@10", "hr@10")) -> None:
+    """Bootstrap intervals over test users for each row (``masked_ndcg@10_lo`` / ``_hi`` and the same
+    for ``ranked_`` and HR@10), and each row's paired difference to the best row of its budget
+    (``masked_ndcg@10_diff`` / ``_diff_lo`` / ``_diff_hi``), both protocols."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("budget"), []).append(r)
+    for group in groups.values():
+        for protocol in PROTOCOL_OF:
+            for metric in metrics:
+                entries = []
+                for r in group:
+                    users, vals = _user_values(r, metric, protocol)
+                    lo, hi = bootstrap_interval(vals)
+                    key = f"{protocol}_{metric}"
+                    r[key], r[f"{key}_lo"], r[f"{key}_hi"] = (round(float(vals.mean()), 5), round(lo, 5),
+                                                               round(hi, 5))
+                    entries.append((r["mode"], users, vals))
+                _, tied, diffs = leader(entries)
+                for r in group:
+                    d, lo, hi = diffs[r["mode"]]
+                    key = f"{protocol}_{metric}"
+                    r[f"{key}_diff"], r[f"{key}_diff_lo"], r[f"{key}_diff_hi"] = (round(d, 5), round(lo, 5),
+                                                                               round(hi, 5))
+                    r[f"{key}_tied"] = r["mode"] in tied
 
 
 def _fitted_schedule(overrides: list[str], budget: int) -> list[str]:
@@ -229,19 +362,36 @@ def _fitted_schedule(overrides: list[str], budget: int) -> list[str]:
     return out
 
 
-def budget_leaders(rows: list[dict], metric: str = "test_ndcg@10") -> list[tuple[int, str, float]]:
-    """(budget, leading mode, its value) for each budget of ``rows``, in budget order."""
+def budget_leaders(rows: list[dict], protocol: str = "masked",
+                   metric: str = "ndcg@10") -> list[tuple[int | None, str | None, list[str]]]:
+    """(budget, the mode that leads beyond noise or None, the modes tied with the best) for each
+    budget of ``rows`` (rows without a budget: one group, budget None), from :func:`add_intervals`'s
+    paired intervals: the best leads only when its interval against the runner-up excludes zero."""
     out = []
-    for b in sorted({r["budget"] for r in rows if "budget" in r}):
-        best = max((r for r in rows if r.get("budget") == b), key=lambda r: r.get(metric, float("-inf")))
-        out.append((b, best["mode"], float(best.get(metric, float("nan")))))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("budget"), []).append(r)
+    for b in sorted(groups, key=lambda x: (x is None, x or 0)):
+        group = groups[b]
+        key = f"{protocol}_{metric}"
+        tied = [r["mode"] for r in sorted(group, key=lambda r: -r[key]) if r[f"{key}_tied"]]
+        lead = tied[0] if len(tied) == 1 else None
+        out.append((b, lead, tied))
     return out
 
 
-def leaders_line(rows: list[dict]) -> str:
-    """One line: which mode leads test NDCG@10 at each budget."""
-    parts = [f"{b} steps: {m} ({v:.4f})" for b, m, v in budget_leaders(rows)]
-    return "best test NDCG@10 by budget: " + "; ".join(parts)
+def leaders_line(rows: list[dict], metric: str = "ndcg@10") -> str:
+    """Two lines, one per protocol: at each budget the mode that leads test ``metric`` beyond noise
+    (95 % paired bootstrap interval of its difference to the runner-up excluding zero), or the
+    modes that tie within noise."""
+    lines = []
+    for protocol, name in (("masked", "history masked"), ("ranked", "history ranked")):
+        parts = []
+        for b, lead, tied in budget_leaders(rows, protocol, metric):
+            at = f"{b} steps: " if b is not None else ""
+            parts.append(f"{at}{lead} leads" if lead else f"{at}tie within noise: {', '.join(tied)}")
+        lines.append(f"test {metric.upper()}, {name}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def budget_table(rows: list[dict], metric: str = "test_ndcg@10") -> str:
@@ -266,8 +416,10 @@ def write_budget_curve(rows: list[dict], out: str | Path, title: str = "") -> No
     """``budget.csv`` (mode, budget, best step, test/valid metrics), ``budget.md`` (the table and
     the leaders line) and ``budget.png`` (test NDCG@10 against the budget, one line per mode)."""
     out = Path(out)
-    cols = ["mode", "budget", "eval_step", "test_ndcg@10", "test_hr@10", "test_mrr", "valid_ndcg@10",
-            "seconds", "run"]
+    cols = ["mode", "budget", "tuned", "eval_step", "test_ndcg@10", "test_hr@10", "test_mrr", "valid_ndcg@10",
+            *[f"{p}_{m}{x}" for p in PROTOCOL_OF for m in ("ndcg@10", "hr@10")
+              for x in ("", "_lo", "_hi", "_diff", "_diff_lo", "_diff_hi")],
+            "test_ndcg@10_sd", "seeds", "seconds", "run"]
     with open(out / "budget.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -65,9 +65,10 @@ class Validator:
             net.refresh_catalogue(encode_catalogue(self.engine, self.content, chunk=self.cfg.eval.item_chunk,
                                                    device=self.device, show=False), step)
 
-    def split_metrics(self, split: str = "valid", item_emb=None) -> dict:
+    def split_metrics(self, split: str = "valid", item_emb=None, keep: dict | None = None) -> dict:
         """Full-ranking metrics of ``split`` under the weights the engine holds (the split's loader
-        counts its skips apart from training's)."""
+        counts its skips apart from training's); ``keep`` receives each user's ranks (see
+        :func:`~transrec.engine.ranking.split_metrics`)."""
         cfg = self.cfg
         loader = self.skips.loader(split).follow(
             make_loader(cfg, self.ds, self.content, split, batch_size=cfg.eval.batch_size, rank=self.rank,
@@ -76,7 +77,7 @@ class Validator:
         return split_metrics(self.engine, loader, self.content, ks=tuple(cfg.eval.ks),
                              item_chunk=cfg.eval.item_chunk, device=self.device, max_users=cfg.eval.max_users,
                              show=self.show, item_emb=item_emb, exclude_history=cfg.eval.exclude_history,
-                             should_stop=self.should_stop)
+                             should_stop=self.should_stop, keep=keep)
 
     def validate(self, state: ClientState) -> Verdict:
         """Validate the step of ``state``, report it and judge it (``state``'s best step and

@@ -76,27 +76,33 @@ def _harmonic(m: torch.Tensor) -> torch.Tensor:
     return torch.special.digamma(m + 1.0) + EULER_GAMMA
 
 
+def per_user_metrics(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, torch.Tensor]:
+    """HR@K, NDCG@K and MRR of each user, ``[B]`` float64 each (expected values under a random order
+    of ties); ``ranks`` as in :func:`metric_sums`. Intervals over users resample these."""
+    best, worst = _as_interval(ranks)
+    n = worst - best + 1.0  # how many ranks are equally likely
+    above = best - 1.0
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        out[f"hr@{k}"] = (k - above).clamp(min=0.0).minimum(n) / n
+        gains = torch.zeros(k + 1, dtype=torch.float64, device=best.device)  # G(0..k)
+        gains[1:] = torch.cumsum(1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64,
+                                                               device=best.device)), 0)
+        gain = gains[worst.clamp(max=k).long()] - gains[above.clamp(max=k).long()]
+        out[f"ndcg@{k}"] = gain / n
+    # One rank: 1/r exactly; an interval: a difference of harmonic numbers, whose rounding error
+    # (about 1e-15 per user) is far below what the metrics report.
+    out["mrr"] = torch.where(n == 1.0, 1.0 / best, (_harmonic(worst) - _harmonic(above)) / n)
+    return out
+
+
 def metric_sums(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, torch.Tensor]:
     """Per-metric sums over users (on device) plus ``count``; divide with :func:`finalize`.
 
     ``ranks``: the ``[B, 2]`` intervals of :func:`target_ranks` (expected metrics under a random
     order of ties), or ``[B]`` exact ranks."""
-    best, worst = _as_interval(ranks)
-    n = worst - best + 1.0  # how many ranks are equally likely
-    above = best - 1.0
-    out: dict[str, torch.Tensor] = {"count": torch.tensor(float(best.numel()), dtype=torch.float64,
-                                                          device=best.device)}
-    for k in ks:
-        out[f"hr@{k}"] = ((k - above).clamp(min=0.0).minimum(n) / n).sum()
-        gains = torch.zeros(k + 1, dtype=torch.float64, device=best.device)  # G(0..k)
-        gains[1:] = torch.cumsum(1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64,
-                                                               device=best.device)), 0)
-        gain = gains[worst.clamp(max=k).long()] - gains[above.clamp(max=k).long()]
-        out[f"ndcg@{k}"] = (gain / n).sum()
-    # One rank: 1/r exactly; an interval: a difference of harmonic numbers, whose rounding error
-    # (about 1e-15 per user) is far below what the metrics report.
-    out["mrr"] = torch.where(n == 1.0, 1.0 / best, (_harmonic(worst) - _harmonic(above)) / n).sum()
-    return out
+    count = torch.tensor(float(ranks.shape[0]), dtype=torch.float64, device=ranks.device)
+    return {"count": count, **{k: v.sum() for k, v in per_user_metrics(ranks, ks).items()}}
 
 
 def finalize(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:

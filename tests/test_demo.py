@@ -38,10 +38,16 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     assert sorted((r["mode"], r["budget"]) for r in curve) == sorted(
         (m, b) for m in rows for b in budgets)
     assert all(r["steps"] == r["budget"] for r in curve)
-    assert [x["budget"] for x in summary["leaders"]] == sorted(budgets)
-    for x in summary["leaders"]:
-        assert x["test_ndcg@10"] == max(r["test_ndcg@10"] for r in curve if r["budget"] == x["budget"])
-    assert "best test NDCG@10 by budget: " in text and f"at {budgets[-1]} steps (best step)" in text
+    for protocol, key in (("masked", "masked_ndcg@10"), ("ranked", "ranked_ndcg@10")):
+        leaders = [x for x in summary["leaders"] if x["protocol"] == protocol]
+        assert [x["budget"] for x in leaders] == sorted(budgets)
+        for x in leaders:  # the best row is always among the tied; a leader is alone beyond noise
+            best = max(r[key] for r in curve if r["budget"] == x["budget"])
+            top = [r[key] for r in curve if r["mode"] == x["tied"][0] and r["budget"] == x["budget"]]
+            assert top == [best]
+            assert x["leader"] in (None, x["tied"][0]) and (x["leader"] is None) == (len(x["tied"]) > 1)
+    assert "test NDCG@10, history masked: " in text and "test NDCG@10, history ranked: " in text
+    assert f"at {budgets[-1]} steps (best step)" in text and "[95% CI]" in text
 
     with open(out / "target" / "budget.csv") as f:
         assert len(list(csv.DictReader(f))) == len(curve)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from transrec.cli import main
-from transrec.config import build_config
 from transrec.config.model import UserEncoderConfig
 from transrec.engine import bench, hardware
 from transrec.engine.flops import model_flop_counter, user_encoder_flops
@@ -122,7 +121,7 @@ def test_dedup_ablation_has_the_right_sign_at_batch_256(mixed_world, tmp_path):
     rows = bench.read_rows(out / "bench.json")
     full, off = rows
     assert full["dedup"] is True and off["dedup"] is False and off["label"] == "tiny -dedup"
-    assert off["flops_per_step"] > 1.3 * full["flops_per_step"], (full["flops_per_step"], off["flops_per_step"])
+    assert off["flops_per_step"] > 1.3 * full["flops_per_step"], (full, off)
     assert off["item_encoding_ms"] > 0 and "full engine is" in off["note"]
     assert (out / "bench.md").read_text().count("| tiny") == 2
 
@@ -174,7 +173,8 @@ def test_world_sweep_one_and_two_gloo_ranks(text_world, tmp_path):
     """torchrun with 1 and 2 CPU ranks: FLOPs of every rank summed, collectives timed as
     communication, the scaling efficiency reported."""
     out = tmp_path / "w"
-    proc = subprocess.run([sys.executable, "-m", "transrec.cli", "bench", "--preset", "tiny", "--data", str(text_world),
+    proc = subprocess.run([sys.executable, "-m", "transrec.cli", "bench", "--preset", "tiny",
+                           "--data", str(text_world),
                            "--out", str(out), "--warmup", "1", "--steps", "2", "--sweep", "world=1,2",
                            "data.batch_size=24", *SMALL], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from transrec.cli import main
 from transrec.shards.format import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "eval", "export", "transfer", "compare", "demo", "plot")
+COMMANDS = ("train", "eval", "export", "transfer", "compare", "demo", "plot", "bench")
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -10,9 +10,7 @@ from transrec.config import build_config
 from transrec.engine.transfer import (
     TARGET_RECIPE,
     _fitted_schedule,
-    budget_leaders,
     budget_table,
-    leaders_line,
     transfer_config,
     write_budget_curve,
 )
@@ -29,18 +27,19 @@ def test_each_budget_gets_its_own_schedule_unless_the_user_set_one():
     assert _fitted_schedule([], 3) == ["optim.steps=3", "optim.warmup_steps=1", "eval.every=1"]
 
 
-def test_the_leader_of_each_budget_and_the_table(tmp_path):
-    assert budget_leaders(ROWS) == [(30, "full", 0.10), (100, "id-sasrec", 0.13), (300, "full", 0.13)]
-    assert leaders_line(ROWS) == ("best test NDCG@10 by budget: 30 steps: full (0.1000); 100 steps: "
-                                  "id-sasrec (0.1300); 300 steps: full (0.1300)")
+def test_the_budget_table_csv_and_plot(tmp_path):
+    """(The leaders, which need each user's ranks: tests/test_engine_intervals.py.)"""
     table = budget_table(ROWS).splitlines()
     assert table[0] == ("| mode | test NDCG@10 at 30 steps (best step) | test NDCG@10 at 100 steps "
                         "(best step) | test NDCG@10 at 300 steps (best step) |")
     assert table[3] == "| full | 0.1000 (15) | 0.1200 (50) | 0.1300 (150) |"
-    write_budget_curve(ROWS, tmp_path, title="t")
+    tie = {f"{p}_ndcg@10_tied": True for p in ("masked", "ranked")}
+    with_ties = [{**r, **tie, "masked_ndcg@10": r["test_ndcg@10"], "ranked_ndcg@10": r["test_ndcg@10"]}
+                 for r in ROWS]
+    write_budget_curve(with_ties, tmp_path, title="t")
     assert (tmp_path / "budget.csv").read_text().count("\n") == len(ROWS) + 1
     assert (tmp_path / "budget.png").stat().st_size > 5000
-    assert "best test NDCG@10 by budget" in (tmp_path / "budget.md").read_text()
+    assert "30 steps: tie within noise: full, scratch, id-sasrec" in (tmp_path / "budget.md").read_text()
 
 
 def test_every_mode_takes_the_target_recipe_and_overrides_win(tmp_path):
