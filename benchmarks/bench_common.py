@@ -1,39 +1,37 @@
-"""What every benchmark row records besides its figures: the commit and the processor."""
+"""What every benchmark row records besides its figures, and how rows reach a CSV.
+
+Every row starts with the product's machine stamp (:func:`transrec.engine.hardware.machine_stamp`,
+the columns ``transrec bench`` writes too): date, machine, CPU model and cores, GPU name, count and
+driver, the versions of Python, torch, DeepSpeed, transformers, Triton and transrec, and the commit
+(``commit``; ``$TRANSREC_GIT_SHA`` where the tree has no ``.git``, as benchmarks/gpu_proof.sh sets
+from .whl/SOURCE).
+"""
 
 from __future__ import annotations
 
 import csv
 import os
-import platform
-import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def git_sha() -> str:
-    """The checkout's short commit; $TRANSREC_GIT_SHA when set, for a source tree without .git
-    (benchmarks/gpu_proof.sh sets it from .whl/SOURCE there)."""
-    if os.environ.get("TRANSREC_GIT_SHA"):
-        return os.environ["TRANSREC_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+_STAMP: dict = {}
 
 
-def cpu_name() -> str:
-    """The processor's model name and core count, e.g. 'Intel(R) Xeon(R) Processor @ 2.50GHz x2'."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()}"
+def stamp() -> dict:
+    """The machine stamp, taken once per process (a copy: callers may add to it). Its keys, in
+    order, are the first columns of every results file."""
+    if not _STAMP:
+        from transrec.engine.hardware import machine_stamp  # lazy: torch, which some scripts import late
+
+        _STAMP.update(machine_stamp())
+    return dict(_STAMP)
+
+
+def stamped(fields: list[str]) -> list[str]:
+    """The stamp's columns, then ``fields`` (less any stamp column among them)."""
+    head = list(stamp())
+    return [*head, *(f for f in fields if f not in head)]
 
 
 def append_rows(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ items uniformly at random, reporting the exact expectation (the rule of ``transr
 Baselines: popularity (training counts; every held-out item counts 0, so they all tie) and random
 (every item tied: the exact chance level).
 An ID-based model cannot score a held-out item at all: its embedding never trained. Rows are
-appended to benchmarks/results/cold_start.csv with date, machine and git sha.
+appended to benchmarks/results/cold_start.csv with the machine stamp (date, machine, versions, commit).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp  # noqa: E402  (benchmarks/ is the script folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -144,7 +144,7 @@ def main() -> int:
 
     print(f"cold start on the synthetic source world: {args.users} users, {args.items} items, "
           f"{len(cold)} ({args.cold_frac:.0%}) held out of training; tiny preset, {args.steps} steps "
-          f"({t_train:.0f} s); seed {args.seed}; {cpu_name()} cores; git {git_sha()}")
+          f"({t_train:.0f} s); seed {args.seed}; {stamp()['machine']}; commit {stamp()['commit']}")
     print("| users | candidates | TransRec HR@10 | TransRec NDCG@10 | popularity HR@10 | popularity NDCG@10 "
           "| random HR@10 |")
     print("|---|---|---|---|---|---|---|")
@@ -154,11 +154,10 @@ def main() -> int:
               f"| {r['popularity_ndcg@10']:.4f} | {r['random_hr@10']:.4f} |")
     print(f"final training loss {result.losses[-1]:.3f}; total {time.time() - t0:.0f} s; work folder {work}")
     if not args.no_csv:
-        stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} cores (CPU)",
-                 "git": git_sha(), "n_users_world": args.users, "n_items_world": args.items,
-                 "cold_frac": args.cold_frac, "steps": args.steps, "seed": args.seed}
+        run = {**stamp(), "n_users_world": args.users, "n_items_world": args.items,
+               "cold_frac": args.cold_frac, "steps": args.steps, "seed": args.seed}
         append_rows(ROOT / "benchmarks" / "results" / "cold_start.csv",
-                    [{**stamp, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
+                    [{**run, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
                      for r in rows])
     return 0
 

@@ -29,7 +29,7 @@ on every test user (history = all but the last item, target = the last), under b
 ``masked`` (the user's history removed from the ranking, this project's default) and ``unmasked``
 (RecBole's). Users are split by their target: *cold* (training count 0) and *warm*. The all-user
 figures are checked against the run's own ``eval.json`` (``best.test``). Rows are appended to
-benchmarks/results/content_vs_id.csv with date, machine and git sha.
+benchmarks/results/content_vs_id.csv with the machine stamp (date, machine, versions, commit).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
+from bench_common import append_rows, stamp  # noqa: E402
 from cold_start import K, hold_out  # noqa: E402  (benchmarks/ is the script folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,7 +189,7 @@ def main() -> int:
 
     print(f"\ncontent vs ID on the synthetic source world (titles only): {args.users} users, {args.items} "
           f"items; {n_cold} of {len(users)} test targets ({n_cold / len(users):.1%}) never trained on; "
-          f"seed {args.seed}; {cpu_name()}; git {git_sha()}")
+          f"seed {args.seed}; {stamp()['machine']}; commit {stamp()['commit']}")
     print(f"| model | protocol | best step / steps | train s | NDCG@10 all | HR@10 all "
           f"| NDCG@10 cold ({n_cold}) | HR@10 cold | NDCG@10 warm ({len(users) - n_cold}) | HR@10 warm |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -200,11 +200,10 @@ def main() -> int:
               f"| {r['warm_ndcg@10']:.4f} | {r['warm_hr@10']:.4f} |")
     print(f"total {time.time() - t0:.0f} s; work folder {work}")
     if not args.no_csv:
-        stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} cores (CPU)",
-                 "git": git_sha(), "quick": args.quick, "n_users_world": args.users,
-                 "n_items_world": args.items, "test_users": len(users), "cold_users": n_cold,
-                 "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed}
-        append_rows(ROOT / "benchmarks" / "results" / "content_vs_id.csv", [{**stamp, **r} for r in rows])
+        run = {**stamp(), "quick": args.quick, "n_users_world": args.users,
+               "n_items_world": args.items, "test_users": len(users), "cold_users": n_cold,
+               "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed}
+        append_rows(ROOT / "benchmarks" / "results" / "content_vs_id.csv", [{**run, **r} for r in rows])
     return 0
 
 

@@ -15,6 +15,10 @@ data through the same loader order, with the same global batch and sequence leng
 - **engine**: ``transrec.engine.trainer.Trainer``: DeepSpeed (ZeRO stage and precision from the
   preset), one encoder pass per modality over the batch's unique items, in-batch softmax through the
   kernel dispatcher (chunked on the CPU, Triton on GPUs), warmup + cosine, two learning rates.
+  Every engine side is measured by ``transrec.engine.bench.measure``, the function behind
+  ``transrec bench``: its figures come from the same code as the command's (seq/s and unique items/s
+  over the plain timed steps, after the warm-up and the one step whose FLOPs are counted), and its row
+  adds the achieved FLOP/s and MFU.
 
 The two do not optimise the same objective: the naive logits have one column per *position*, so an
 item seen at 5 positions is 5 columns and a target's own copies at other positions count as
@@ -33,9 +37,10 @@ Each side runs in its own process (peak memory is per process: max RSS on the CP
 ``torch.cuda.max_memory_allocated`` on a GPU); ``--in-process`` runs them one after another in this
 process instead (a quick check of the code paths: peak memory is then the process's so far).
 Reported: sequences/s, items encoded/s (the encoder inputs per second: positions for naive, unique
-items for naive-unique and the engine), peak memory, the speed-up over naive.
-Rows are appended to benchmarks/results/e2e.csv (date, machine, git sha) and a bar chart is written
-to benchmarks/results/e2e.png.
+items for naive-unique and the engine), peak memory, the speed-up over naive; for the naive sides
+also sequences per CPU-second of the process (the steadier figure on a shared machine) and the loss,
+for the engine sides MFU. Rows are appended to benchmarks/results/e2e.csv with the machine stamp
+(date, machine, versions, commit) and a bar chart is written to benchmarks/results/e2e.png.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp, stamped  # noqa: E402  (benchmarks/ is the script folder)
 
 from transrec.config import build_config
 
@@ -60,14 +65,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-
-
-def machine() -> str:
-    import torch  # lazy: fast --help
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} cores (CPU)"
 
 
 def make_config(args):
@@ -98,9 +95,10 @@ SIDES = {
 }
 CORE_SIDES = ("naive", "engine")  # the sides that run at every batch size
 DEFAULT_SIDES = "naive,naive-unique,engine,engine-noprefix,engine-torch,engine-fp32"
-FIELDS = ["date", "machine", "git_sha", "preset", "batch", "positions", "side", "seq_per_s", "seq_per_cpu_s",
-          "items_encoded_per_s", "peak_mb", "speedup_wall", "speedup_cpu", "load_avg", "zero_stage",
-          "precision", "steps", "note"]
+# after the machine stamp's columns (bench_common.stamped)
+FIELDS = ["preset", "batch", "positions", "side", "seq_per_s", "seq_per_cpu_s", "items_encoded_per_s",
+          "peak_mb", "speedup_wall", "speedup_cpu", "load_avg", "zero_stage", "precision", "steps", "mfu",
+          "note"]
 
 
 # ----------------------------------------------------------------------------- the naive loop
@@ -215,52 +213,33 @@ def run_naive(args) -> dict:
 
 
 def run_engine(args) -> dict:
-    import torch  # lazy: fast --help
+    """An engine side, measured as ``transrec bench`` measures (its library function, one row)."""
+    from transrec.engine import bench  # lazy: fast --help
 
-    from transrec.engine.trainer import Trainer  # lazy: fast --help
-
-    cfg = make_config(args)
-    cfg.run.monitor, cfg.eval.every = "", 0  # no validation: the steps alone are measured
-    trainer = Trainer(cfg, show=False)
-    if torch.cuda.is_available():  # peak of training (weights, optimizer state, steps), not of a cache build
-        torch.cuda.reset_peak_memory_stats()
-    marks = {}
-
-    def mark(tr, step):
-        # timed like the naive loop: from the end of the warm-up steps to the end of the last step,
-        # inside one run (the loader's start-up and the run's set-up fall in the warm-up, as there)
-        if step in (args.warmup, args.warmup + args.steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            marks[step] = (time.perf_counter(), time.process_time(), tr.items_encoded)
-
-    trainer.after_step.append(mark)
-    with trainer.stopper:  # Trainer.fit's steps, without its last checkpoint and final evaluation
-        if trainer.begin():
-            for _ in trainer.steps():
-                pass
-    res = trainer.result
-    trainer.close()
-    (t0, c0, items0), (t1, c1, items1) = marks[args.warmup], marks[args.warmup + args.steps]
-    dt, cpu = t1 - t0, c1 - c0
-    seqs = args.steps * cfg.data.batch_size
-    return {"seq_per_s": seqs / dt, "seq_per_cpu_s": seqs / cpu, "items_per_s": (items1 - items0) / dt,
-            "seconds": dt, "loss_first": res.losses[0], "loss_last": res.losses[-1],
-            "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+    overrides = [f"data.batch_size={args.batch}", f"data.max_len={args.max_len}",
+                 f"model.user.max_len={args.max_len}", *args.override]
+    cfg = bench.bench_config(args.preset, None, overrides, data=args.data, run=Path(args.run),
+                             warmup=args.warmup, steps=args.steps)
+    row = bench.measure(cfg, warmup=args.warmup, steps=args.steps, label=args.side, overrides=overrides)
+    return {"seq_per_s": row["seq_per_s"], "seq_per_cpu_s": row["seq_per_cpu_s"],
+            "items_per_s": row["items_per_s"],
+            "seconds": row["step_ms"] * args.steps / 1e3, "loss_first": None, "loss_last": None,
+            "zero_stage": row["zero_stage"], "precision": row["precision"], "mfu": row["mfu"],
+            "peak_mb": row["gpu_alloc_mib"] if row["gpu"] else row["rss_mib"], "bench": row}
 
 
 # ----------------------------------------------------------------------------- orchestration
 
 def side_args(args, side: str, batch: int, run: str) -> argparse.Namespace:
     loop, extra, _ = SIDES[side]
-    return argparse.Namespace(**{**vars(args), "batch": batch, "run": run, "loop": loop,
+    return argparse.Namespace(**{**vars(args), "batch": batch, "run": run, "loop": loop, "side": side,
                                  "override": [*args.override, *extra]})
 
 
 def one(args) -> int:
     fn = run_engine if args.loop == "engine" else run_naive
     res = fn(args)
-    res["peak_mb"] = peak_memory_mb()
+    res.setdefault("peak_mb", peak_memory_mb())
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
@@ -274,14 +253,14 @@ def run_side(args, side: str, batch: int, tmp: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
         a = side_args(args, side, batch, run)
         res = (run_engine if a.loop == "engine" else run_naive)(a)
-        res["peak_mb"] = peak_memory_mb()
+        res.setdefault("peak_mb", peak_memory_mb())
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return res
     cmd = [sys.executable, __file__, "--one", SIDES[side][0], "--preset", args.preset, "--batch", str(batch),
            "--max-len", str(args.max_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--data", args.data, "--run", run, *args.override, *SIDES[side][1]]
+           "--data", args.data, "--run", run, "--side", side, *args.override, *SIDES[side][1]]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
@@ -316,9 +295,13 @@ def main() -> int:
                     help="run every side in this process (quick; peak memory is then cumulative)")
     ap.add_argument("--no-plot", action="store_true", help="CSV rows only, no PNG")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "e2e.csv"))
+    ap.add_argument("--bench-out", default="", metavar="DIR",
+                    help="also write the engine sides' full `transrec bench` rows (step-time breakdown, "
+                         "FLOPs, MFU) to DIR/bench.json and DIR/bench.md (default: not written)")
     ap.add_argument("override", nargs="*", help="config overrides (key=value) for every side")
     ap.add_argument("--one", choices=["naive", "naive-unique", "engine"], help=argparse.SUPPRESS)
     ap.add_argument("--run", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--side", default="engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         args.batch, args.loop = int(args.batch), args.one
@@ -330,12 +313,13 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
     ablate_at = {int(b) for b in args.ablations_at.split(",") if b.strip()} or set(batches)
-    date, sha = time.strftime("%Y-%m-%d %H:%M"), git_sha()
-    mach = machine()
-    print(f"# e2e training benchmark  {date}  {mach}  git {sha}  python {sys.version.split()[0]}")
+    run = stamp()
+    print(f"# e2e training benchmark  {run['date']}  {run['machine']}  commit {run['commit']}  "
+          f"python {run['python']}  torch {run['torch']}")
     print(f"# load average before start: {os.getloadavg()[0]:.2f} (other processes share these cores; "
-          "seq/cpu-s divides by the process's own CPU time and is the steadier figure then)")
-    rows = []
+          "seq/cpu-s of the naive sides divides by the process's own CPU time and is the steadier figure "
+          "then)")
+    rows, bench_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(args.world) if args.world else Path(tmp) / "world"
         if not args.data and (world / "manifest.json").is_file():
@@ -373,8 +357,10 @@ def main() -> int:
                   "naive-unique has the engine's objective")
         if args.in_process:
             print("# sides run in one process: peak memory is the process's so far, not the side's own")
+        print("# engine sides: measured by transrec.engine.bench.measure (as `transrec bench`); "
+              "seq/cpu-s and the loss are the naive loop's only, MFU the engine's")
         print(f"{'batch':>5} {'side':>16} {'seq/s':>8} {'seq/cpu-s':>10} {'items enc/s':>12} {'peak MB':>8} "
-              f"{'loss first->last':>17}")
+              f"{'loss first->last / MFU':>22}")
         failed: list[str] = []
         for batch in batches:
             res = {}
@@ -389,27 +375,37 @@ def main() -> int:
                     print(f"{batch:5d} {side:>16} FAILED: {e}", flush=True)
                     failed.append(f"{side}@{batch}")
                     continue
-                print(f"{batch:5d} {side:>16} {r['seq_per_s']:8.1f} {r['seq_per_cpu_s']:10.1f} "
-                      f"{r['items_per_s']:12.0f} {r['peak_mb']:8.0f} "
-                      f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}", flush=True)
-                ref = res.get("naive", {"seq_per_s": float("nan"), "seq_per_cpu_s": float("nan")})
-                rows.append({"date": date, "machine": mach, "git_sha": sha, "preset": args.preset,
-                             "batch": batch, "positions": args.max_len + 1, "side": side,
-                             "seq_per_s": round(r["seq_per_s"], 2),
-                             "seq_per_cpu_s": round(r["seq_per_cpu_s"], 2),
+                per_cpu = r["seq_per_cpu_s"]  # None on the engine sides (the naive loop times its CPU)
+                tail = f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}" if "bench" not in r else \
+                    "MFU " + ("-" if r["mfu"] is None else f"{r['mfu']:.2%}")
+                print(f"{batch:5d} {side:>16} {r['seq_per_s']:8.1f} "
+                      f"{'-' if per_cpu is None else f'{per_cpu:.1f}':>10} {r['items_per_s']:12.0f} "
+                      f"{r['peak_mb']:8.0f} {tail:>22}", flush=True)
+                ref = res.get("naive", {"seq_per_s": float("nan"), "seq_per_cpu_s": None})
+                ref_cpu = ref["seq_per_cpu_s"]
+                rows.append({**run, "preset": args.preset, "batch": batch, "positions": args.max_len + 1,
+                             "side": side, "seq_per_s": round(r["seq_per_s"], 2),
+                             "seq_per_cpu_s": "" if per_cpu is None else round(per_cpu, 2),
                              "items_encoded_per_s": round(r["items_per_s"], 1),
                              "peak_mb": round(r["peak_mb"], 1),
                              "speedup_wall": round(r["seq_per_s"] / ref["seq_per_s"], 3),
-                             "speedup_cpu": round(r["seq_per_cpu_s"] / ref["seq_per_cpu_s"], 3),
+                             "speedup_cpu": "" if None in (per_cpu, ref_cpu) else round(per_cpu / ref_cpu, 3),
                              "load_avg": round(os.getloadavg()[0], 2), "zero_stage": r["zero_stage"],
                              "precision": r["precision"], "steps": args.steps,
+                             "mfu": "" if r.get("mfu") is None else round(r["mfu"], 5),
                              "note": " ".join(args.override + SIDES[side][1])
                              + (" in-process" if args.in_process else "")})
-                append_rows(args.out, rows[-1:], FIELDS)  # written as measured: a run cut short keeps it
+                # written as measured: a run cut short keeps its rows
+                append_rows(args.out, rows[-1:], stamped(FIELDS))
+                if "bench" in r and args.bench_out:
+                    from transrec.engine import bench  # lazy: fast --help
+
+                    bench_rows.append({**r["bench"], "label": f"{side} batch {batch}"})
+                    command = ["python", "benchmarks/e2e.py", *sys.argv[1:]]
+                    bench.write_outputs(Path(args.bench_out), bench_rows, command)
             if "naive" in res and "engine" in res:
                 wall = res["engine"]["seq_per_s"] / res["naive"]["seq_per_s"]
-                cpu = res["engine"]["seq_per_cpu_s"] / res["naive"]["seq_per_cpu_s"]
-                print(f"{batch:5d} engine / naive: {wall:.2f}x wall, {cpu:.2f}x per CPU-second")
+                print(f"{batch:5d} engine / naive: {wall:.2f}x wall")
             if "engine" in res and len(res) > 2:
                 print(f"{batch:5d} what each part buys (seq/s ratios): "
                       f"dedup + objective (naive-unique / naive) {ratio(res, 'naive-unique', 'naive')}, "
@@ -437,8 +433,8 @@ def plot(rows, png, cond) -> None:
     import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     batches = sorted({r["batch"] for r in rows})
-    panels = (("seq_per_s", "sequences / s (wall)"), ("seq_per_cpu_s", "sequences / CPU-s"),
-              ("items_encoded_per_s", "items encoded / s"), ("peak_mb", "peak memory (MB)"))
+    panels = (("seq_per_s", "sequences / s (wall)"), ("items_encoded_per_s", "items encoded / s"),
+              ("peak_mb", "peak memory (MB)"))
     sides = list(dict.fromkeys(r["side"] for r in rows))
     colours = {"naive": "#999999", "naive-unique": "#cccccc", "engine": "#2a6fdb"}
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.6))

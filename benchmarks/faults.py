@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_rows, cpu_name, git_sha
+from bench_common import append_rows, stamp
 
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, tag_for, weights_only_loads
 from transrec.engine.consolidate import consolidated_state_dict
@@ -617,14 +617,14 @@ def main(argv=None) -> int:
             NOTES.append("kill-rank: the other rank exited after "
                          + ", ".join(f"{s:.1f}" for s in KILL_RANK_SECONDS)
                          + f" s (most {max(KILL_RANK_SECONDS):.1f} s)")
-    print(f"\nfault injection, tiny preset, {cpu_name()}, {time.time() - t0:.0f} s\n")
+    print(f"\nfault injection, tiny preset, {stamp()['machine']}, {time.time() - t0:.0f} s\n")
     print("| fault | tried | survived | data lost | wrong result |\n|---|---|---|---|---|")
     out = []
     for name, res in rows.items():
         tried, surv = len(res), sum(r[0] for r in res)
         lost, wrong = sum(r[1] for r in res), sum(r[2] for r in res)
         print(f"| {name} | {tried} | {surv} | {lost} | {wrong} |")
-        out.append({"date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "git": git_sha(), "fault": name,
+        out.append({**stamp(), "fault": name,
                     "tried": tried, "survived": surv, "data_lost": lost, "wrong_result": wrong,
                     "seconds": round(seconds[name]) if name in seconds else ""})
     if INTERRUPTED:

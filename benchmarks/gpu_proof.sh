@@ -11,6 +11,8 @@
 #   --only PARTS        comma-separated part names
 #   --dry-run           the CPU at toy sizes (each part's time cap doubled); figures meaningless,
 #                       the code paths real
+#   --bench-synth U,I   the synthetic world of the bench part: users and items (default: 10000,5000)
+#   --bench-steps N     the bench part's timed steps per measurement (default: 6, after 2 warm-up steps)
 # Needs: torch with CUDA, Triton, transformers and peft. The rest (DeepSpeed, WebDataset, the peer
 # kernels, this project) is taken from the environment, or from the wheels in .whl/ that
 # `bash benchmarks/fetch_wheels.sh` collects, for a machine that cannot reach a package index.
@@ -20,6 +22,10 @@
 #   tests   the GPU tests (pytest -m gpu tests/test_kernels.py) and tests/test_kernels_convergence.py
 #   e2e     benchmarks/e2e.py --preset base-gpu, batch 256 and 64: naive fp32 and the engine; at 256
 #           also naive over unique items, the engine without the prefix cache, with impl=torch, in fp32
+#           (the engine sides measured by transrec bench's library function)
+#   bench   transrec bench --preset small-gpu, then base-gpu, each at its own batch, on a --synth world
+#           (--bench-synth) with --ablate dedup,prefix_cache,kernel,bf16: throughput, step-time
+#           breakdown, model FLOPs and MFU of the full engine and of each switch off in turn
 #   memory  peak GPU memory of base-gpu at batch 256 under ZeRO 0, 2 and 3 on one card
 #   prefix  benchmarks/prefix_cache.py --gpu: dedup alone vs dedup + the frozen-prefix cache
 #   kernels benchmarks/kernel_bench.py, forward+backward, at 65536^2x256, 32768^2x256, 32768^2x768, 8192^2x256
@@ -30,10 +36,11 @@
 #           shape splits); its rows choose kernels/triton_config.py's DESIGN, SPLIT_DEFAULT and
 #           tables. kernels.csv + its PNG.
 # Output, written as the parts run: proof.log (every part's output), summary.txt (each part's status
-# and time, then the target figures), e2e.csv + e2e.png, zero_memory.csv, prefix_cache.csv,
-# kernels.csv + kernels_<card>.png.
+# and time, then the target figures), e2e.csv + e2e.png, bench_<preset>.json + bench_<preset>.md
+# (transrec bench's rows and table), zero_memory.csv, prefix_cache.csv, kernels.csv + kernels_<card>.png.
 # To keep the results: `python benchmarks/proof_summary.py --merge DIR` appends DIR's rows to the CSVs
-# in benchmarks/results/ (card name, date and git sha are in every row) and copies the PNGs beside them.
+# in benchmarks/results/ (the bench rows to bench.csv; every row starts with the machine stamp: date,
+# card, versions, commit) and copies the PNGs beside them.
 set -uo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 CALLER_DIR=$PWD  # a relative --out is taken from here
@@ -59,12 +66,16 @@ ONLY=""
 PART=""
 DEADLINE_S=""
 OUT_ARG=""
+# the bench part's sizes (exported: the parts run in children of this script)
+export PROOF_BENCH_SYNTH=${PROOF_BENCH_SYNTH:-10000,5000} PROOF_BENCH_STEPS=${PROOF_BENCH_STEPS:-6}
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --only) need_value "$1" "${2:-}" '^[a-z0-9,]+$' "part names"; ONLY=",$2,"; shift ;;
     --out) need_value "$1" "${2:-}" '.' "a folder"; OUT_ARG=$2; shift ;;
     --deadline) need_value "$1" "${2:-}" '^[0-9]+$' "seconds"; DEADLINE_S=$2; shift ;;
+    --bench-synth) need_value "$1" "${2:-}" '^[0-9]+,[0-9]+$' "USERS,ITEMS"; PROOF_BENCH_SYNTH=$2; shift ;;
+    --bench-steps) need_value "$1" "${2:-}" '^[1-9][0-9]*$' "a step count"; PROOF_BENCH_STEPS=$2; shift ;;
     --part) PART=$2; shift ;;  # internal: one part, run by this script under its time cap
     --tree-hash) tree_hash; exit 0 ;;
     -h|--help) usage; exit 0 ;;
@@ -246,6 +257,25 @@ part_e2e() {
   fi
 }
 
+part_bench() {
+  # one `transrec bench` per preset, in one folder of $WORK (the --synth world is made there once);
+  # each preset's bench.json and bench.md are copied out as soon as its measurements end
+  local presets=(small-gpu base-gpu) synth=$PROOF_BENCH_SYNTH steps=(--warmup 2 --steps "$PROOF_BENCH_STEPS")
+  local extra=() p rc=0
+  if [ $DRY = 1 ]; then  # the tiny preset with the GPU presets' switches (as the dry e2e)
+    presets=(tiny) synth=200,100 steps=(--warmup 1 --steps 1)
+    extra=("${E2E_DRY_CFG[@]}" data.batch_size=16 data.max_len=6 model.user.max_len=6)
+  fi
+  for p in "${presets[@]}"; do
+    rm -f "$WORK/bench/bench.json" "$WORK/bench/bench.md"
+    $PY -P -m transrec.cli bench --preset "$p" --synth "$synth" "${steps[@]}" \
+      --ablate dedup,prefix_cache,kernel,bf16 --out "$WORK/bench" "${extra[@]}" \
+      && cp "$WORK/bench/bench.json" "$OUT_DIR/bench_$p.json" && cp "$WORK/bench/bench.md" "$OUT_DIR/bench_$p.md" \
+      || rc=1
+  done
+  return $rc
+}
+
 part_memory() {
   local sides=engine-zero0,engine-zero2,engine-zero3
   if [ $DRY = 1 ]; then
@@ -300,7 +330,7 @@ WORK=$(mktemp -d)
 export WORK
 trap 'rm -rf "$WORK"' EXIT
 {
-  echo "# gpu_proof $(date '+%Y-%m-%d %H:%M:%S')  git ${TRANSREC_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null)}$( [ $DRY = 1 ] && echo '  DRY RUN: toy sizes on the CPU, figures meaningless')"
+  echo "# gpu_proof $(date '+%Y-%m-%d %H:%M:%S')  commit ${TRANSREC_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null)}$( [ $DRY = 1 ] && echo '  DRY RUN: toy sizes on the CPU, figures meaningless')"
   printf '%-8s %-9s %7s  %s\n' part status seconds note
 } > "$SUMMARY"
 : > "$LOG"
@@ -311,6 +341,7 @@ tee -a "$LOG" < "$WORK/path.txt"
 export PROOF_PATH_READY=1
 run_part tests 130
 run_part e2e 170
+run_part bench 600
 run_part memory 70
 run_part prefix 80
 run_part kernels 150

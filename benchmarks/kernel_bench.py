@@ -6,8 +6,8 @@ skipped with the reason printed) / torch.compile / torch eager / this project's 
 modes full / forward / backward, bf16, shapes (B, D) in (65536, 256), (32768, 256), (32768, 768),
 (8192, 256) (that order: a run cut short keeps the target shapes). Median ms by
 triton.testing.do_bench, extra peak memory over the inputs, TFLOP/s and the share of a bf16 matmul
-measured in the same run. Rows are appended to benchmarks/results/kernels.csv with card, date and git
-sha; a PNG per card goes beside it.
+measured in the same run. Rows are appended to benchmarks/results/kernels.csv with the machine stamp
+(date, machine, versions, commit) and the device measured on; a PNG per card goes beside it.
 
     .venv/bin/python benchmarks/kernel_bench.py                      # GPU, everything
     .venv/bin/python benchmarks/kernel_bench.py --shapes 8192x256 --providers transrec,torch
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp, stamped  # noqa: E402  (benchmarks/ is the script folder)
 
 from transrec.kernels import inbatch_softmax, inbatch_softmax_reference
 from transrec.kernels.triton_config import (
@@ -81,7 +80,8 @@ DESIGN_PROVIDERS = ["transrec", "transrec:fused", "transrec:split", "transrec:sp
 STAGE_FLOPS = {"fwd": 4, "lse": 2, "bwd": 4, "dq": 4}  # x N*M*D: the useful work each stage does
 MODES = ["full", "forward", "backward"]
 TAU = 0.05
-FIELDS = ["date", "git_sha", "machine", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
+# after the machine stamp's columns (bench_common.stamped); device: the card, or the CPU
+FIELDS = ["device", "provider", "mode", "n", "m", "d", "dtype", "ms_median", "ms_p20",
           "ms_p80", "extra_gib", "tflops", "flop_formula", "matmul_peak_tflops", "peak_share", "note"]
 
 
@@ -506,11 +506,10 @@ def cpu_extra_gib(run):
 
 def run_cpu(args):
     torch.manual_seed(0)
-    machine = f"cpu:{cpu_name()}"
-    print(f"machine: {machine}; torch {torch.__version__}; {torch.get_num_threads()} threads; fp32; "
-          f"full = forward+backward")
+    print(f"machine: {stamp()['machine']}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+          "fp32; full = forward+backward")
     print(f"{'provider':10} {'N=M':>6} {'D':>5} {'ms (median of 3)':>17} {'extra GiB':>10} {'GFLOP/s':>8}")
-    emit = Sink(args.out, machine)
+    emit = Sink(args.out, "cpu")
     for n, d in args.shapes:
         for name in ("chunked", "torch"):
             fn = provider(name)
@@ -545,15 +544,14 @@ class Sink:
     """Appends each row to ``out``/kernels.csv as soon as it is measured (a run cut short by a time
     limit keeps what it measured) and remembers them for the plot."""
 
-    def __init__(self, out: Path, machine: str):
+    def __init__(self, out: Path, device: str):
         self.path = out / "kernels.csv"
-        self.stamp = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), git_sha=git_sha(),
-                          machine=machine)
+        self.stamp = {**stamp(), "device": device}
         self.rows = []
 
     def __call__(self, row: dict):
         self.rows.append(row)
-        append_rows(self.path, [{**self.stamp, **row}], FIELDS)
+        append_rows(self.path, [{**self.stamp, **row}], stamped(FIELDS))
 
 
 def plot(machine, rows, out: Path):

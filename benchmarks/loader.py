@@ -9,7 +9,8 @@ On the synthetic world (half text, half image items, 32x32 pictures, MiniLM toke
     content gather, torch tensors): sequences/s and unique items/s with 0, 1 and 2 workers,
     windows of 20 inputs + 1 target (every user has at least 23 interactions),
   - the dedup ratio (valid positions / unique items per batch) at batch 64 and 256.
-Rows are appended to benchmarks/results/loader.csv with date, machine and git sha.
+Rows are appended to benchmarks/results/loader.csv with the machine stamp (date, machine, versions,
+commit).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,10 +33,6 @@ from transrec.shards.cache import build_or_load_item_cache  # noqa: E402
 from transrec.shards.dataset import Dataset  # noqa: E402
 from transrec.shards.loader import SequenceLoader  # noqa: E402
 from transrec.shards.synth import synthesize  # noqa: E402
-
-
-def machine() -> str:
-    return f"{cpu_name()} cores (CPU)"
 
 
 def run_loader(ds, cache, *, batch_size, workers, epochs, max_len=20):
@@ -75,9 +72,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.csv"))
     args = ap.parse_args()
 
-    date, mach, sha = time.strftime("%Y-%m-%d %H:%M"), machine(), git_sha()
+    run = stamp()
+    date, mach, sha = run["date"], run["machine"], run["commit"]
     rows = []
-    print(f"# loader benchmark  {date}  {mach}  git {sha}  python {sys.version.split()[0]}")
+    print(f"# loader benchmark  {date}  {mach}  commit {sha}  python {sys.version.split()[0]}")
     print(f"# load average before start: {os.getloadavg()[0]:.2f} (other processes share these cores)")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -101,7 +99,7 @@ def main() -> int:
               f"{args.image_size}x{args.image_size})")
         print(f"  all  : {ds.n_items:6d} items  {ds.n_items / b['total']:10.0f} items/s  (whole build: read "
               "shards + both)")
-        common = dict(date=date, machine=mach, git_sha=sha, users=args.users, items=args.items,
+        common = dict(**run, users=args.users, items=args.items,
                       image_size=args.image_size)
         for name, rate in (("text", text_rate), ("image", img_rate)):
             rows.append({**common, "measure": f"cache_build_{name}", "value": round(rate, 1),

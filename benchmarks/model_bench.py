@@ -29,11 +29,8 @@ checkpointing lowers peak memory.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,23 +40,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp, stamped  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ["naive", "dedup", "dedup+ckpt", "full", "full+ckpt", "lora"]
-FIELDS = ["date", "git_sha", "machine", "device", "dtype", "variant", "batch", "seq_len", "positions",
-          "unique", "dedup_ratio", "step_ms", "step_ms_median", "encoder_ms", "peak_mib", "saved_mib",
-          "trainable_params", "total_params", "paired_encoder_speedup", "note"]
+# after the machine stamp's columns (bench_common.stamped)
+FIELDS = ["device", "dtype", "variant", "batch", "seq_len", "positions", "unique", "dedup_ratio", "step_ms",
+          "step_ms_median", "encoder_ms", "peak_mib", "saved_mib", "trainable_params", "total_params",
+          "paired_encoder_speedup", "note"]
 N_ITEMS, SEQ_LEN, TEXT_LEN, IMAGE_SIZE, DIM = 3000, 20, 32, 32, 64
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        import torch  # lazy: fast --help
-
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{platform.machine()} x{os.cpu_count()}"
 
 
 def rss_mib() -> float:
@@ -276,10 +266,10 @@ def main(argv=None) -> int:
         print(f"unknown variant(s) {unknown}; choose from {VARIANTS}", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
-    date, sha, mach = datetime.datetime.now().isoformat(timespec="seconds"), git_sha(), machine(device)
-    cond = (f"{mach}, fp32, tiny presets (text BERT 2x128, image ResNet 16/32/64), d={DIM}, L={SEQ_LEN}, "
-            f"{TEXT_LEN} tokens, {IMAGE_SIZE}x{IMAGE_SIZE} images, half text / half image, "
-            f"{N_ITEMS} items Zipf(1.0), torch {torch.__version__}")
+    run = stamp()
+    cond = (f"{run['machine']} ({device}), fp32, tiny presets (text BERT 2x128, image ResNet 16/32/64), "
+            f"d={DIM}, L={SEQ_LEN}, {TEXT_LEN} tokens, {IMAGE_SIZE}x{IMAGE_SIZE} images, half text / half "
+            f"image, {N_ITEMS} items Zipf(1.0), torch {torch.__version__}")
     print(f"TransRec step benchmark: {cond}")
     print(f"{'variant':<11} {'batch':>5} {'P':>5} {'U':>5} {'P/U':>5} {'step ms':>9} {'enc ms':>8} "
           f"{'saved MiB':>9} {'peak MiB':>9} {'trainable':>10}")
@@ -298,7 +288,7 @@ def main(argv=None) -> int:
                 print(f"{v:<11} {bsz:>5} failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(line[0][7:])
-            r.update(date=date, git_sha=sha, machine=mach, device=device, dtype="fp32", note="")
+            r = {**run, **r, "device": device, "dtype": "fp32", "note": ""}
             rows.append(r)
             print(f"{v:<11} {bsz:>5} {r['positions']:>5} {r['unique']:>5} {r['dedup_ratio']:>5.2f} "
                   f"{r['step_ms']:>9.1f} {r['encoder_ms']:>8.1f} {r['saved_mib']:>9.1f} "
@@ -324,15 +314,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "models.csv"
-    old = []
-    if path.exists():  # keep earlier rows, under the current header
-        with open(path, newline="") as f:
-            old = list(csv.DictReader(f))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in old + rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+    append_rows(path, rows, stamped(FIELDS))
     tag = "cuda" if device == "cuda" else "cpu"
     plot(rows, out / f"models_{tag}.png", f"TransRec step, {cond}")
     print(f"wrote {path} and {out / f'models_{tag}.png'}")

@@ -16,7 +16,8 @@ from the same initialisation, with these candidate sets, then is evaluated on th
 - ``memory``: the project's ``negatives=memory`` criterion (two terms: the user side against every
   candidate with keys detached, the batch's keys against the in-batch softmax with users detached).
 
-Rows are appended to benchmarks/results/negatives.csv with date, machine and git sha.
+Rows are appended to benchmarks/results/negatives.csv with the machine stamp (date, machine, versions,
+commit).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from transrec.models.losses import Criterion
 from transrec.shards.synth import synthesize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, append_rows, cpu_name, git_sha  # noqa: E402
+from bench_common import ROOT, append_rows, stamp  # noqa: E402
 
 VARIANTS = ("inbatch", "one-softmax", "fresh-detached", "fresh-grad", "memory")
 
@@ -117,9 +118,8 @@ def main() -> int:
                   f"HR@10 {row['valid_hr@10']:.4f}  ({row['seconds']} s)", flush=True)
             rows.append(row)
     if not args.no_csv:
-        stamp = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": git_sha(), "machine": cpu_name()}
         append_rows(ROOT / "benchmarks" / "results" / "negatives.csv",
-                    [{**stamp, **r, "users": args.users, "items": args.items, "seed": args.seed}
+                    [{**stamp(), **r, "users": args.users, "items": args.items, "seed": args.seed}
                      for r in rows])
     return 0
 

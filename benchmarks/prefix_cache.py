@@ -30,15 +30,15 @@ printed). Speed does not depend on what the titles say, so random content is fai
     python benchmarks/prefix_cache.py --gpu --batches 256 --repeats 1 --steps 12 --csv OUT/prefix_cache.csv
     .venv/bin/python benchmarks/prefix_cache.py --gpu --smoke      # the GPU path at toy sizes, CPU
 
-Rows are appended to benchmarks/results/prefix_cache.csv (date, machine/card, git sha); a PNG per
-machine kind goes beside it (prefix_cache_cpu.png / prefix_cache_gpu.png).
+Rows are appended to benchmarks/results/prefix_cache.csv with the machine stamp (date, machine or
+card, versions, commit) and the device measured on; a PNG per machine kind goes beside it
+(prefix_cache_cpu.png / prefix_cache_gpu.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
 import queue
@@ -52,15 +52,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp, stamped  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CSV_PATH = RESULTS / "prefix_cache.csv"
-FIELDS = ["date", "git_sha", "machine", "preset", "text_encoder", "image_encoder", "image_size", "positions",
-          "batch", "mode", "precision", "cache_dtype", "seq_per_s", "speedup", "step_ms", "assembly_ms",
-          "unique_items", "dedup_ratio", "eval_items_per_s", "eval_speedup", "peak_mem_gib", "mem_kind",
-          "cache_build_s",
+# after the machine stamp's columns (bench_common.stamped)
+FIELDS = ["device", "preset", "text_encoder", "image_encoder", "image_size", "positions", "batch", "mode",
+          "precision", "cache_dtype", "seq_per_s", "speedup", "step_ms", "assembly_ms", "unique_items",
+          "dedup_ratio", "eval_items_per_s", "eval_speedup", "peak_mem_gib", "mem_kind", "cache_build_s",
           "text_bytes_per_item", "image_bytes_per_item", "cache_disk_gib", "n_items", "steps", "note"]
 
 
@@ -101,14 +101,6 @@ PRESETS = {
 }
 SMOKE = {"n_items": 200, "steps": 2, "warmup": 1, "batches": (4,), "image_size": 32, "text_len": 12,
          "positions": 6, "device": "cpu", "precision": "fp32", "text": "tiny", "text_trainable": 1}
-
-
-def machine_name(device: str) -> str:
-    import torch  # lazy: fast --help
-
-    if device == "cuda" and torch.cuda.is_available():
-        return "cuda:" + torch.cuda.get_device_name(0)
-    return f"cpu:{cpu_name()}"
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -375,8 +367,7 @@ def main(argv=None) -> None:
     import torch  # lazy: fast --help
 
     rows = []
-    date = datetime.datetime.now().isoformat(timespec="seconds")
-    sha = git_sha()
+    run = stamp()
     with tempfile.TemporaryDirectory(prefix="prefix-bench-") as tmp:
         for n in names:
             p = PRESETS[n]
@@ -388,10 +379,10 @@ def main(argv=None) -> None:
                 raise SystemExit(f"preset {n} needs CUDA (no device found); use --smoke to check it on "
                                  "the CPU")
             batches = [int(b) for b in args.batches.split(",") if b] or list(p.batches)
-            machine = machine_name(p.device)
             print(f"== {p.name}: text {p.text} top {p.text_trainable} trainable, image {p.image} top "
                   f"{p.image_trainable} trainable at {p.image_size}px, {p.positions} positions, "
-                  f"{p.n_items} items, {p.precision} on {machine}, cache {args.cache_dtype}", flush=True)
+                  f"{p.n_items} items, {p.precision} on {p.device} of {run['machine']}, "
+                  f"cache {args.cache_dtype}", flush=True)
             work = Path(tmp) / p.name
             measure(p, batches[0], "build", work, args)  # catalogue + prefix stores, built once
             for b in batches:
@@ -414,8 +405,7 @@ def main(argv=None) -> None:
                           f"peak {r['peak_mem_gib']:.2f} GiB  eval {r['eval_items_per_s']:.0f} items/s "
                           f"({r['eval_speedup']:.2f}x)", flush=True)
                     batch_rows.append({
-                        "date": date, "git_sha": sha, "machine": machine, "preset": p.name + (
-                            "-smoke" if args.smoke else ""),
+                        **run, "device": p.device, "preset": p.name + ("-smoke" if args.smoke else ""),
                         "text_encoder": f"{p.text} top{p.text_trainable}",
                         "image_encoder": f"{p.image} top{p.image_trainable}", "image_size": p.image_size,
                         "positions": p.positions, "batch": b, "mode": mode, "precision": p.precision,
@@ -426,21 +416,21 @@ def main(argv=None) -> None:
                     })
                 rows += batch_rows
                 if args.csv:
-                    append_rows(args.csv, batch_rows, FIELDS)
+                    append_rows(args.csv, batch_rows, stamped(FIELDS))
     if args.csv:
         print(f"wrote {args.csv}")
         return
     if args.no_write or args.smoke:
         return
-    append_rows(CSV_PATH, rows, FIELDS)
+    append_rows(CSV_PATH, rows, stamped(FIELDS))
     kind = "gpu" if any(PRESETS[n].device == "cuda" for n in names) else "cpu"
     png = RESULTS / f"prefix_cache_{kind}.png"
     # the plot shows the latest row of every (preset, batch, mode) measured on the machine named in each row
     with CSV_PATH.open() as f:
         latest = {(r["preset"], r["batch"], r["mode"]): r for r in csv.DictReader(f)
                   if r["machine"] == rows[0]["machine"]}
-    plot(list(latest.values()), png, f"{rows[0]['machine']}  |  latest {date}  |  git {sha}  |  "
-         f"prefix cache {args.cache_dtype}")
+    plot(list(latest.values()), png, f"{rows[0]['machine']}  |  latest {run['date']}  |  "
+         f"commit {run['commit']}  |  prefix cache {args.cache_dtype}")
     print(f"wrote {CSV_PATH} and {png}")
 
 

@@ -1,16 +1,20 @@
-"""The figures a GPU proof run is read for, from the CSVs that benchmarks/gpu_proof.sh wrote, each
-beside its target (benchmark figures, not tests: a figure below its target is reported, not failed).
+"""The figures a GPU proof run is read for, from the CSVs and the ``transrec bench`` JSON files that
+benchmarks/gpu_proof.sh wrote, each beside its target where it has one (benchmark figures, not tests:
+a figure below its target is reported, not failed).
 
     python benchmarks/proof_summary.py DIR [--dry-run]   # print them (gpu_proof.sh: into summary.txt)
     python benchmarks/proof_summary.py --merge DIR       # DIR's rows -> benchmarks/results/*.csv, + PNGs
 
-Exit status 1 when a CSV that a part should have written is missing or empty.
+``--merge`` appends each CSV's rows to the file of the same name, and the rows of every
+``bench_<preset>.json`` to bench.csv (``transrec.engine.bench.FIELDS``, the command's columns).
+Exit status 1 when a file that a part should have written is missing or empty.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import shutil
 import sys
@@ -21,6 +25,7 @@ from bench_common import append_rows  # noqa: E402  (benchmarks/ is the script f
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CSVS = ("e2e.csv", "zero_memory.csv", "prefix_cache.csv", "kernels.csv")
+BENCH_GLOB = "bench_*.json"  # the bench part: one transrec bench JSON per preset
 E2E_TARGETS = {256: 12.0, 64: 6.0}
 PREFIX_TARGET = 2.5
 MEMORY_TARGET_GIB = 12.0
@@ -35,6 +40,43 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def bench_rows(folder: Path) -> list[dict]:
+    """The rows of every ``bench_<preset>.json`` in ``folder`` (a file that is not one is skipped)."""
+    rows = []
+    for path in sorted(folder.glob(BENCH_GLOB)):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rows += [r for r in (doc.get("rows") if isinstance(doc, dict) else None) or [] if isinstance(r, dict)]
+    return rows
+
+
+def bench_lines(rows: list[dict]) -> list[str]:
+    """Per measured config: seq/s, step time, TFLOP/s and MFU; then its ablations (the rows labelled
+    ``LABEL -SWITCH``) as the full engine's seq/s over the seq/s with that switch off."""
+    full: dict[str, dict] = {}
+    ablations: dict[str, list[str]] = {}
+    for r in rows:
+        label = str(r.get("label", ""))
+        base, sep, switch = label.rpartition(" -")
+        if sep and base in full:
+            f = full[base]
+            if f.get("seq_per_s") and r.get("seq_per_s"):
+                ablations[base].append(f"{switch} {f['seq_per_s'] / r['seq_per_s']:.2f}x")
+            continue
+        full[label], ablations[label] = r, []
+    lines = []
+    for label, r in full.items():
+        mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.2%}"
+        lines.append(f"bench {label} batch {r.get('batch')} ({r.get('precision')}, "
+                     f"ZeRO-{r.get('zero_stage')}, {r.get('world')} rank(s)): {r['seq_per_s']:.1f} seq/s, "
+                     f"step {r['step_ms']:.1f} ms, {r['tflops']:.3g} TFLOP/s, MFU {mfu}")
+        if ablations[label]:
+            lines.append(f"    {label}: full engine / switch off, seq/s: " + ", ".join(ablations[label]))
+    return lines
+
+
 def verdict(value: float, target: float | None, higher: bool, dry: bool) -> str:
     if target is None:
         return ""
@@ -47,6 +89,9 @@ def verdict(value: float, target: float | None, higher: bool, dry: bool) -> str:
 
 def summarise(folder: Path, dry: bool) -> int:
     missing = [name for name in CSVS if not read(folder / name)]
+    bench = bench_rows(folder)
+    if not bench:
+        missing.append(BENCH_GLOB)
     print("# target figures (benchmark figures, not tests)")
     e2e = read(folder / "e2e.csv")
     by = {(int(r["batch"]), r["side"]): r for r in e2e}
@@ -64,6 +109,8 @@ def summarise(folder: Path, dry: bool) -> int:
                 parts.append(f"{label} {float(ra['seq_per_s']) / float(rb['seq_per_s']):.2f}x")
         if parts:
             print(f"    batch {batch} levers: " + ", ".join(parts))
+    for line in bench_lines(bench):
+        print(line)
     for r in read(folder / "prefix_cache.csv"):
         if r["mode"] == "dedup+prefix":
             x = float(r["speedup"])
@@ -99,6 +146,13 @@ def merge(folder: Path) -> int:
         if rows:
             append_rows(RESULTS / name, rows, list(rows[0]))
             print(f"{len(rows)} rows -> {RESULTS / name}")
+    rows = bench_rows(folder)
+    if rows:
+        from transrec.engine.bench import FIELDS  # lazy: torch, for the merge only
+
+        extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in FIELDS]  # e.g. a sweep's
+        append_rows(RESULTS / "bench.csv", rows, [*FIELDS, *extra])
+        print(f"{len(rows)} rows -> {RESULTS / 'bench.csv'}")
     card = next((r["machine"] for r in read(folder / "e2e.csv")), "")
     for png in folder.glob("*.png"):
         dest = png.name

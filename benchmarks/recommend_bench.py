@@ -15,9 +15,9 @@ resident memory during ``recommend_many`` (Linux: the high-water mark reset just
 just after) minus the resident memory before it is the memory scoring takes: a batch's
 ``[batch, chunk]`` float32 scores and the temporaries of masking and top-k, which the chunk bounds.
 The table reports it with users/s, the time to encode the catalogue, and whether every chunk size
-gave the same top-k ids. Rows are appended to benchmarks/results/recommend.csv with date, machine,
-torch, threads and git sha (``--no-csv``: not). ``--quick``: 300 users, 3,000 items, chunks 256 and
-full, in one process: a few seconds.
+gave the same top-k ids. Rows are appended to benchmarks/results/recommend.csv with the thread
+count and the machine stamp (date, machine, versions, commit; ``--no-csv``: not). ``--quick``: 300
+users, 3,000 items, chunks 256 and full, in one process: a few seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402  (benchmarks/ is the script folder)
+from bench_common import append_rows, stamp  # noqa: E402  (benchmarks/ is the script folder)
 
 from transrec.config import build_config
 
@@ -194,8 +194,8 @@ def main() -> int:
     command = "benchmarks/recommend_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"recommend_many: {args.users} users (histories of {args.history}) over {args.items} items, "
           f"top {args.k}, {args.batch} users per pass; ID-model export of the tiny preset (dim 64, cosine)")
-    print(f"{cpu_name()}; torch {rows[0]['torch']}, {rows[0]['threads']} threads; load average "
-          f"{os.getloadavg()[0]:.1f}; git {git_sha()}; command: {command}")
+    print(f"{stamp()['machine']}; torch {rows[0]['torch']}, {rows[0]['threads']} threads; load average "
+          f"{os.getloadavg()[0]:.1f}; commit {stamp()['commit']}; command: {command}")
     print("| score_chunk | users/s | seconds | scoring memory (MiB) | peak RSS (MiB) "
           "| encode catalogue (s) |")
     print("|---|---|---|---|---|---|")
@@ -206,12 +206,11 @@ def main() -> int:
     print(f"same top-{args.k} ids at every chunk size: {'yes' if same else 'no'}; {where}; dataset and "
           f"export {setup_s:.0f} s; work folder {work}")
     if not args.no_csv:
-        stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} cores (CPU)",
-                 "git": git_sha(), "torch": rows[0]["torch"], "threads": rows[0]["threads"],
-                 "load": round(os.getloadavg()[0], 1), "users": args.users, "items": args.items,
-                 "history": args.history, "k": args.k, "batch": args.batch, "same_top": same,
-                 "in_process": args.in_process}
-        append_rows(CSV, [{**stamp, **{k: v for k, v in r.items() if k not in ("torch", "threads")}}
+        run = {**stamp(), "threads": rows[0]["threads"],
+               "load": round(os.getloadavg()[0], 1), "users": args.users, "items": args.items,
+               "history": args.history, "k": args.k, "batch": args.batch, "same_top": same,
+               "in_process": args.in_process}
+        append_rows(CSV, [{**run, **{k: v for k, v in r.items() if k not in ("torch", "threads")}}
                           for r in rows])
     return 0
 

@@ -52,7 +52,8 @@ STAMP = ("date", "machine", "cpu", "cores", "gpu", "gpus", "driver", "python", "
          "transformers", "triton", "transrec", "commit")
 FIELDS = [*STAMP, "label", "preset", "data", "world", "batch", "micro_batch", "accum", "max_len", "warmup",
           "steps", "dedup", "prefix_cache", "kernel", "precision", "zero_stage", "grad_ckpt", "workers",
-          "seq_per_s", "items_per_s", "text_tokens_per_s", "images_per_s", "step_ms", "flops_per_step",
+          "seq_per_s", "seq_per_cpu_s", "items_per_s", "text_tokens_per_s", "images_per_s", "step_ms",
+          "flops_per_step",
           "flops_formula_per_step", "tflops", "peak_tflops", "peak_source", "mfu",
           *[f"{p}_ms" for p in PARTS], "breakdown_step_ms", "parts_sum_ms", "comm_share", "rank_skew",
           "gpu_alloc_mib", "gpu_reserved_mib", "rss_mib", "overrides", "note"]
@@ -168,8 +169,6 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
         shutil.rmtree(run)  # a bench run folder holds nothing worth keeping: the row is the result
     D.barrier()
     device = D.device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(cfg, show=False)
     try:
         net = trainer.engine.module
@@ -180,6 +179,8 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
         with trainer.stopper:
             if not trainer.begin():
                 raise BenchError(f"{run}: nothing to train")
+            if device.type == "cuda":  # the peak of training: weights, optimizer state and steps, not set-up
+                torch.cuda.reset_peak_memory_stats(device)
             batches = trainer.micro_batches()
 
             def step(counts: _Counts | None = None, clock=None) -> list:
@@ -200,10 +201,10 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
             formula_total = None if any(f is None for f in formula) else sum(f["total"] for f in formula)
 
             counts = _Counts()
-            t0 = _sync(device)
+            t0, c0 = _sync(device), time.process_time()
             for _ in range(steps):
                 step(counts)
-            plain = _sync(device) - t0
+            plain, cpu = _sync(device) - t0, time.process_time() - c0
 
             clock = StepClock(device)
             handles = clock.attach(net)
@@ -224,19 +225,20 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
         alloc = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
         reserved = torch.cuda.max_memory_reserved(device) / 2 ** 20 if device.type == "cuda" else 0.0
         mine = [plain, timed, counts.seqs, counts.items, counts.tokens, counts.images, flop.total,
-                -1.0 if formula_total is None else formula_total, rss, alloc, reserved, *parts]
+                -1.0 if formula_total is None else formula_total, rss, alloc, reserved, cpu, *parts]
         rows = _gather(mine, device, world)
     finally:
         trainer.close()
 
+    P = 12  # where the parts start in each rank's vector
     plain_s = float(rows[:, 0].max())  # the step ends when the slowest rank's does
     timed_s = float(rows[:, 1].max())
     seqs, items, tokens, images = (float(rows[:, i].sum()) for i in range(2, 6))
     flops_step = float(rows[:, 6].sum())
     formula_step = None if (rows[:, 7] < 0).any() else float(rows[:, 7].sum())
-    part_ms = {p: float(rows[:, 11 + i].mean()) / steps * 1e3 for i, p in enumerate(PARTS)}
-    waits = rows[:, 11 + PARTS.index("data")] + rows[:, 11 + PARTS.index("communication")]
-    compute = rows[:, 11:].sum(1) - waits
+    part_ms = {p: float(rows[:, P + i].mean()) / steps * 1e3 for i, p in enumerate(PARTS)}
+    waits = rows[:, P + PARTS.index("data")] + rows[:, P + PARTS.index("communication")]
+    compute = rows[:, P:].sum(1) - waits
     skew = float(compute.max() / compute.mean()) if float(compute.mean()) > 0 else 1.0
     tflops = flops_step * steps / plain_s / 1e12
     peak = device_peak(device, cfg.deepspeed.precision)
@@ -245,7 +247,8 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
     row = {**machine_stamp(), "label": label, "preset": cfg.preset, "data": cfg.data.path, "world": world,
            "batch": cfg.data.batch_size, "micro_batch": trainer.micro, "accum": trainer.accum,
            "max_len": cfg.data.max_len, "warmup": warmup, "steps": steps, **switches,
-           "seq_per_s": seqs / plain_s, "items_per_s": items / plain_s, "text_tokens_per_s": tokens / plain_s,
+           "seq_per_s": seqs / plain_s, "seq_per_cpu_s": seqs / max(float(rows[:, 11].sum()), 1e-9),
+           "items_per_s": items / plain_s, "text_tokens_per_s": tokens / plain_s,
            "images_per_s": images / plain_s, "step_ms": plain_s / steps * 1e3,
            "flops_per_step": flops_step, "flops_formula_per_step": formula_step, "tflops": tflops,
            "peak_tflops": peak["tflops"], "peak_source": peak["source"], "mfu": mfu,

@@ -27,7 +27,14 @@ from transrec.engine.consolidate import export_run
 from transrec.engine.plot import plot_runs
 from transrec.engine.tracking import say as log_line
 from transrec.engine.trainer import Trainer
-from transrec.engine.transfer import budget_leaders, budget_table, compare, format_table, leaders_line
+from transrec.engine.transfer import (
+    budget_leaders,
+    budget_table,
+    compare,
+    format_table,
+    leaders_line,
+    mode_difference,
+)
 from transrec.errors import UserError
 from transrec.shards.synth import synthesize
 
@@ -42,6 +49,8 @@ class DemoSize:
     target_budgets: tuple[int, ...]  # optimizer steps on the target: the first is the main table's
     batch_size: int
     target_batch_size: int
+    dropouts: tuple[str, ...] = ("0.1", "0.5")  # the user encoder's dropout, tuned for every mode
+    evaluations: int = 5  # validations per target run (the best step is picked among them)
 
 
 SIZES = {
@@ -112,34 +121,39 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, size: str = "full",
                         f"run.progress={cfg.run.progress}"]
     budgets = ", ".join(str(b) for b in sz.target_budgets)
     say(f"transfer to the target: scratch, pretrained full, pretrained LoRA, ID SASRec at {budgets} "
-        f"steps each (best step by validation)")
+        f"steps each, each with the user dropout in {{{', '.join(sz.dropouts)}}} that validates best "
+        f"(best step by validation)")
     all_rows = compare(export, tgt, out / "target", modes=("scratch", "full", "lora"), id_baseline=True,
                        overrides=target_overrides, id_overrides=["optim.lr=0.005"],
-                       show=None if show else False, budgets=sz.target_budgets)
+                       show=None if show else False, budgets=sz.target_budgets,
+                       tune=[("model.user.dropout", list(sz.dropouts))], evaluations=sz.evaluations)
     first = sz.target_budgets[0]
     rows = [r for r in all_rows if r["budget"] == first]
     plot_runs([out / "pretrain"], out / "pretrain.png")
     elapsed = time.time() - t0
-    table = format_table(rows)
+    table = format_table(all_rows)
     curve = budget_table(all_rows)
     leaders = leaders_line(all_rows)
-    by_mode = {r["mode"]: r for r in rows}
-    gain = by_mode["full"]["test_ndcg@10"] - by_mode["scratch"]["test_ndcg@10"]
+    gain, lo, hi = mode_difference(all_rows, "full", "scratch", budget=first)
+    gain_line = (f"pretrained (full) - scratch at {first} steps, test NDCG@10 (history masked): {gain:+.4f} "
+                 f"[95% CI {lo:+.4f}, {hi:+.4f}]")
     summary = {"seconds": round(elapsed, 1), "seed": seed, "size": asdict(sz),
                "source_test": pre.metrics.get("test", {}), "rows": rows, "budget_rows": all_rows,
                "leaders": [{"budget": b, "protocol": p, "leader": lead, "tied": tied}
                            for p in ("masked", "ranked") for b, lead, tied in budget_leaders(all_rows, p)],
-               "pretrained_minus_scratch_ndcg@10": round(gain, 5)}
+               "pretrained_minus_scratch_ndcg@10": round(gain, 5),
+               "pretrained_minus_scratch_ndcg@10_ci": [round(lo, 5), round(hi, 5)]}
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    head = f"Target test metrics at {first} steps (full ranking over all {sz.target_items} target items):"
-    (out / "demo.md").write_text(f"{head}\n\n{table}\n\nTest NDCG@10 by budget:\n\n{curve}\n\n{leaders}\n\n"
-                                 f"elapsed {elapsed:.1f} s\n")
+    head = (f"Target test metrics at each budget (full ranking over all {sz.target_items} target items; "
+            f"intervals: 95 % bootstrap over the {sz.target_users} target users):")
+    (out / "demo.md").write_text(f"{head}\n\n{table}\n\n{gain_line}\n\nTest NDCG@10 by budget:\n\n{curve}"
+                                 f"\n\n{leaders}\n\nelapsed {elapsed:.1f} s\n")
     if show:
         print()
         print(head)
         print(table)
-        print(f"\npretrained (full) - scratch at {first} steps, test NDCG@10: {gain:+.4f}")
-        print("\nTest NDCG@10 by budget (each run's best step by validation in brackets):")
+        print(f"\n{gain_line}")
+        print("\nTest NDCG@10 by budget (in brackets: each run's best step by validation, its dropout):")
         print(curve)
         print(leaders)
         print(f"plots: {out / 'target' / 'budget.png'}, {out / 'target' / 'compare.png'}, "

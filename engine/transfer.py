@@ -32,7 +32,7 @@ import numpy as np
 
 from transrec.config import Config, LoRAConfig, parse_override, set_key
 from transrec.config.schema import monitor_metric
-from transrec.engine.intervals import bootstrap_interval, leader, load_ranks, user_values
+from transrec.engine.intervals import bootstrap_interval, leader, load_ranks, paired_interval, user_values
 from transrec.engine.plot import plot_budget, plot_comparison
 from transrec.engine.ranking import protocol_prefix
 from transrec.engine.tracking import say
@@ -165,8 +165,8 @@ def format_table(rows: list[dict]) -> str:
     base = list(TABLE_COLUMNS)
     if any("budget" in r for r in rows):  # a budget curve: which budget each row trained with
         base.insert(1, ("budget", "budget"))
-    if any("tuned" in r for r in rows):
-        base.insert(1, ("tuned", "tuned"))
+    if any("tuned" in r for r in rows):  # after the mode and its budget
+        base.insert(2 if base[1][0] == "budget" else 1, ("tuned", "tuned"))
     cols = base + [(f"{PROTOCOLS[x]} {m}", f"{m.upper()} {PROTOCOLS[x]}")
                                   for x in extra for m in ("ndcg@10", "hr@10")]
     if any("masked_ndcg@10_lo" in r for r in rows):
@@ -214,14 +214,16 @@ def compare(pretrained, data, out, *, modes: Iterable[str] = ("scratch", "full",
             id_baseline: bool = True,
             topk: int = 2, overrides: Iterable[str] = (), id_overrides: Iterable[str] = (),
             show: bool | None = None, budgets: Iterable[int] | None = None,
-            tune: Iterable[tuple[str, list[str]]] = (), seeds: Iterable[int] | None = None) -> list[dict]:
+            tune: Iterable[tuple[str, list[str]]] = (), seeds: Iterable[int] | None = None,
+            evaluations: int = 10) -> list[dict]:
     """Each mode (and the ID baseline) on the target; one row each, table files in ``out``. ``show`` as
     in :func:`run_transfer`; False also drops the line on stderr that starts each mode.
 
     ``budgets`` (optimizer steps, e.g. ``(30, 100, 300)``): every mode runs once per budget, each
     run with its own schedule (warm-up and decay fitted to its budget) in ``out/steps-N/<mode>``;
     the rows carry a ``budget`` column, and ``out/budget.{csv,md,png}`` hold test NDCG@10 against
-    the budget per mode with the leaders at each budget (:func:`leaders_line`).
+    the budget per mode with the leaders at each budget (:func:`leaders_line`); each run validates
+    ``evaluations`` times (unless the overrides set ``eval.every``).
 
     ``tune`` ((key, values) pairs): every mode runs every combination of the values at every budget
     and keeps the one with the best validation metric (``run.monitor``), averaged over seeds; its row
@@ -246,7 +248,7 @@ def compare(pretrained, data, out, *, modes: Iterable[str] = ("scratch", "full",
             name = mode if mode != "id" else "id-sasrec"
             extra = list(overrides) + (list(id_overrides) if mode == "id" else [])
             if budget is not None:
-                extra += _fitted_schedule(extra, budget)
+                extra += _fitted_schedule(extra, budget, evaluations)
             candidates = []
             for setting in grid:
                 runs = []
@@ -323,6 +325,16 @@ def _user_values(row: dict, metric: str, protocol: str) -> tuple[np.ndarray, np.
     return users, np.mean(values, axis=0)
 
 
+def mode_difference(rows: list[dict], a: str, b: str, *, budget=None, protocol: str = "masked",
+                    metric: str = "ndcg@10") -> tuple[float, float, float]:
+    """(mean, 95 % interval low, high) of mode ``a`` minus mode ``b`` in test ``metric`` over the
+    users both ranked, paired (rows of ``budget``)."""
+    pick = {r["mode"]: r for r in rows if r.get("budget") == budget}
+    ua, va = _user_values(pick[a], metric, protocol)
+    ub, vb = _user_values(pick[b], metric, protocol)
+    return paired_interval(ua, va, ub, vb)
+
+
 def add_intervals(rows: list[dict], metrics=("ndcg@10", "hr@10")) -> None:
     """Bootstrap intervals over test users for each row (``masked_ndcg@10_lo`` / ``_hi`` and the same
     for ``ranked_`` and HR@10), and each row's paired difference to the best row of its budget
@@ -350,15 +362,15 @@ def add_intervals(rows: list[dict], metrics=("ndcg@10", "hr@10")) -> None:
                     r[f"{key}_tied"] = r["mode"] in tied
 
 
-def _fitted_schedule(overrides: list[str], budget: int) -> list[str]:
-    """``optim.steps`` = the budget, and unless the overrides set them, the warm-up and the
-    validation interval scaled to it (a tenth of the budget each, at least one step)."""
+def _fitted_schedule(overrides: list[str], budget: int, evaluations: int = 10) -> list[str]:
+    """``optim.steps`` = the budget, and unless the overrides set them, the warm-up (a tenth of the
+    budget) and the validation interval (``evaluations`` per run) scaled to it, at least one step."""
     keys = {parse_override(o)[0] for o in overrides}
     out = [f"optim.steps={budget}"]
     if "optim.warmup_steps" not in keys:
         out.append(f"optim.warmup_steps={max(budget // 10, 1)}")
     if "eval.every" not in keys:
-        out.append(f"eval.every={max(budget // 10, 1)}")
+        out.append(f"eval.every={max(budget // max(int(evaluations), 1), 1)}")
     return out
 
 
@@ -395,19 +407,29 @@ def leaders_line(rows: list[dict], metric: str = "ndcg@10") -> str:
 
 
 def budget_table(rows: list[dict], metric: str = "test_ndcg@10") -> str:
-    """A markdown table: one row per mode, one column per budget, ``metric`` (best step in brackets)."""
+    """A markdown table: one row per mode, one column per budget, ``metric`` (in brackets the best
+    step and, for a tuned comparison, the chosen values)."""
     budgets = sorted({r["budget"] for r in rows if "budget" in r})
     modes = list(dict.fromkeys(r["mode"] for r in rows if "budget" in r))
     cell = {(r["mode"], r["budget"]): r for r in rows if "budget" in r}
     split, _, key = metric.partition("_")
     name = f"{split} {key.upper()}"
-    lines = ["| mode | " + " | ".join(f"{name} at {b} steps (best step)" for b in budgets) + " |",
+    tuned = next((r["tuned"] for r in rows if r.get("tuned")), "")
+    keys = ", ".join(x.split("=", 1)[0] for x in tuned.split(", ")) if tuned else ""
+    what = f"best step; {keys}" if keys else "best step"
+    lines = ["| mode | " + " | ".join(f"{name} at {b} steps ({what})" for b in budgets) + " |",
              "|---|" + "|".join("---" for _ in budgets) + "|"]
     for m in modes:
         vals = []
         for b in budgets:
             r = cell.get((m, b))
-            vals.append("" if r is None else f"{r.get(metric, float('nan')):.4f} ({r.get('eval_step', '')})")
+            if r is None:
+                vals.append("")
+                continue
+            note = str(r.get("eval_step", ""))
+            if r.get("tuned"):
+                note += "; " + ", ".join(x.split("=", 1)[1] for x in r["tuned"].split(", "))
+            vals.append(f"{r.get(metric, float('nan')):.4f} ({note})")
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
-    assert "| mode | budget | trainable |" in text and "elapsed:" in text
+    assert "| mode | budget | tuned | trainable |" in text and "elapsed:" in text
     for mode in ("scratch", "full", "lora", "id-sasrec"):
         assert f"| {mode} |" in text
     summary = json.loads((out / "demo.json").read_text())
@@ -47,7 +47,10 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
             assert top == [best]
             assert x["leader"] in (None, x["tied"][0]) and (x["leader"] is None) == (len(x["tied"]) > 1)
     assert "test NDCG@10, history masked: " in text and "test NDCG@10, history ranked: " in text
-    assert f"at {budgets[-1]} steps (best step)" in text and "[95% CI]" in text
+    assert f"at {budgets[-1]} steps (best step; model.user.dropout)" in text and "[95% CI]" in text
+    for r in curve:  # every mode, the ID baseline too, with the dropout its validation chose
+        assert r["tuned"] in ("model.user.dropout=0.1", "model.user.dropout=0.5")
+        assert [t["setting"] for t in r["tuning"]] == ["model.user.dropout=0.1", "model.user.dropout=0.5"]
 
     with open(out / "target" / "budget.csv") as f:
         assert len(list(csv.DictReader(f))) == len(curve)
@@ -57,7 +60,7 @@ def test_reduced_demo_prints_the_table_and_writes_plots(tmp_path):
     for png in (out / "target" / "compare.png", out / "pretrain.png"):
         assert png.stat().st_size > 10_000
     # The LoRA run's export is adapter-only and names the pretrained export as its base.
-    exp = export_run(out / "target" / f"steps-{budgets[0]}" / "lora", tmp_path / "lora-export")
+    exp = export_run(Path(rows["lora"]["runs"][0]), tmp_path / "lora-export")  # the tuned run
     meta = read_export(exp)
     assert meta["kind"] == "adapter" and Path(meta["base"]) == (out / "pretrained").resolve()
     full_size = (out / "pretrained" / "model.safetensors").stat().st_size

@@ -178,4 +178,4 @@ def test_compare_tunes_every_mode_over_seeds_end_to_end(tmp_path, capsys):
                           for d in ("0.1", "0.5") for s in (0, 1))
     text = capsys.readouterr().out
     assert "test NDCG@10, history masked: " in text and "test NDCG@10, history ranked: " in text
-    assert "| mode | tuned |" in text and "[95% CI]" in text
+    assert "| mode | tuned | trainable |" in text and "[95% CI]" in text

@@ -33,7 +33,7 @@ def test_cpu_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert {(r["provider"], r["n"]) for r in rows} == {(p, n) for p in ("chunked", "torch")
                                                       for n in ("256", "512")}
     for r in rows:
-        assert float(r["ms_median"]) > 0 and r["git_sha"] and r["machine"].startswith("cpu")
+        assert float(r["ms_median"]) > 0 and r["commit"] and r["device"] == "cpu" and r["torch"]
         assert r["flop_formula"] == "6*N*M*D" and r["note"].startswith("rel err")
     assert "chunked" in capsys.readouterr().out
 
@@ -92,7 +92,7 @@ def test_gpu_code_path_dry_run_keeps_going_past_failing_providers(tmp_path, monk
         assert got["fragile", m]["ms_median"] == "nan"
         for p in ("transrec", "torch"):
             r = got[p, m]
-            assert r["machine"] == "dry-run:cpu" and r["dtype"] == "bf16" and float(r["ms_median"]) > 0
+            assert r["device"] == "dry-run:cpu" and r["dtype"] == "bf16" and float(r["ms_median"]) > 0
             assert r["note"].startswith("rel err") and "MISMATCH" not in r["note"]
     assert list(tmp_path.glob("kernels_*.png"))
 

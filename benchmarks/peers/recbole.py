@@ -29,9 +29,10 @@ and the number of test targets that had a tie beside it.
 
 Both run one after the other with the same thread count. The table gives test NDCG@10 and HR@10,
 the best step, the training time (optimizer steps and validation, without start-up) and the whole
-process's wall time; rows are appended to benchmarks/results/recbole_peer.csv with date, machine
-and git sha. ``--dry-run`` does everything at toy sizes in a few minutes (plus the one-off
-environment set-up); ``--no-recbole`` runs the project side alone (to try overrides, ``--set``).
+process's wall time; rows are appended to benchmarks/results/recbole_peer.csv with the machine
+stamp (date, machine, versions, commit). ``--dry-run`` does everything at toy sizes in a few
+minutes (plus the one-off environment set-up); ``--no-recbole`` runs the project side alone (to
+try overrides, ``--set``).
 
 Not part of the test suite: it needs RecBole, which the project does not depend on. This file
 imports neither RecBole nor torch at module level.
@@ -52,7 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))  # benchmarks/, for bench_common.py
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
+from bench_common import append_rows, stamp  # noqa: E402
 
 RECBOLE_PINS = ["recbole==1.2.1", "numpy<2", "pandas<2.3", "scipy<1.14",
                 # torch 2.13.0 needs setuptools >= 77; ray (a RecBole dependency that is never imported
@@ -350,15 +351,15 @@ def main(argv=None) -> None:
     world, atomic, conv = work / "world", work / "atomic", work / "from_recbole"
     synth = ROOT / ".venv" / "bin" / "transrec"
     synth = synth if synth.exists() else shutil.which("transrec") or "transrec"
-    stamp = work / "data.json"  # the world the three folders below were made for
+    made_for = work / "data.json"  # the world the three folders below were made for
     want = {"users": args.users, "items": args.items, "min_len": args.min_len, "max_seq": args.max_seq,
             "seed": args.seed}
-    made = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    made = json.loads(made_for.read_text()) if made_for.is_file() else {}
     if made.get("world") == want and (conv / "manifest.json").is_file():
         counts = made["counts"]
         log(f"reusing the world, its atomic files and their conversion in {work} (made for {want})")
     else:  # made afresh; a run training on them meanwhile would see them change: one run per --work folder
-        stamp.unlink(missing_ok=True)
+        made_for.unlink(missing_ok=True)
         run([synth, "shards", "synth", "--domain", "source", "--out", world, "--users", args.users,
              "--items", args.items, "--min-len", args.min_len, "--max-len", args.max_seq, "--image-frac", 0,
              "--seed", args.seed, "--quiet"], env=env, quiet=True)
@@ -366,7 +367,7 @@ def main(argv=None) -> None:
         counts = export_atomic(world, atomic / DATASET)
         run([synth, "shards", "convert", "--format", "recbole", "--input", atomic / DATASET, "--out", conv],
             env=env, quiet=True)
-        stamp.write_text(json.dumps({"world": want, "counts": counts}))
+        made_for.write_text(json.dumps({"world": want, "counts": counts}))
     seqs = check_round_trip(world, conv)
     n_train_users = sum(1 for s in seqs.values() if len(s) >= 2)
     lens = sorted(len(s) for s in seqs.values())
@@ -385,10 +386,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"recbole peer: the project's run evaluated under {tr['protocol']}")
 
     tr_train = train_seconds(tr["records"])
-    common = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} (CPU)", "git": git_sha(),
-              "users": counts["users"], "items": counts["items"], "interactions": counts["interactions"],
-              "seed": args.seed, "threads": args.threads, "protocol": "LOO TO, full ranking, history kept",
-              "label": args.label, "tie_rule": TIE_RULE}
+    common = {**stamp(), "users": counts["users"], "items": counts["items"],
+              "interactions": counts["interactions"], "seed": args.seed, "threads": args.threads,
+              "protocol": "LOO TO, full ranking, history kept", "label": args.label, "tie_rule": TIE_RULE}
     rows = []
     if rb is not None:
         rb_rule = recbole_under_project_rule(rb)
@@ -411,7 +411,7 @@ def main(argv=None) -> None:
     print(f"\nSASRec on the synthetic world ({counts['users']} users, {counts['items']} items, "
           f"{counts['interactions']} interactions), RecBole's protocol: leave-one-out by time, "
           "full ranking over all items, history items not removed; test split, best step by valid NDCG@10; "
-          f"torch threads: {args.threads}; {cpu_name()}")
+          f"torch threads: {args.threads}; {stamp()['machine']}")
     print("| side | test NDCG@10 | test HR@10 | valid NDCG@10 | best | train s | process s | process CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

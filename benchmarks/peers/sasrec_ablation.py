@@ -40,7 +40,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from bench_common import append_rows, cpu_name, git_sha  # noqa: E402
+from bench_common import append_rows, stamp  # noqa: E402
 
 from transrec.config.model import UserEncoderConfig  # noqa: E402
 from transrec.inference.histories import dataset_sequences  # noqa: E402
@@ -239,8 +239,8 @@ def main(argv=None) -> None:
         print(f"| {r['variant']} | {r['signal']} | {r['batch']} | {r['lr']:g} | {r['epoch']} | "
               f"{r['steps']} | {r['train_s']} | {r['valid_ndcg@10']:.4f} |")
     if args.csv:
-        extra = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{cpu_name()} (CPU)", "git": git_sha(),
-                 "data": str(args.data), "n_users": len(seqs), "n_items": len(vocab), "seed": args.seed}
+        extra = {**stamp(), "data": str(args.data), "n_users": len(seqs), "n_items": len(vocab),
+                 "seed": args.seed}
         append_rows(ROOT / "benchmarks" / "results" / "recbole_peer_ablation.csv",
                     [dict(extra, **r) for r in rows])
     assert math.isfinite(rows[-1]["valid_ndcg@10"])
