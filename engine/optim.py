@@ -53,6 +53,20 @@ def param_groups(model: nn.Module, lr: float, encoder_lr: float, weight_decay: f
     return out
 
 
+def frozen_by_rate_warning(model: nn.Module, cfg) -> str | None:
+    """A line when item-encoder weights train (``requires_grad``) under ``optim.encoder_lr`` 0: their
+    gradients are computed at every step and they never move (a preset for the ID model zeroes the
+    rate; a content model built on it keeps it unless told otherwise)."""
+    if float(cfg.encoder_lr) != 0.0 or not hasattr(model, "encoder_modules"):
+        return None
+    n = sum(p.numel() for m in model.encoder_modules() for p in m.parameters() if p.requires_grad)
+    if not n:
+        return None
+    return (f"warning: optim.encoder_lr=0 but {n:,} item-encoder weights are trainable: their gradients are "
+            f"computed and they never move; set optim.encoder_lr (e.g. 1e-4), or freeze them "
+            f"(model.text.trainable=none model.image.trainable=none)")
+
+
 def make_optimizer(model: nn.Module, cfg, *, flat: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`; ``flat=True`` gives :class:`FlatAdamW` (for DeepSpeed
     without ZeRO and without bf16, where nothing else flattens the weights)."""

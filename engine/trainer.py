@@ -43,7 +43,7 @@ from transrec.engine.checkpoint import CheckpointManager, ClientState, check_sam
 from transrec.engine.data import batch_size_warning, epoch_facts, make_loader, open_data
 from transrec.engine.deepspeed_patches import check_deepspeed, single_process_fast_path
 from transrec.engine.guard import FiniteGuard
-from transrec.engine.optim import learning_rates, make_optimizer, make_scheduler
+from transrec.engine.optim import frozen_by_rate_warning, learning_rates, make_optimizer, make_scheduler
 from transrec.engine.preempt import EvaluationAbandoned, RunStopped, StopControl, stopped_line
 from transrec.engine.report import EvalReport, TrainResult
 from transrec.engine.runlock import check_run_dir, lock_run_folder
@@ -111,6 +111,8 @@ class Trainer:
         if self.rank == 0 and (line := batch_size_warning(cfg, self.ds, self.content)):
             say(line)
         model = self._build_model()
+        if self.rank == 0 and (line := frozen_by_rate_warning(model, cfg.optim)):
+            say(line)
         # The frozen-prefix cache is built from the whole fp32 weights, before any cast or
         # partitioning; training and evaluation then gather items through the same wrapper.
         self.content = maybe_wrap(self.content, model, cfg.data, progress=self.show,

@@ -19,7 +19,7 @@ def _synth(args) -> int:
         path = synthesize(args.out, domain=args.domain, n_users=args.users, n_items=args.items,
                           image_frac=args.image_frac, seed=args.seed, image_size=args.image_size,
                           min_len=args.min_len, max_len=args.max_len, shard_size=args.shard_size,
-                          progress=not args.quiet)
+                          content_signal=args.content_signal, progress=not args.quiet)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(f"{Dataset.open(path)} written in {time.perf_counter() - t:.1f}s")
@@ -129,6 +129,9 @@ def register(subparsers) -> None:
     s.add_argument("--min-len", type=int, default=None, help="shortest sequence (domain default)")
     s.add_argument("--max-len", type=int, default=None, help="longest sequence (domain default)")
     s.add_argument("--shard-size", type=int, default=None, help="items per item shard")
+    s.add_argument("--content-signal", type=float, default=1.0, metavar="F",
+                   help="how much of what drives tastes titles and pictures show, 0 to 1 (default 1: all "
+                        "of it; 0: content is noise for the task, only item identity carries it)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_synth)
 

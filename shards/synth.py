@@ -11,6 +11,13 @@ A *source* and a *target* domain share the attribute semantics and vocabulary bu
 item and user ids (prefixes ``s-``/``t-``), different title templates and different drawing details
 (shape scale, offset, outline), so a content-based model transfers and an ID-based one cannot.
 Everything is deterministic for a seed; the domain name enters the random stream too.
+
+**How much content tells** (``content_signal`` F, default 1). Real titles say only part of what
+drives co-consumption. At F < 1 each attribute an item shows is its true one with probability F and
+a random one otherwise, and every item gets an idiosyncratic appeal (``1 - F`` standard deviations)
+that no content shows; tastes, recency and popularity follow the true attributes. At F = 0 content
+is noise for the task, and only an item's identity (an ID, or a title memorised as one) carries
+what users follow. F = 1 is the same world, byte for byte, as a world made without the knob.
 """
 
 from __future__ import annotations
@@ -151,22 +158,54 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def check_content_signal(content_signal: float) -> float:
+    f = float(content_signal)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"content_signal must be in [0, 1], got {content_signal}")
+    return f
+
+
+def item_appeal(n_items: int, seed: int, domain: str, content_signal: float) -> np.ndarray:
+    """Each item's idiosyncratic appeal, a term of every user's logits that no content shows:
+    ``(1 - content_signal)`` standard normal draws (zero at 1: the world whose content tells all).
+    Its own random stream, so the rest of the world does not move with the knob."""
+    f = check_content_signal(content_signal)
+    rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 2])
+    return ((1.0 - f) * rng.standard_normal(n_items)).astype(np.float64)
+
+
+def shown_attributes(attrs: np.ndarray, seed: int, domain: str, content_signal: float) -> np.ndarray:
+    """The attributes an item's title or picture shows: each (item, attribute) is its true value with
+    probability ``content_signal``, else a value drawn at random, independent of the true one. At 1
+    content shows the attributes that drive tastes; at 0 it is noise for the task."""
+    f = check_content_signal(content_signal)
+    if f == 1.0:
+        return attrs
+    rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 3])
+    noise = np.stack([rng.integers(k, size=attrs.shape[0]) for k in SIZES], axis=1)
+    keep = rng.random(attrs.shape) < f
+    return np.where(keep, attrs, noise)
+
+
 def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_len: int, max_len: int,
                    popularity: float = 0.5, taste_concentration: float = 0.35, recency: float = 2.5,
-                   drift: float = 0.08, temperature: float = 1.0, chunk_cells: int = 1 << 22):
+                   drift: float = 0.08, temperature: float = 1.0, content_signal: float = 1.0,
+                   chunk_cells: int = 1 << 22):
     """The latent world: item attributes [n_items, 4], item log popularity, and user sequences (lists
     of item indices). Deterministic for (seed, domain).
 
     Every user steps through time together with a block of others (vectorised): at each step the
     next item is drawn (Gumbel-max, no repeats) from a softmax over
-    ``sum_a w_a log taste_a[attr_a(item)] + log popularity + recency * shared(item, recent items)``,
-    where ``shared`` counts attributes in common with the last three items (weights 1, .6, .36);
-    with probability ``drift`` per step a user's taste for one attribute moves.
+    ``sum_a w_a log taste_a[attr_a(item)] + log popularity + appeal(item) + recency * shared(item,
+    recent items)``, where ``shared`` counts attributes in common with the last three items (weights
+    1, .6, .36) and ``appeal`` is :func:`item_appeal` (zero at ``content_signal`` 1); with
+    probability ``drift`` per step a user's taste for one attribute moves.
     """
     rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 0])
     attrs = np.stack([rng.integers(k, size=n_items) for k in SIZES], axis=1)
     pop_rank = rng.permutation(n_items) + 1
     log_pop = -popularity * np.log(pop_rank)
+    prior = log_pop + item_appeal(n_items, seed, domain, content_signal)
     weights = np.array([1.6, 1.3, 0.6, 0.5])  # how much each attribute matters to taste
     offsets = np.concatenate([[0], np.cumsum(SIZES)[:-1]])
     onehot = np.zeros((n_items, sum(SIZES)), dtype=np.float32)  # all attributes one-hot, side by side
@@ -182,7 +221,7 @@ def generate_world(*, domain: str, n_users: int, n_items: int, seed: int, min_le
         tastes = np.concatenate([rng.dirichlet(np.full(k, taste_concentration), size=u) for k in SIZES], 1)
 
         def base(t):
-            return (((np.log(t + 1e-3) * taste_w) @ onehot_t + log_pop) / temperature).astype(np.float32)
+            return (((np.log(t + 1e-3) * taste_w) @ onehot_t + prior) / temperature).astype(np.float32)
 
         logits = base(tastes)
         used = np.zeros((u, n_items), dtype=bool)
@@ -224,11 +263,14 @@ def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | No
                n_items: int | None = None, image_frac: float = 0.5, seed: int = 0, image_size: int = 32,
                min_len: int | None = None, max_len: int | None = None, popularity: float = 0.5,
                taste_concentration: float = 0.35, recency: float = 2.5, drift: float = 0.08,
-               temperature: float = 1.0, shard_size: int | None = None,
+               temperature: float = 1.0, content_signal: float = 1.0, shard_size: int | None = None,
                seq_shard_size: int | None = None, progress: bool = False) -> Path:
     """Write a synthetic dataset folder for ``domain`` ("source" or "target") and return its path.
 
     Sizes default to ``DOMAIN_DEFAULTS[domain]``; ``image_frac`` is the share of image items.
+    ``content_signal`` (0 to 1) is how much of what drives tastes an item's content shows
+    (:func:`shown_attributes`, :func:`item_appeal`); 1 is a world whose titles and pictures show it
+    all, 0 one where content is noise for the task and only an item's identity carries it.
     Item ids are ``s-i000123`` / ``t-i000123`` and user ids ``s-u000123`` / ``t-u000123``.
     """
     if domain not in DOMAIN_DEFAULTS:
@@ -247,7 +289,8 @@ def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | No
     attrs, log_pop, sequences = generate_world(
         domain=domain, n_users=n_users, n_items=n_items, seed=seed, min_len=min_len, max_len=max_len,
         popularity=popularity, taste_concentration=taste_concentration, recency=recency, drift=drift,
-        temperature=temperature)
+        temperature=temperature, content_signal=content_signal)
+    shown = shown_attributes(attrs, seed, domain, content_signal)
     rng = np.random.default_rng([int(seed), _DOMAIN_CODE[domain], 1])
     is_image = rng.random(n_items) < image_frac
     p = domain[0]
@@ -255,6 +298,8 @@ def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | No
                   image_size=image_size, min_len=min_len, max_len=max_len, popularity=popularity,
                   taste_concentration=taste_concentration, recency=recency, drift=drift,
                   temperature=temperature)
+    if content_signal != 1.0:  # a world of today's kind keeps today's manifest
+        params["content_signal"] = float(content_signal)
     writer = DatasetWriter(out_dir, shard_size=shard_size or max(64, -(-n_items // 4)),
                            seq_shard_size=seq_shard_size or max(16, -(-n_users // 8)),
                            name=f"synthetic-{domain}", domain=domain, extra={"synthetic": params})
@@ -263,13 +308,13 @@ def synthesize(out_dir: str | Path, *, domain: str = "source", n_users: int | No
     if progress:
         items = tqdm(items, desc=f"synth {domain} items", unit="item")
     for i in items:
-        meta = {a: names[k][int(attrs[i, k])] for k, a in enumerate(ATTRIBUTES)}
+        meta = {a: names[k][int(shown[i, k])] for k, a in enumerate(ATTRIBUTES)}  # what the catalogue says
         meta["log_popularity"] = round(float(log_pop[i]), 4)
         if is_image[i]:
-            writer.add_item(f"{p}-i{i:06d}", image=_png(render_image(attrs[i], domain, rng, image_size)),
+            writer.add_item(f"{p}-i{i:06d}", image=_png(render_image(shown[i], domain, rng, image_size)),
                             image_ext="png", meta=meta)
         else:
-            writer.add_item(f"{p}-i{i:06d}", title=make_title(attrs[i], domain, rng), meta=meta)
+            writer.add_item(f"{p}-i{i:06d}", title=make_title(shown[i], domain, rng), meta=meta)
     for u, seq in enumerate(sequences):
         writer.add_sequence(f"{p}-u{u:06d}", [f"{p}-i{j:06d}" for j in seq])
     return writer.close()

@@ -12,7 +12,7 @@ import torch
 from transrec.config import build_config, save_yaml
 from transrec.engine.checkpoint import TMP_PREFIX, CheckpointManager, ClientState
 from transrec.engine.data import NoContent, make_loader
-from transrec.engine.optim import WarmupCosine, make_optimizer
+from transrec.engine.optim import WarmupCosine, frozen_by_rate_warning, make_optimizer
 from transrec.engine.plot import plot_runs, run_label, validation_note
 from transrec.engine.ranking import split_metrics
 from transrec.engine.tracking import Tracker, read_metrics
@@ -208,3 +208,17 @@ def test_comparison_table_shows_the_protocol_its_main_columns_do_not():
     cols = [c.strip() for c in head.strip("|").split("|")]
     cells = dict(zip(cols, (c.strip() for c in r2.strip("|").split("|"))))
     assert cells["NDCG@10 history masked"] == "0.2500" and cells["NDCG@10 history ranked"] == "0.2000"
+
+
+def test_trainable_encoders_under_a_zero_encoder_rate_get_a_warning():
+    zero = build_config("tiny", overrides=["optim.encoder_lr=0"])
+    line = frozen_by_rate_warning(build_model(zero.model), zero.optim)
+    assert line and line.startswith("warning: optim.encoder_lr=0 but ") and "never move" in line
+    frozen = build_config("tiny", overrides=["optim.encoder_lr=0", "model.text.trainable=none",
+                                              "model.image.trainable=none"])
+    assert frozen_by_rate_warning(build_model(frozen.model), frozen.optim) is None
+    moving = build_config("tiny")
+    assert frozen_by_rate_warning(build_model(moving.model), moving.optim) is None
+    ids = build_config("sasrec")  # the ID model has no item encoder (and the preset's rate is 0)
+    assert ids.optim.encoder_lr == 0
+    assert frozen_by_rate_warning(build_model(ids.model, n_items=10), ids.optim) is None
