@@ -38,6 +38,7 @@ from transrec.errors import DataError
 from transrec.locking import locked_build
 from transrec.shards.batch import TEXT, ArrayContent
 from transrec.shards.dataset import Dataset
+from transrec.shards.remote import RemotePath, StoreError, announce, local_cache_root
 from transrec.shards.stats import GLOBAL, SkipStats
 from transrec.storage import allocate
 
@@ -122,6 +123,12 @@ class ItemCache(ArrayContent):
 
 
 def _default_cache_root(dataset: Dataset) -> Path:
+    """``DATASET/.cache`` when writable (else ``$TRANSREC_CACHE``, else ``~/.cache/transrec``); for
+    a dataset in an object store a local folder named after its URL, said in one line."""
+    if isinstance(dataset.path, RemotePath):
+        root = local_cache_root(str(dataset.path))
+        announce(dataset.path, root)
+        return root
     root = dataset.path / ".cache"
     try:
         root.mkdir(exist_ok=True)
@@ -181,6 +188,8 @@ def build_or_load_item_cache(dataset: Dataset | str | Path, *, tokenizer: str | 
     tok_id = tokenizer_identity(tok_path)
     key = cache_key(dataset, tok_id, max_text_len, image_size)
     root = Path(cache_dir) if cache_dir is not None else _default_cache_root(dataset)
+    if isinstance(dataset.path, RemotePath):
+        announce(dataset.path, root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"items-{key}"
     if (final / "meta.json").is_file():
@@ -224,6 +233,8 @@ def _build(dataset: Dataset, out: Path, *, key: str, tok_path: str, tok_id: str,
     index = dataset.item_index
 
     def handler(exn: Exception) -> bool:
+        if isinstance(exn, StoreError):  # a store that cannot serve a shard stops the build
+            raise exn
         stats.skip("unreadable_shard", f"{type(exn).__name__}: {exn}"[:300])
         return True
 

@@ -5,9 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from transrec.errors import UserError
+
+
+@contextmanager
+def _output(out: str) -> Iterator[str]:
+    """The folder a command writes its dataset into: ``out`` itself, or for ``s3://bucket/prefix`` a
+    temporary folder copied there once complete (the manifest last)."""
+    from transrec.shards.remote import is_remote, upload_dataset  # lazy: fast --help
+
+    if not is_remote(out):
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="transrec-dataset-") as tmp:
+        local = str(Path(tmp) / Path(out.rstrip("/")).name)
+        yield local
+        upload_dataset(local, out)
 
 
 def _synth(args) -> int:
@@ -15,14 +34,15 @@ def _synth(args) -> int:
     from transrec.shards.synth import synthesize  # lazy: fast --help
 
     t = time.perf_counter()
-    try:
-        path = synthesize(args.out, domain=args.domain, n_users=args.users, n_items=args.items,
-                          image_frac=args.image_frac, seed=args.seed, image_size=args.image_size,
-                          min_len=args.min_len, max_len=args.max_len, shard_size=args.shard_size,
-                          content_signal=args.content_signal, progress=not args.quiet)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    print(f"{Dataset.open(path)} written in {time.perf_counter() - t:.1f}s")
+    with _output(args.out) as out:
+        try:
+            synthesize(out, domain=args.domain, n_users=args.users, n_items=args.items,
+                       image_frac=args.image_frac, seed=args.seed, image_size=args.image_size,
+                       min_len=args.min_len, max_len=args.max_len, shard_size=args.shard_size,
+                       content_signal=args.content_signal, progress=not args.quiet)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    print(f"{Dataset.open(args.out)} written in {time.perf_counter() - t:.1f}s")
     return 0
 
 
@@ -33,10 +53,11 @@ def _build(args) -> int:
     if not args.items and not args.images:
         raise UserError("shards build: --items FILE is missing (an items table with an item column and a "
                         "title and/or image column; or --images DIR holding <item>.jpg/.png)")
-    report = build_from_tables(args.out, interactions=args.interactions, items=args.items,
-                               images=args.images, shard_size=args.shard_size, image_frac=args.image_frac,
-                               progress=not args.quiet)
-    print(report_line(report))
+    with _output(args.out) as out:
+        report = build_from_tables(out, interactions=args.interactions, items=args.items,
+                                   images=args.images, shard_size=args.shard_size,
+                                   image_frac=args.image_frac, progress=not args.quiet)
+    print(report_line({**report, "path": args.out}))
     return 0
 
 
@@ -46,8 +67,9 @@ def _convert(args) -> int:
     kw = {"shard_size": args.shard_size}
     if args.image_frac is not None:
         kw["image_frac"] = args.image_frac
-    report = convert(args.format, args.input, args.out, progress=not args.quiet, **kw)
-    print(report_line(report))
+    with _output(args.out) as out:
+        report = convert(args.format, args.input, out, progress=not args.quiet, **kw)
+    print(report_line({**report, "path": args.out}))
     return 0
 
 
@@ -120,7 +142,7 @@ def register(subparsers) -> None:
                        epilog="Example:\n  transrec shards synth --domain source --out data/source\n"
                               "  transrec shards synth --domain target --out data/target --users 400")
     s.add_argument("--domain", choices=("source", "target"), default="source")
-    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--out", required=True, help="output dataset folder (or s3://bucket/prefix)")
     s.add_argument("--users", type=int, default=None, help="number of users (domain default)")
     s.add_argument("--items", type=int, default=None, help="number of items (domain default)")
     s.add_argument("--image-frac", type=float, default=0.5, help="share of image items (default 0.5)")
@@ -146,7 +168,7 @@ def register(subparsers) -> None:
     b.add_argument("--items", default=None, help="CSV/TSV/JSONL with item and title and/or image")
     b.add_argument("--images", default=None, help="image folder (paths in the items table are relative "
                                                    "to it; else <item>.jpg/.png)")
-    b.add_argument("--out", required=True, help="output dataset folder")
+    b.add_argument("--out", required=True, help="output dataset folder (or s3://bucket/prefix)")
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--image-frac", type=float, default=None,
                    help="for items with both a title and an image: share made image items (default: all)")
@@ -161,7 +183,7 @@ def register(subparsers) -> None:
                               "pixelrec/ --out data/pixel")
     c.add_argument("--format", required=True, choices=FORMATS)
     c.add_argument("--input", required=True, help="input folder (or file inside it)")
-    c.add_argument("--out", required=True, help="output dataset folder")
+    c.add_argument("--out", required=True, help="output dataset folder (or s3://bucket/prefix)")
     c.add_argument("--shard-size", type=int, default=1000)
     c.add_argument("--image-frac", type=float, default=None,
                    help="for items with both a title and an image: share made image items")
@@ -173,7 +195,7 @@ def register(subparsers) -> None:
                                    "popularity skew (top-1%% share, Gini), modality mix, split counts.",
                        epilog="Examples:\n  transrec shards info data/source --verify\n"
                               "  transrec shards info data/source --json")
-    i.add_argument("data", help="dataset folder")
+    i.add_argument("data", help="dataset folder, s3://bucket/prefix or https://...")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256 and every count "
                    "of the manifest against the shards (one line per mismatch, exit 2)")
     i.add_argument("--json", action="store_true", help="the statistics as one JSON object")

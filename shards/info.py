@@ -13,6 +13,7 @@ from transrec.shards.batch import IMAGE, TEXT
 from transrec.shards.cache import cache_key
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import EVAL_MIN, train_part
+from transrec.shards.remote import local_cache_root
 
 
 def gini(counts: np.ndarray) -> float:
@@ -83,9 +84,11 @@ def format_stats(st: dict) -> str:
 
 def recorded_skips(ds: Dataset) -> dict:
     """Bad input recorded for this dataset: skipped while writing it (the manifest) and while
-    building each of its current item caches (their meta.json, in the dataset's ``.cache``)."""
+    building each of its current item caches (their meta.json, in the dataset's ``.cache``, or for a
+    dataset in an object store in its local cache folder)."""
     out = {"while_writing": dict(ds.manifest.get("skipped_while_writing") or {}), "item_caches": {}}
-    for meta_path in sorted((ds.path / ".cache").glob("items-*/meta.json")):
+    root = local_cache_root(str(ds.path)) if ds.remote else ds.path / ".cache"
+    for meta_path in sorted(root.glob("items-*/meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
             key = cache_key(ds, meta["tokenizer"]["sha256"], meta["max_text_len"], meta["image_size"])

@@ -64,6 +64,7 @@ from transrec.errors import DataError
 from transrec.shards.batch import Batch, ContentSource, collate_windows, map_leaves, map_tensors
 from transrec.shards.dataset import Dataset
 from transrec.shards.format import eval_target, train_part
+from transrec.shards.remote import StoreError
 from transrec.shards.stats import GLOBAL, SkipStats
 from transrec.shards.windows import WINDOWS, samples_per_shard, train_windows
 
@@ -177,6 +178,8 @@ class _SlotStream(torch.utils.data.IterableDataset):
         ld = self.ld
 
         def handler(exn: Exception) -> bool:
+            if isinstance(exn, StoreError):  # a store that cannot serve a shard stops the run
+                raise exn
             stats.skip("unreadable_shard", f"{type(exn).__name__}: {exn}"[:300])
             return True
 

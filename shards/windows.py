@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.shards.format import train_part
+from transrec.shards.remote import is_remote, open_shard
 
 log = logging.getLogger("transrec.shards")
 WINDOWS = ("last", "sliding", "prefixes")
@@ -143,7 +144,8 @@ def scan_lengths(shard: Path) -> dict[int, int]:
     the rest of an unreadable tar, count as nothing, as the loader skips them)."""
     hist: dict[int, int] = {}
     try:
-        with tarfile.open(shard) as tf:
+        with (tarfile.open(fileobj=open_shard(shard), mode="r|") if is_remote(shard)
+              else tarfile.open(shard)) as tf:
             for mem in tf:
                 if not mem.isfile() or not mem.name.endswith(".json"):
                     continue

@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# the object-store fixtures (a SeaweedFS server on loopback): s3_store, store_env, s3_locked
+pytest_plugins = ("s3_server",)
+
 
 @pytest.fixture(scope="module")
 def inprocess_group():

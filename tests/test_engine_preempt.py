@@ -158,10 +158,10 @@ def test_a_signal_during_a_validation_abandons_it_and_the_resumed_run_redoes_it(
         if kill_at is not None:
             real = trainer.validator.split_metrics
 
-            def split_metrics(split="valid", item_emb=None):
+            def split_metrics(split="valid", item_emb=None, keep=None):
                 if trainer.state.step == kill_at and split == "valid":
                     os.kill(os.getpid(), signal.SIGTERM)
-                return real(split, item_emb)
+                return real(split, item_emb, keep)
 
             trainer.validator.split_metrics = split_metrics
         try:

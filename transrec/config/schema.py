@@ -46,7 +46,12 @@ class DataConfig:
     # training samples per user: its last max_len+1 items, windows covering its whole training part
     # (each item after the first a target once), or one window per target position (every prefix)
     windows: Literal["last", "sliding", "prefixes"] = "last"
-    cache_dir: str = ""  # item cache folder; "" = inside the dataset folder
+    cache_dir: str = ""  # item cache folder; "" = inside the dataset folder (a store's: see docs/data.md)
+    # Shards streamed from an object store (s3://, https://) are also kept in this local folder, so
+    # a second epoch or a restart reads them from disk ("" = off); least recently used go first
+    # once it holds more than shard_cache_gb.
+    shard_cache: str = ""
+    shard_cache_gb: float = 50.0
     # The run stops (exit 2) when more than this share of the items (bad content in the item cache)
     # or of the sequences read (unreadable or malformed rows) was skipped as bad input.
     max_skip_rate: float = 0.05
@@ -157,6 +162,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "model.user.max_len or lower data.max_len")
     if not 0 <= cfg.data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {cfg.data.max_skip_rate}")
+    if not cfg.data.shard_cache_gb > 0:
+        raise ConfigError(f"data.shard_cache_gb must be positive, got {cfg.data.shard_cache_gb}")
     o = cfg.optim
     for key in ("lr", "encoder_lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip",
                 "id_lr", "id_weight_decay"):
