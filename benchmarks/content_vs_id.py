@@ -4,6 +4,14 @@ Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20
      .venv/bin/python benchmarks/content_vs_id.py --quick    # 2-3 minute smoke
      .venv/bin/python benchmarks/content_vs_id.py --steps 200 \
          --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # one budget, with hybrid items
+     .venv/bin/python benchmarks/content_vs_id.py --steps 1000 --content-signal 1,0.5,0.25,0 \
+         --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # the curve over how much titles tell
+
+``--content-signal F[,F...]`` makes the world once per value (:func:`transrec.shards.synth.synthesize`'s
+``content_signal``: how much of what drives tastes the titles show) and runs every model on each.
+Each row's all-user test NDCG@10 gets a 95 % bootstrap interval over the test users, and every
+model's difference to ``id-sasrec`` a paired one (:mod:`transrec.engine.intervals`, from the ranks
+each run's final evaluation keeps), under both protocols.
 
 The synthetic source world is written with titles only (``image_frac=0``). Items are drawn at
 random into a held-out set until their share of the users' test targets (last items) reaches
@@ -50,6 +58,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import transrec  # noqa: E402
+from transrec.engine.intervals import (  # noqa: E402
+    bootstrap_interval,
+    load_ranks,
+    paired_interval,
+    user_values,
+)
 from transrec.inference.histories import dataset_sequences  # noqa: E402
 from transrec.shards.dataset import Dataset  # noqa: E402
 from transrec.shards.format import unsanitize_key  # noqa: E402
@@ -124,17 +138,48 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="400 users, 200 items, 60 + 20 steps (a smoke)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
+    ap.add_argument("--content-signal", default="1", metavar="F[,F...]",
+                    help="how much of what drives tastes the titles show, 0 to 1; several: one world each "
+                         "(default: 1)")
     ap.add_argument("extra", nargs="*", help="key=value overrides for content TransRec")
     args = ap.parse_args()
     if args.quick:
         args.users, args.items, args.id_steps, args.content_steps, args.evals = 400, 200, 60, 20, 2
     if args.steps:
         args.id_steps = args.content_steps = args.steps
-
+    try:
+        signals = [float(x) for x in args.content_signal.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--content-signal: numbers in [0, 1], got {args.content_signal!r}")
+    if not signals or any(not 0 <= f <= 1 for f in signals):
+        ap.error(f"--content-signal: numbers in [0, 1], got {args.content_signal!r}")
     t0 = time.time()
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="content_vs_id_"))
+    for f in signals:
+        one_world(args, work / (f"signal-{f:g}" if len(signals) > 1 else "."), f)
+    print(f"total {time.time() - t0:.0f} s; work folder {work}")
+    return 0
+
+
+def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]]) -> None:
+    """Each row's all-user test NDCG@10 interval, and its paired difference to id-sasrec."""
+    for r in rows:
+        proto = "masked" if r["protocol"] == "masked" else "ranked"
+        users, ranks = load_ranks(*runs[r["model"]])
+        v = user_values(ranks, "ndcg@10", proto)
+        r["all_ndcg@10_lo"], r["all_ndcg@10_hi"] = (round(x, 4) for x in bootstrap_interval(v))
+        if "id-sasrec" in runs and r["model"] != "id-sasrec":
+            u_id, ranks_id = load_ranks(*runs["id-sasrec"])
+            d, lo, hi = paired_interval(users, v, u_id, user_values(ranks_id, "ndcg@10", proto))
+            r["vs_id_ndcg@10"], r["vs_id_ndcg@10_lo"], r["vs_id_ndcg@10_hi"] = (round(d, 4), round(lo, 4),
+                                                                                round(hi, 4))
+
+
+def one_world(args, work: Path, signal: float) -> None:
+    t0 = time.time()
+    work.mkdir(parents=True, exist_ok=True)
     world = synthesize(work / "world", domain="source", n_users=args.users, n_items=args.items,
-                       image_frac=0.0, seed=args.seed)
+                       image_frac=0.0, seed=args.seed, content_signal=signal)
     cold = pick_cold(world, args.cold_frac, np.random.default_rng(args.seed))
     data = hold_out(world, work / "train", cold, keep_last=2)
     ds = Dataset.open(data)
@@ -158,11 +203,11 @@ def main() -> int:
         "transrec-minilm": ("tiny", content),
         "transrec-minilm-hybrid": ("tiny", content + ["model.item.id_residual=true"]),
     }
-    rows = []
+    rows, kept = [], {}
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [n for n in names if n not in runs]
     if unknown:
-        ap.error(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(runs)})")
+        raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(runs)})")
     for name in names:
         preset, over = runs[name]
         run, exp = work / f"run-{name}", work / f"export-{name}"
@@ -174,6 +219,7 @@ def main() -> int:
         wall = time.time() - t
         transrec.export(run, exp)  # the best checkpoint by validation
         best = json.loads((run / "eval.json").read_text())["best"]
+        kept[name] = (run, best["step"])
         res = per_user(exp, data, users)
         for proto, groups in res.items():
             key = "" if proto == "masked" else "unmasked_"  # both runs evaluate masked
@@ -181,30 +227,35 @@ def main() -> int:
             if abs(groups["all"][1] - ref) > 2e-3:
                 print(f"warning: {name} {proto} all-user NDCG@10 {groups['all'][1]:.4f} differs from "
                       f"eval.json best.test {ref:.4f}", flush=True)
-            rows.append({"model": name, "preset": preset, "steps": result.step, "best_step": best["step"],
+            rows.append({"content_signal": signal, "model": name, "preset": preset, "steps": result.step,
+                         "best_step": best["step"],
                          "train_s": round(result.seconds, 1), "wall_s": round(wall, 1), "protocol": proto,
                          "valid_ndcg@10": round(best["valid"][key + "ndcg@10"], 4),
                          **{f"{g}_{m}@10": round(v[j], 4) for g, v in groups.items()
                             for j, m in enumerate(("hr", "ndcg"))}})
 
-    print(f"\ncontent vs ID on the synthetic source world (titles only): {args.users} users, {args.items} "
-          f"items; {n_cold} of {len(users)} test targets ({n_cold / len(users):.1%}) never trained on; "
-          f"seed {args.seed}; {stamp()['machine']}; commit {stamp()['commit']}")
-    print(f"| model | protocol | best step / steps | train s | NDCG@10 all | HR@10 all "
-          f"| NDCG@10 cold ({n_cold}) | HR@10 cold | NDCG@10 warm ({len(users) - n_cold}) | HR@10 warm |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    intervals(rows, kept)
+    print(f"\ncontent vs ID on the synthetic source world (titles only, content signal {signal:g}): "
+          f"{args.users} users, {args.items} items; {n_cold} of {len(users)} test targets "
+          f"({n_cold / len(users):.1%}) never trained on; seed {args.seed}; {stamp()['machine']}; "
+          f"commit {stamp()['commit']}")
+    print(f"| model | protocol | best step / steps | train s | NDCG@10 all [95% CI] | to id-sasrec [95% CI] "
+          f"| HR@10 all | NDCG@10 cold ({n_cold}) | HR@10 cold | NDCG@10 warm ({len(users) - n_cold}) "
+          f"| HR@10 warm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        vs = (f"{r['vs_id_ndcg@10']:+.4f} [{r['vs_id_ndcg@10_lo']:+.4f}, {r['vs_id_ndcg@10_hi']:+.4f}]"
+              if "vs_id_ndcg@10" in r else "")
         print(f"| {r['model']} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
-              f"| {r['all_ndcg@10']:.4f} | {r['all_hr@10']:.4f} "
-              f"| {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
+              f"| {r['all_ndcg@10']:.4f} [{r['all_ndcg@10_lo']:.4f}, {r['all_ndcg@10_hi']:.4f}] | {vs} "
+              f"| {r['all_hr@10']:.4f} | {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
               f"| {r['warm_ndcg@10']:.4f} | {r['warm_hr@10']:.4f} |")
-    print(f"total {time.time() - t0:.0f} s; work folder {work}")
+    print(f"world done in {time.time() - t0:.0f} s")
     if not args.no_csv:
         run = {**stamp(), "quick": args.quick, "n_users_world": args.users,
                "n_items_world": args.items, "test_users": len(users), "cold_users": n_cold,
                "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed}
         append_rows(ROOT / "benchmarks" / "results" / "content_vs_id.csv", [{**run, **r} for r in rows])
-    return 0
 
 
 if __name__ == "__main__":
