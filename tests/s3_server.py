@@ -9,6 +9,7 @@ one identity, for the credential tests). ``store_env`` gives the environment a c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -22,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,20 +228,29 @@ def _server(root: Path, config: Path | None = None) -> WeedServer:
     return WeedServer(root, config=config)
 
 
-@pytest.fixture(scope="session")
-def s3_store(tmp_path_factory):
-    """A SeaweedFS server accepting any key, with ``synth_world`` at ``s3://transrec-test/world``."""
-    root = tmp_path_factory.mktemp("weed")
-    local = synth_world(tmp_path_factory.mktemp("weed-world"))
-    server = _server(root)
+@contextlib.contextmanager
+def serving_world(root: Path, world_root: Path,
+                  config: Path | None = None) -> Iterator[tuple[WeedServer, Path]]:
+    """A started server (killed on exit) with ``synth_world`` uploaded to ``s3://transrec-test/world``:
+    (server, the local copy of the world)."""
+    local = synth_world(world_root)
+    server = _server(root, config=config)
     server.start()
     try:
         client = server.client()
         make_bucket(client)
         upload_folder(client, local, BUCKET, "world")
-        yield Store(server, local, f"s3://{BUCKET}/world")
+        yield server, local
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A SeaweedFS server accepting any key, with ``synth_world`` at ``s3://transrec-test/world``."""
+    root, world = tmp_path_factory.mktemp("weed"), tmp_path_factory.mktemp("weed-world")
+    with serving_world(root, world) as (server, local):
+        yield Store(server, local, f"s3://{BUCKET}/world")
 
 
 @pytest.fixture
@@ -260,16 +271,9 @@ def s3_locked(tmp_path_factory):
     config.write_text(json.dumps({"identities": [
         {"name": "transrec", "credentials": [{"accessKey": ACCESS, "secretKey": SECRET}],
          "actions": ["Admin", "Read", "List", "Write"]}]}))
-    local = synth_world(tmp_path_factory.mktemp("weed-locked-world"))
-    server = _server(root, config=config)
-    server.start()
-    try:
-        client = server.client()
-        make_bucket(client)
-        upload_folder(client, local, BUCKET, "world")
+    world = tmp_path_factory.mktemp("weed-locked-world")
+    with serving_world(root, world, config=config) as (server, local):
         yield Store(server, local, f"s3://{BUCKET}/world")
-    finally:
-        server.kill()
 
 
 class DroppingProxy:

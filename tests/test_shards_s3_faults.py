@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from s3_server import BUCKET, DroppingProxy, WeedServer, make_bucket, synth_world, upload_folder
+from s3_server import BUCKET, DroppingProxy, WeedServer, serving_world, upload_folder
 from spawn_ranks import start_ranks, wait_ranks
 from test_shards_s3 import batches_key, content_of, eval_users
 
@@ -28,17 +28,9 @@ from transrec.shards.remote import RETRIES, use_shard_cache
 @pytest.fixture(scope="module")
 def own_store(tmp_path_factory):
     """A server of this module's own (the restart test kills it), with the world uploaded."""
-    root = tmp_path_factory.mktemp("weed-faults")
-    local = synth_world(tmp_path_factory.mktemp("faults-world"))
-    server = WeedServer(root)
-    server.start()
-    try:
-        client = server.client()
-        make_bucket(client)
-        upload_folder(client, local, BUCKET, "world")
-        yield server, local
-    finally:
-        server.kill()
+    root, world = tmp_path_factory.mktemp("weed-faults"), tmp_path_factory.mktemp("faults-world")
+    with serving_world(root, world) as pair:
+        yield pair
 
 
 def point_at(monkeypatch, server: WeedServer, endpoint: str | None = None) -> None:
