@@ -23,9 +23,12 @@ types and the few plain DeepSpeed types its states hold (:data:`DEEPSPEED_SAFE`)
 then runs with ``weights_only=True`` forced on every ``torch.load``, DeepSpeed's own included
 (:func:`weights_only_loads`).
 
-Resuming needs the world size and the ZeRO stage the checkpoint was written with; anything else
-is refused with the supported path: export consolidated weights (``transrec export``) and start a
-new run from them (``run.init_from=EXPORT``).
+A checkpoint resumes on any number of ranks. On the world size that wrote it DeepSpeed loads its
+own files; on another one the states partitioned over the writing ranks (ZeRO 1-3) are consolidated
+and partitioned anew for the resuming ranks (:mod:`~transrec.engine.reshard`), and each rank that
+has no RNG state of its own in the checkpoint seeds its generators from (seed, step, rank). A
+change of ZeRO stage is refused with the supported path: export consolidated weights (``transrec
+export``) and start a new run from them (``run.init_from=EXPORT``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 from transrec.config import from_dict, load_yaml, to_dict
 from transrec.config.model import user_kind
 from transrec.engine import distributed as D
+from transrec.engine.reshard import apply, consolidate, partitioned
 from transrec.errors import ConfigError, UserError
 from transrec.storage import WriteFailed, guarded_write, short_line, space_short
 
@@ -137,6 +141,16 @@ def set_rng_state(state: dict) -> None:
                      state["python_gauss"]))
 
 
+def seed_rank(seed: int, step: int, rank: int) -> None:
+    """Seed torch, numpy and Python for a rank the checkpoint holds no RNG state of (a resume on more
+    ranks than wrote it): a function of (seed, step, rank), so the same resume draws the same."""
+    seq = np.random.SeedSequence([int(seed), int(step), int(rank)])
+    mixed = int(seq.generate_state(1, dtype=np.uint64)[0])
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed % 2**63)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
@@ -162,6 +176,12 @@ class ClientState:
     best_value: float | None = None  # that value
     bad_evals: int = 0  # validation evaluations since the last improvement (early stopping)
     eval_pending: bool = False  # the validation due at this step was abandoned by a stop: redo it
+    # {"world", "batch", "workers", "global"}: the ranks that wrote the checkpoint, their micro-batch
+    # per rank, loader workers and global batch (None: a checkpoint from before it was recorded)
+    writer: dict | None = None
+    # {"epoch", "world", "batch", "workers"}: epoch ``epoch`` was begun in this other layout and is
+    # being finished in it (``cursor`` counts its rows); None: every epoch is the writer's own
+    layout: dict | None = None
 
 
 class CheckpointManager:
@@ -336,28 +356,38 @@ class CheckpointManager:
 
     # -- load -----------------------------------------------------------------------------
     def check_compatible(self, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> dict:
+        """The manifest of ``tag`` when this run can resume from it: any world size, the same ZeRO
+        stage (CheckpointError naming both stages and the supported path otherwise)."""
         self._verify(tag)
         man = self.manifest(tag)
-        if man["world_size"] != world_size or man["zero_stage"] != zero_stage:
+        if man["zero_stage"] != zero_stage:
             raise CheckpointError(
-                f"checkpoint {self.dir / tag} was written with world size {man['world_size']} and ZeRO "
-                f"stage {man['zero_stage']}, this run has world size {world_size} and ZeRO stage "
-                f"{zero_stage}; resuming needs both equal. Supported path: "
-                f"`transrec export --run {run_dir} --out EXPORT`, then start a new run with "
+                f"checkpoint {self.dir / tag} was written at ZeRO stage {man['zero_stage']}, this run has "
+                f"ZeRO stage {zero_stage}; resuming needs the same stage (on any number of ranks). Supported "
+                f"path: `transrec export --run {run_dir} --out EXPORT`, then start a new run with "
                 f"run.init_from=EXPORT")
         return man
 
     def load(self, engine, tag: str, *, world_size: int, zero_stage: int, run_dir: str | Path) -> ClientState:
-        """Collective: restores DeepSpeed states (model, optimizer, scheduler) and this rank's RNG."""
+        """Collective: restores DeepSpeed states (model, optimizer, scheduler) and this rank's RNG; on
+        another world size than the checkpoint's, re-partitioned (:mod:`~transrec.engine.reshard`)."""
         man = self.check_compatible(tag, world_size=world_size, zero_stage=zero_stage, run_dir=run_dir)
-        check_no_pickle(self.dir / tag)
-        with weights_only_loads(self.dir / tag):
-            path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-            rank = D.rank()
-            set_rng_state(torch.load(self.dir / tag / f"rng-rank{rank:05d}.pt", weights_only=True))
+        folder = self.dir / tag
+        check_no_pickle(folder)
+        rank = D.rank()
+        with weights_only_loads(folder):
+            if man["world_size"] != world_size and partitioned(folder):
+                apply(engine, consolidate(folder, int(man["world_size"])), rank, world_size)
+            else:
+                path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+                if path is None:
+                    raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}")
+            rng = folder / f"rng-rank{rank:05d}.pt"
+            if rng.is_file():
+                set_rng_state(torch.load(rng, weights_only=True))
+            else:
+                seed_rank(man["client"]["seed"], man["client"]["step"], rank)
         return ClientState(**man["client"])
 
 

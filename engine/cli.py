@@ -34,11 +34,12 @@ def _quiet_deepspeed() -> None:
     os.environ.setdefault("DEEPSPEED_LOG_LEVEL", "warning")
 
 
-def _exit_code(run):
+def _exit_code(run, run_dir=None):
     """``run()``; an error that carries its own exit code (a diverged run: 3, a failed write: 74) is
     printed as one line and returned as that code, others go up to the root's handler (exit 2). A
     run stopped by a signal (:class:`~transrec.engine.preempt.RunStopped`) prints its line once and
-    returns 75."""
+    returns 75. A collective that failed because a peer rank is gone prints one line naming it and
+    ``run_dir``'s latest checkpoint, and returns 69 (:class:`~transrec.engine.preempt.PeerLost`)."""
     from transrec.engine.preempt import RunStopped  # lazy: fast --help
 
     try:
@@ -55,6 +56,16 @@ def _exit_code(run):
             raise
         print(f"transrec: error: {exc}", file=sys.stderr)
         return code
+    except RuntimeError as exc:
+        from transrec.engine import distributed as D  # lazy: fast --help
+        from transrec.engine.preempt import PeerLost, peer_lost_line  # lazy: fast --help
+
+        who = D.lost_peer(exc)
+        if who is None:
+            raise
+        print(f"transrec: error: rank {D.rank()}: {peer_lost_line(who, run_dir)}", file=sys.stderr,
+              flush=True)
+        return PeerLost.exit_code
 
 
 # ----------------------------------------------------------------------------- commands
@@ -70,7 +81,7 @@ def cmd_train(args) -> int:
         overrides.append(f"run.out={args.out}")
     cfg = build_config(args.preset, args.config, overrides)
     _quiet_deepspeed()
-    res = _exit_code(lambda: train(cfg))
+    res = _exit_code(lambda: train(cfg), cfg.run.out)
     if isinstance(res, int):
         return res
     if D.is_main():
@@ -111,7 +122,7 @@ def cmd_transfer(args) -> int:
     if args.steps:
         overrides.append(f"optim.steps={args.steps}")
     row = _exit_code(lambda: run_transfer(args.pretrained, args.data, args.mode, args.out, topk=args.topk,
-                                          overrides=overrides))
+                                          overrides=overrides), args.out)
     if isinstance(row, int):
         return row
     if D.is_main():
@@ -195,6 +206,15 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_launch(args) -> int:
+    if not args.args or args.args[0] in ("-h", "--help"):
+        print(args.launch_help(), file=sys.stdout if args.args else sys.stderr)
+        return 0 if args.args else 2
+    from transrec.engine.launch import launch  # lazy: torch's elastic launcher
+
+    return launch(args.args)
+
+
 # ----------------------------------------------------------------------------- parser
 
 def register(sub) -> None:
@@ -212,6 +232,24 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder (run.out)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "launch", help="torchrun for train/transfer/compare, ending with transrec's line and exit code",
+        formatter_class=_RAW, prefix_chars="+", add_help=False, usage="transrec launch [torchrun options] "
+        "-- train|transfer|compare ARGS...",
+        description="Runs the command on every rank with torchrun's agent (the same options: "
+                    "--nproc-per-node, --nnodes, --rdzv-endpoint, ...). SIGTERM, SIGINT, SIGUSR1 and "
+                    "SIGUSR2 are passed on to the ranks; when they stop on it the launcher exits 75, "
+                    "a rank killed outright ends it with one line and 69, otherwise it exits with the "
+                    "ranks' own code. Ranks are never restarted.",
+        epilog="examples:\n"
+               "  transrec launch --nproc-per-node 2 -- train --data D --out R deepspeed.zero_stage=2\n"
+               "  transrec launch --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\\n"
+               "      --rdzv-endpoint node1:29500 -- train --data /shared/data --out /shared/runs/a \\\n"
+               "      --preset small-gpu")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="...",
+                   help="torchrun's options, then -- and the transrec command with its arguments")
+    p.set_defaults(func=cmd_launch, launch_help=p.format_help)
 
     p = sub.add_parser(
         "eval", help="full-ranking evaluation of a run's latest checkpoint", formatter_class=_RAW,

@@ -15,14 +15,16 @@ __all__ = ["NoContent", "open_data", "make_loader", "epoch_facts", "epoch_line",
 
 
 def make_loader(cfg: Config, ds, content, split: str, *, batch_size: int, rank: int, world: int,
-                start_cursor: int = 0, seed: int | None = None, max_len: int | None = None) -> SequenceLoader:
+                start_cursor: int = 0, seed: int | None = None, max_len: int | None = None,
+                layout: dict | None = None) -> SequenceLoader:
     """A loader over one split with the config's sequence length, training windows, workers, policy
-    and seed."""
+    and seed; ``layout``: its first epoch was begun in that other layout (see
+    :mod:`~transrec.shards.loader`)."""
     return SequenceLoader(ds, content, split=split, batch_size=batch_size,
                           max_len=max_len or cfg.data.max_len, seed=cfg.run.seed if seed is None else seed,
                           rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                           policy=cfg.data.policy, start_cursor=start_cursor, windows=cfg.data.windows,
-                          cache_dir=cfg.data.cache_dir or None)
+                          cache_dir=cfg.data.cache_dir or None, layout=layout)
 
 
 def epoch_facts(loader: SequenceLoader) -> dict:

@@ -13,11 +13,15 @@ On the CPU DeepSpeed would JIT-compile its shared-memory collective op (``deepsp
 on a fresh cache and racy when two ranks compile at once). Training uses torch.distributed's gloo
 collectives and never that op (it serves DeepSpeed inference's all-reduce), so it is switched off
 unless ``TRANSREC_DS_SHM=1``.
+
+A peer that dies (``kill -9``, a crash, a lost node) closes its connections; the next collective on
+every other rank fails with the backend's error, which :func:`lost_peer` recognises and names.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import deepspeed
@@ -116,6 +120,36 @@ def average_buffers(module: torch.nn.Module, world: int, skip=()) -> None:
     flat /= world
     for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
         b.data.copy_(v.to(b.dtype))
+
+
+# What gloo and NCCL say when the other end of a collective is gone (its process died, its node was
+# lost): the connection closed or reset, a broken pipe, or the backend's own "remote" wording.
+_PEER_GONE = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|socket closed|"
+                        r"remote process exited|network error|ncclRemoteError|communicator was aborted",
+                        re.IGNORECASE)
+_PEER_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:(\d+)")
+
+
+def lost_peer(exc: BaseException, rank_: int | None = None, world: int | None = None) -> str | None:
+    """Who is gone when ``exc`` (or an exception it was raised from) is a collective failing because
+    a peer's connection closed: ``rank K`` with two ranks (the other one), else ``a peer rank``
+    with the address the backend names; None for any other exception."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and _PEER_GONE.search(str(e)):
+            break
+        e = e.__cause__ or e.__context__
+    else:
+        return None
+    if e is None:
+        return None
+    world = world_size() if world is None else world
+    me = rank() if rank_ is None else rank_
+    if world == 2:
+        return f"rank {1 - me}"
+    where = _PEER_ADDRESS.search(str(e))
+    return "a peer rank" + (f" (at {where.group(1)}:{where.group(2)})" if where else "")
 
 
 def is_main() -> bool:

@@ -14,6 +14,11 @@ and wait a grace period. A run turns the signals of ``run.stop_signals`` into a 
 An evaluation in progress when the signal comes is abandoned at its next batch (every rank at the
 same one) and nothing of it is written; the resumed run evaluates that step again.
 
+A peer that dies without warning (``kill -9``, a crash, a lost node) closes its connections: the
+collective waiting on it fails on every surviving rank, and ``transrec`` turns that failure into
+one line naming the lost rank (:func:`~transrec.engine.distributed.lost_peer`) and that the last
+checkpoint is intact, with :data:`EXIT_PEER_LOST` (:class:`PeerLost`).
+
 ``run.ckpt_every_minutes`` rides on the same all-reduce: when any rank's clock says that many minutes
 have passed since the last checkpoint (or since the run started or resumed), every rank saves after
 the same step. ``run.ckpt_every`` (steps) still applies: whichever comes first saves.
@@ -32,6 +37,7 @@ from transrec.config.schema import stop_signal_numbers
 from transrec.errors import UserError
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request, run the same command again to resume
+EXIT_PEER_LOST = 69  # sysexits' EX_UNAVAILABLE: a peer rank is gone; the last checkpoint is intact
 
 
 class EvaluationAbandoned(Exception):
@@ -47,6 +53,28 @@ class RunStopped(UserError):
     def __init__(self, line: str, signal_name: str, step: int, result=None):
         super().__init__(line)
         self.signal_name, self.step, self.result = signal_name, step, result
+
+
+class PeerLost(UserError):
+    """A collective failed because a peer rank is gone (its process died or its node was lost);
+    ``str()`` is the one line to print."""
+
+    exit_code = EXIT_PEER_LOST
+
+
+def peer_lost_line(who: str, run_dir=None) -> str:
+    """The one line a rank prints when ``who`` (``rank 1``, ``a peer rank ...``) is gone, naming the
+    latest complete checkpoint of ``run_dir`` (None: a command of several runs)."""
+    from transrec.engine.checkpoint import CheckpointManager  # lazy: checkpoint imports DeepSpeed
+
+    if run_dir is None:
+        kept = "every complete checkpoint is intact: run the same command to resume"
+    else:
+        ck = CheckpointManager(run_dir)
+        tag = ck.latest()
+        kept = (f"the last checkpoint, {ck.dir / tag}, is intact: run the same command to resume" if tag
+                else "no checkpoint was written yet: the same command starts again")
+    return f"lost {who} (its process ended or its node was lost); {kept}"
 
 
 class StopControl:

@@ -185,7 +185,8 @@ class Trainer:
     def begin(self) -> bool:
         """Resume, write the run's files, state what an epoch is, and redo a validation a stop
         abandoned; False when there is nothing left to train (done, patience spent, early stop)."""
-        self.resume()
+        if not self.resume():
+            self.state.writer = self.data_layout()
         self.start_step = self.result.step = self.state.step
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,8 +263,50 @@ class Trainer:
         self.position = (self.state.epoch, self.state.cursor)
         if self.rank == 0:
             say(f"resuming from step {self.state.step} ({self.ckpt.dir / tag})")
+        self._continue_layout(self.ckpt.manifest(tag))
         self.tracker.keep_until(self.state.step)
         return True
+
+    def data_layout(self) -> dict:
+        """This run's layout of an epoch: ranks, micro-batch per rank, loader workers, global batch."""
+        return {"world": self.world, "batch": self.micro, "workers": self.cfg.data.num_workers,
+                "global": self.cfg.data.batch_size}
+
+    def _continue_layout(self, man: dict) -> None:
+        """After loading a checkpoint: the epoch in progress is finished in the layout it was begun in
+        (``state.layout``, read exactly once over this run's ranks, see :mod:`~transrec.shards.loader`),
+        later ones in this run's; one line says so when the world size or the layout changed."""
+        writer = self.state.writer or {"world": int(man["world_size"]), "workers": self.cfg.data.num_workers,
+                                       "batch": batch_layout(self.cfg, int(man["world_size"]))[0],
+                                       "global": self.cfg.data.batch_size}
+        keys = ("world", "batch", "workers")
+        began = self.state.layout if (self.state.layout or {}).get("epoch") == self.state.epoch else None
+        began = began or {"epoch": self.state.epoch, **{k: writer[k] for k in keys}}
+        own = self.data_layout()
+        other = any(began[k] != own[k] for k in keys) or self.state.cursor % (self.micro * self.world)
+        self.state.layout = began if other else None
+        self.state.writer = own
+        if self.rank != 0 or not (other or writer["world"] != self.world):
+            return
+        n, m = writer["world"], self.world
+        old_accum = writer["global"] // (writer["batch"] * n) if writer["batch"] * n else 0
+        batch = (f"global batch {own['global']} kept: {self.micro} per rank x {self.accum} accumulation x "
+                 f"{m} (was {writer['batch']} x {old_accum} x {n})" if writer["global"] == own["global"] else
+                 f"global batch changed from {writer['global']} to {own['global']} (data.batch_size)")
+        data = ""
+        if other:
+            probe = make_loader(self.cfg, self.ds, self.content, "train", batch_size=self.micro, rank=0,
+                                world=self.world, start_cursor=self.state.cursor, layout=began)
+            data = (f"; the rest of epoch {began['epoch']} is read as {began['world']} rank(s) laid it out, "
+                    "each sample once")
+            if probe.replay_left_out:
+                data += (f" but its last {probe.replay_left_out}, too few to split over {m} ranks, which "
+                         "are left out")
+        states = ("model and optimizer states re-partitioned" if self.zero_stage else
+                  "model and optimizer states loaded whole (ZeRO-0 does not partition them)")
+        ranks = f"{m} rank{'s' if m != 1 else ''}"
+        say(f"resumed on {ranks} from a checkpoint of {n}: {states}; {batch}{data}" if n != m else
+            f"resumed on {ranks} as the checkpoint was written; {batch}{data}")
 
     def save(self, best: bool = False, *, again: bool = False) -> str:
         """Checkpoint the current step, once per step: a second call only moves the ``best`` pointer
@@ -322,9 +365,10 @@ class Trainer:
         exhausted epoch rolls over to the next one (cursor 0) when the next batch is asked for."""
         epoch, cursor = self.position
         while True:
+            began = self.state.layout if (self.state.layout or {}).get("epoch") == epoch else None
             loader = self.skips.train.follow(make_loader(self.cfg, self.ds, self.content, "train",
                                                          batch_size=self.micro, rank=self.rank,
-                                                         world=self.world, start_cursor=cursor))
+                                                         world=self.world, start_cursor=cursor, layout=began))
             loader.set_epoch(epoch)
             if len(loader) == 0:
                 raise UserError(f"{self.cfg.data.path}: the training split gives no batch of {self.micro} "

@@ -33,8 +33,20 @@ slot, pass)``. So the batches are a pure function of ``(seed, epoch)`` for a giv
 ``batch_size``, ``max_len``, ``windows``, ``world_size`` and ``num_workers``. ``Batch.cursor`` is the global
 (all-rank) sample cursor within the epoch after that batch, ``(i + 1) * batch_size * world_size``;
 a loader constructed with ``start_cursor=c`` yields exactly the batches after ``c`` for its first
-epoch (later epochs start at 0). Keep world size, workers, batch size, ``max_len`` and ``windows``
-when resuming.
+epoch (later epochs start at 0). Keep ``max_len`` and ``windows`` when resuming.
+
+**Another layout.** An epoch begun by ``N`` ranks with ``W`` workers and batches of ``b`` (its
+*layout*) can be finished by any other number of ranks, workers and batch size: a loader given
+``layout={"world": N, "batch": b, "workers": W}`` reads, for its first epoch, the rows that layout
+had not yet handed out, exactly once over its ranks. Those rows, in the layout's own order (batch
+``i`` of every old rank in rank order, then batch ``i + 1``, each old rank's batches coming from its
+slots' streams as above), form one sequence; ``start_cursor`` counts the rows of it already read,
+and global micro-batch ``t`` of the new ranks is its next ``batch_size * world_size`` rows, rank
+``r`` taking the ``r``-th ``batch_size`` of them. A rank therefore reads only the old ranks' streams
+its rows come from. Rows at the end of the epoch too few for one more batch on every rank are
+split evenly over the ranks in a last, smaller batch when they divide, and otherwise left out and
+counted in ``replay_left_out`` (never with the default batch split, where the new ranks' global
+micro-batch is the old one's). Later epochs use the loader's own layout.
 
 **Splits** (leave-one-out, on the sequence after unusable items are dropped): training rows are
 windows of at most ``max_len + 1`` items of the training part (all but the last two items; all
@@ -348,7 +360,7 @@ class SequenceLoader:
                  batch_size: int, max_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, policy: str = "repeat", start_cursor: int = 0,
                  shuffle_buffer: int = 1000, pin_memory: bool = False, prefetch_factor: int = 4,
-                 windows: str = "last", cache_dir: str | None = None):
+                 windows: str = "last", cache_dir: str | None = None, layout: dict | None = None):
         if not isinstance(dataset, Dataset):
             dataset = Dataset.open(dataset)
         if split not in SPLITS:
@@ -391,11 +403,90 @@ class SequenceLoader:
         else:
             self.shard_samples = [int(s.n_eval) for s in dataset.seq_shards]
         self.batches_per_slot = self._plan()
+        self.cache_dir = cache_dir
+        self.layout = self._other_layout(layout, int(start_cursor))
+        self.replay_left_out = 0  # rows of the first epoch's other layout too few to split over the ranks
+        self._replay_pending = self.layout is not None  # the first epoch is the other layout's
         step = self.batch_size * self.world_size
-        if start_cursor % step or not 0 <= start_cursor <= len(self) * step:
+        if self.layout is not None:
+            self._replay_plan(int(start_cursor))
+            start_cursor = 0  # later epochs start at 0
+        elif start_cursor % step or not 0 <= start_cursor <= len(self) * step:
             raise ValueError(f"start_cursor {start_cursor} is not a multiple of batch_size*world_size "
                              f"= {step} within the epoch ({len(self) * step} samples)")
         self._start_batches = start_cursor // step
+
+    # ---- an epoch begun in another layout -----------------------------------------------------
+    def _other_layout(self, layout: dict | None, start_cursor: int) -> dict | None:
+        """``layout`` when it differs from this loader's own, or is its own but ``start_cursor`` falls
+        within a batch of it (an epoch left part-way by other ranks); else None. Training split only."""
+        if layout is None or self.split != "train":
+            return None
+        old = {k: int(layout[k]) for k in ("world", "batch", "workers")}
+        mine = {"world": self.world_size, "batch": self.batch_size, "workers": self.num_workers}
+        return None if old == mine and start_cursor % (self.batch_size * self.world_size) == 0 else old
+
+    def _old_loader(self, rank: int) -> SequenceLoader:
+        lay = self.layout
+        return SequenceLoader(self.dataset, self.content, split=self.split, batch_size=lay["batch"],
+                              max_len=self.max_len, seed=self.seed, rank=rank, world_size=lay["world"],
+                              num_workers=lay["workers"], policy=self.policy,
+                              shuffle_buffer=self.shuffle_buffer, windows=self.windows,
+                              cache_dir=self.cache_dir)
+
+    def _replay_plan(self, start: int) -> None:
+        old = self._old_loader(0)
+        self._old_batches, self._old_slots = len(old), old.effective_workers
+        total = self._old_batches * self.layout["batch"] * self.layout["world"]
+        if not 0 <= start <= total:
+            raise ValueError(f"start_cursor {start} is outside the epoch of the layout {self.layout} "
+                             f"({total} rows)")
+        g = self.batch_size * self.world_size
+        rest = total - start
+        self._replay_start, self._replay_total = start, total
+        self._replay_full, tail = rest // g, rest % g
+        self._replay_tail = tail // self.world_size if tail % self.world_size == 0 else 0
+        self.replay_left_out = tail if tail % self.world_size else 0
+        whole, whole_tail = total // g, total % g
+        self._replay_len = whole + (1 if whole_tail and whole_tail % self.world_size == 0 else 0)
+
+    def _replay(self) -> Iterator[Batch]:
+        """This rank's batches of the rest of the first epoch, as the other layout laid it out."""
+        lay, bsz, world = self.layout, self.batch_size, self.world_size
+        b_old, n_old, slots = lay["batch"], lay["world"], self._old_slots
+        stats = SkipStats(where=f"sequences {self.dataset.path} [{self.split}]")
+        streams: dict[tuple[int, int], list] = {}  # (old rank, slot) -> [row iterator, rows taken]
+
+        def row(gi: int) -> tuple:
+            unit, within = divmod(gi, b_old)
+            i, r = divmod(unit, n_old)
+            slot, q = i % slots, i // slots
+            if (r, slot) not in streams:
+                src = _SlotStream(self._old_loader(r), self.epoch, 0)
+                streams[(r, slot)] = [src._train_rows(slot, stats, WorkerSplit(slots, 0, slot=slot)), 0]
+            it = streams[(r, slot)]
+            for _ in range(q * b_old + within - it[1]):  # rows of this stream other ranks take
+                next(it[0])
+            it[1] = q * b_old + within + 1
+            return next(it[0])
+
+        plan = [(bsz, t) for t in range(self._replay_full)]
+        if self._replay_tail:
+            plan.append((self._replay_tail, self._replay_full))
+        g = bsz * world
+        reported: dict[str, int] = {}
+        length = self.max_len + 1
+        for n, t in plan:
+            first = self._replay_start + t * g + self.rank * n
+            chunk = [row(first + k) for k in range(n)]
+            cursor = self._replay_start + (t + 1) * g if n == bsz else self._replay_total
+            users = np.fromiter((c[0] for c in chunk), dtype=np.int64, count=n)
+            batch = collate_windows([c[1] for c in chunk], users, length, self.content, self.log_q,
+                                    cursor=cursor)
+            delta = {k: v - reported.get(k, 0) for k, v in stats.counts.items() if v != reported.get(k, 0)}
+            reported = dict(stats.counts)
+            self.stats.add(delta)
+            yield batch
 
     def _plan(self) -> int:
         """Batches per slot (the same on every rank and every epoch)."""
@@ -417,6 +508,8 @@ class SequenceLoader:
         return max(math.ceil(c / B) for c in per_slot)
 
     def __len__(self) -> int:
+        if self._replay_pending:
+            return self._replay_len
         return self.batches_per_slot * self.effective_workers
 
     def set_epoch(self, epoch: int) -> None:
@@ -434,6 +527,10 @@ class SequenceLoader:
         return len(self) * self.batch_size * self.world_size
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._replay_pending:
+            self._replay_pending = False  # later epochs: this loader's own layout, from the start
+            yield from self._replay()
+            return
         start, self._start_batches = self._start_batches, 0
         stream = _SlotStream(self, self.epoch, start)
         if self.num_workers == 0:

@@ -15,7 +15,7 @@ import pytest
 from transrec import cli
 from transrec.config.markdown import COMMAND, render
 from transrec.engine.guard import DIVERGED_EXIT, Diverged
-from transrec.engine.preempt import RunStopped
+from transrec.engine.preempt import PeerLost, RunStopped
 from transrec.errors import UserError
 from transrec.storage import WriteFailed
 
@@ -164,13 +164,15 @@ def test_exit_codes_listed_are_the_codes_the_code_defines():
     readme = listed_exit_codes(README, "## Command line")
     reliability = listed_exit_codes(DOCS / "reliability.md", "## Exit codes")
     assert set(readme) == set(reliability) == codes_in_source() | {130}, (sorted(readme), sorted(reliability))
-    assert {DIVERGED_EXIT, WriteFailed.exit_code, RunStopped.exit_code, 0, 2, 130} == set(readme)
+    codes = {DIVERGED_EXIT, WriteFailed.exit_code, RunStopped.exit_code, PeerLost.exit_code, 0, 2, 130}
+    assert codes == set(readme)
 
 
 def test_exit_codes_are_what_the_command_line_returns(monkeypatch, capsys):
     readme = listed_exit_codes(README, "## Command line")
     cases = {UserError("a mistake"): "mistake", Diverged("non-finite"): "diverged",
              WriteFailed("disk full"): "write failed", RunStopped("stopped", "SIGTERM", 3): "signal",
+             PeerLost("lost rank 1"): "peer rank was lost",
              KeyboardInterrupt(): "interrupted"}
     for raised, word in cases.items():
         code = exit_code_of(monkeypatch, raised)
