@@ -448,10 +448,31 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-") or "run"
 
 
+def _child(launcher: list[str], args, data: str, out: Path, label: str, extra: list[str],
+           dedup: bool = True) -> dict:
+    """One measurement in a process of its own (``launcher``: python, or torchrun with its options):
+    every configuration starts from the same state (no shape or allocator warmed up by another) and
+    its peak memory is its own. Its summary goes to this process's output; its row is returned."""
+    import subprocess  # lazy: only several configurations launch processes
+
+    cmd = [*launcher, "-m", "transrec.cli", "bench", "--preset", args.preset, "--data", data,
+           "--out", str(out),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--label", label,
+           *(["--config", args.config] if args.config else []), *([] if dedup else ["--no-dedup"]),
+           *args.overrides, *extra]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # a launcher sets its own
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise BenchError(f"{label}: the measurement failed with exit {proc.returncode}: {' / '.join(tail)}")
+    print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("rows: ")), flush=True)
+    (row,) = read_rows(out / "bench.json")
+    return row
+
+
 def world_sweep(args, data: str, worlds: list[str], out: Path) -> list[dict]:
     """One launch per world size (torchrun on this machine), each a bench of its own; rows with the
     scaling efficiency against the smallest world: (seq/s per rank) / (the same at the smallest)."""
-    import subprocess  # lazy: only a world sweep launches processes
     import sys  # lazy: only a world sweep launches processes
 
     try:
@@ -462,19 +483,9 @@ def world_sweep(args, data: str, worlds: list[str], out: Path) -> list[dict]:
         raise BenchError("--sweep world: rank counts start at 1")
     rows = []
     for w in sizes:
-        sub = out / f"world{w}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}",
-               "-m", "transrec.cli", "bench", "--preset", args.preset, "--data", data, "--out", str(sub),
-               "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--label", f"{args.label or args.preset} world={w}",
-               *(["--config", args.config] if args.config else []), *args.overrides]
-        say(f"bench: {w} rank{'s' if w > 1 else ''}: {' '.join(cmd[1:])}")
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}  # torchrun sets its own
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise BenchError(f"the {w}-rank launch failed with exit {proc.returncode}: {' / '.join(tail)}")
-        (row,) = read_rows(sub / "bench.json")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w}"]
+        say(f"bench: {w} rank{'s' if w > 1 else ''}")
+        row = _child(launcher, args, data, out / f"world{w}", f"{args.label or args.preset} world={w}", [])
         row["sweep_value"] = w
         rows.append(row)
     base = rows[0]["seq_per_s"] / rows[0]["world"]
@@ -492,6 +503,7 @@ def _command(args) -> list[str]:
             cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.synth:
         cmd += ["--image-frac", f"{args.image_frac:g}"]
+    cmd += [f for f, on in (("--in-process", args.in_process), ("--no-dedup", args.no_dedup)) if on]
     return [*cmd, "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(args.out),
             *args.overrides]
 
@@ -529,11 +541,20 @@ def run(args) -> int:
     else:
         data = args.data
 
+    # several configurations on one process: each in a process of its own (under a launcher, the
+    # ranks measure them one after another)
+    isolate = D.world_size() == 1 and (bool(ablate) or bool(sweep)) and not args.in_process
+
     def one(name: str, extra: list[str], dedup: bool = True) -> dict:
+        if isolate:
+            import sys  # lazy: only several configurations launch processes
+
+            return _child([sys.executable], args, data, out / "runs" / _slug(name), name, extra, dedup)
         overrides = [*args.overrides, *extra]
         cfg = bench_config(args.preset, args.config, overrides, data=data, run=out / "runs" / _slug(name),
                            warmup=args.warmup, steps=args.steps)
-        row = measure(cfg, warmup=args.warmup, steps=args.steps, label=name, dedup=dedup, overrides=overrides)
+        row = measure(cfg, warmup=args.warmup, steps=args.steps, label=name,
+                      dedup=dedup and not args.no_dedup, overrides=overrides)
         if D.rank() == 0:
             print(summary(row), flush=True)
         return row

@@ -386,5 +386,10 @@ def register(sub) -> None:
                    help="the ratio table B / A of two bench results, matched by row label")
     p.add_argument("--label", help="the row's name (default: the preset)")
     p.add_argument("--out", default="bench", help="output folder (default: %(default)s)")
+    p.add_argument("--in-process", action="store_true",
+                   help="with --ablate or --sweep: measure every configuration in this process, one after "
+                        "another (by default each runs in a process of its own: the same start for each, "
+                        "and its own peak memory)")
+    p.add_argument("--no-dedup", action="store_true", help=argparse.SUPPRESS)  # --ablate dedup's child
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
