@@ -31,6 +31,8 @@ import math
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,10 +185,10 @@ def measure(cfg: Config, *, warmup: int, steps: int, label: str, dedup: bool = T
                 torch.cuda.reset_peak_memory_stats(device)
             batches = trainer.micro_batches()
 
-            def step(counts: _Counts | None = None, clock=None) -> list:
-                with clock("data") if clock else NO_CLOCK("data"):
+            def step(counts: _Counts | None = None, clock=NO_CLOCK) -> list:
+                with clock("data"):
                     micro = [next(batches) for _ in range(trainer.accum)]
-                with clock("other") if clock else NO_CLOCK("other"):
+                with clock("other"):
                     trainer.train_step(micro)
                 if counts is not None:
                     for b in micro:
@@ -298,10 +300,8 @@ def _fmt(v, digits: int = 3) -> str:
         return "-"
     if isinstance(v, bool):
         return "on" if v else "off"
-    if isinstance(v, float):
-        if v and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.{digits}g}"
-        return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:.0f}"
+    if isinstance(v, float):  # 3 significant digits, but whole numbers from 100 up to 1e5
+        return f"{v:.0f}" if 100 <= abs(v) < 1e5 else f"{v:.{digits}g}"
     return str(v)
 
 
@@ -453,8 +453,6 @@ def _child(launcher: list[str], args, data: str, out: Path, label: str, extra: l
     """One measurement in a process of its own (``launcher``: python, or torchrun with its options):
     every configuration starts from the same state (no shape or allocator warmed up by another) and
     its peak memory is its own. Its summary goes to this process's output; its row is returned."""
-    import subprocess  # lazy: only several configurations launch processes
-
     cmd = [*launcher, "-m", "transrec.cli", "bench", "--preset", args.preset, "--data", data,
            "--out", str(out),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--label", label,
@@ -473,8 +471,6 @@ def _child(launcher: list[str], args, data: str, out: Path, label: str, extra: l
 def world_sweep(args, data: str, worlds: list[str], out: Path) -> list[dict]:
     """One launch per world size (torchrun on this machine), each a bench of its own; rows with the
     scaling efficiency against the smallest world: (seq/s per rank) / (the same at the smallest)."""
-    import sys  # lazy: only a world sweep launches processes
-
     try:
         sizes = sorted({int(w) for w in worlds})
     except ValueError:
@@ -547,8 +543,6 @@ def run(args) -> int:
 
     def one(name: str, extra: list[str], dedup: bool = True) -> dict:
         if isolate:
-            import sys  # lazy: only several configurations launch processes
-
             return _child([sys.executable], args, data, out / "runs" / _slug(name), name, extra, dedup)
         overrides = [*args.overrides, *extra]
         cfg = bench_config(args.preset, args.config, overrides, data=data, run=out / "runs" / _slug(name),

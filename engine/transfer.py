@@ -310,11 +310,17 @@ def _chosen_row(candidates: list[tuple[dict, list[dict]]], monitor: str, *, tune
 PROTOCOL_OF = {"masked": True, "ranked": False}  # interval key prefix -> eval.exclude_history
 
 
-def _user_values(row: dict, metric: str, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """(users, the row's per-user ``metric`` under ``protocol``, averaged over its seeds' runs)."""
+def _row_ranks(row: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each of the row's runs' kept test ranks (one run per seed)."""
+    return [load_ranks(run, step)
+            for run, step in zip(row.get("runs", [row["run"]]), row.get("eval_steps", [row["eval_step"]]))]
+
+
+def _user_values(kept: list[tuple[np.ndarray, np.ndarray]], metric: str,
+                 protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """(users, per-user ``metric`` under ``protocol`` averaged over the runs of :func:`_row_ranks`)."""
     users, values = None, []
-    for run, step in zip(row.get("runs", [row["run"]]), row.get("eval_steps", [row["eval_step"]])):
-        u, ranks = load_ranks(run, step)
+    for u, ranks in kept:
         v = user_values(ranks, metric, protocol)
         if users is None:
             users = u
@@ -330,8 +336,8 @@ def mode_difference(rows: list[dict], a: str, b: str, *, budget=None, protocol: 
     """(mean, 95 % interval low, high) of mode ``a`` minus mode ``b`` in test ``metric`` over the
     users both ranked, paired (rows of ``budget``)."""
     pick = {r["mode"]: r for r in rows if r.get("budget") == budget}
-    ua, va = _user_values(pick[a], metric, protocol)
-    ub, vb = _user_values(pick[b], metric, protocol)
+    ua, va = _user_values(_row_ranks(pick[a]), metric, protocol)
+    ub, vb = _user_values(_row_ranks(pick[b]), metric, protocol)
     return paired_interval(ua, va, ub, vb)
 
 
@@ -343,11 +349,12 @@ def add_intervals(rows: list[dict], metrics=("ndcg@10", "hr@10")) -> None:
     for r in rows:
         groups.setdefault(r.get("budget"), []).append(r)
     for group in groups.values():
+        kept = {id(r): _row_ranks(r) for r in group}  # read once, used for every metric and protocol
         for protocol in PROTOCOL_OF:
             for metric in metrics:
                 entries = []
                 for r in group:
-                    users, vals = _user_values(r, metric, protocol)
+                    users, vals = _user_values(kept[id(r)], metric, protocol)
                     lo, hi = bootstrap_interval(vals)
                     key = f"{protocol}_{metric}"
                     r[key], r[f"{key}_lo"], r[f"{key}_hi"] = (round(float(vals.mean()), 5), round(lo, 5),
