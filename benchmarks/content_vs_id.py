@@ -6,6 +6,12 @@ Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20
          --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # one budget, with hybrid items
      .venv/bin/python benchmarks/content_vs_id.py --steps 1000 --content-signal 1,0.5,0.25,0 \
          --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # the curve over how much titles tell
+     .venv/bin/python benchmarks/content_vs_id.py --steps 200 --tune model.user.dropout=0.1,0.5 \
+         --models id-sasrec,transrec-minilm,transrec-minilm-hybrid    # every model tuned the same way
+
+``--tune KEY=V1,V2`` (repeatable) runs every model, the ID model's included, at each combination and
+keeps, per model, the run with the best validation NDCG@10; only that run is exported and tested.
+``--patience N`` stops every model's run after N validations without gain.
 
 ``--content-signal F[,F...]`` makes the world once per value (:func:`transrec.shards.synth.synthesize`'s
 ``content_signal``: how much of what drives tastes the titles show) and runs every model on each.
@@ -141,6 +147,13 @@ def main() -> int:
     ap.add_argument("--content-signal", default="1", metavar="F[,F...]",
                     help="how much of what drives tastes the titles show, 0 to 1; several: one world each "
                          "(default: 1)")
+    ap.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2",
+                    help="tune KEY for every model, the ID model's included (repeatable: the grid of every "
+                         "combination); each model keeps the value whose run has the best validation "
+                         "NDCG@10, and only that run is tested")
+    ap.add_argument("--patience", type=int, default=0,
+                    help="run.patience of every model: stop after this many validations without gain "
+                         "(0: run the whole budget)")
     ap.add_argument("extra", nargs="*", help="key=value overrides for content TransRec")
     args = ap.parse_args()
     if args.quick:
@@ -153,12 +166,28 @@ def main() -> int:
         ap.error(f"--content-signal: numbers in [0, 1], got {args.content_signal!r}")
     if not signals or any(not 0 <= f <= 1 for f in signals):
         ap.error(f"--content-signal: numbers in [0, 1], got {args.content_signal!r}")
+    try:
+        args.grid = tune_grid(args.tune)
+    except ValueError as exc:
+        ap.error(str(exc))
     t0 = time.time()
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="content_vs_id_"))
     for f in signals:
         one_world(args, work / (f"signal-{f:g}" if len(signals) > 1 else "."), f)
     print(f"total {time.time() - t0:.0f} s; work folder {work}")
     return 0
+
+
+def tune_grid(specs: list[str]) -> list[list[str]]:
+    """Every combination of ``--tune KEY=V1,V2`` values as override lists (``[[]]`` without any)."""
+    grid: list[list[str]] = [[]]
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not key.strip() or not vals:
+            raise ValueError(f"--tune: KEY=V1,V2,... expected, got {spec!r}")
+        grid = [g + [f"{key.strip()}={v}"] for g in grid for v in vals]
+    return grid
 
 
 def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]]) -> None:
@@ -210,13 +239,24 @@ def one_world(args, work: Path, signal: float) -> None:
         raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(runs)})")
     for name in names:
         preset, over = runs[name]
-        run, exp = work / f"run-{name}", work / f"export-{name}"
-        cfg = transrec.build_config(preset, overrides=over + [f"data.path={data}", f"run.out={run}",
-                                                              f"run.seed={args.seed}", "run.progress=off"])
-        print(f"== {name}: preset {preset} {' '.join(over)}", flush=True)
-        t = time.time()
-        result = transrec.train(cfg)
-        wall = time.time() - t
+        tried = []  # (valid NDCG@10, tuned overrides, run folder, result, wall s) of each grid point
+        for j, tuned in enumerate(args.grid):
+            run = work / (f"run-{name}" + (f"-t{j}" if len(args.grid) > 1 else ""))
+            extra = [f"run.patience={args.patience}"] if args.patience else []
+            cfg = transrec.build_config(preset, overrides=over + extra + tuned + [
+                f"data.path={data}", f"run.out={run}", f"run.seed={args.seed}", "run.progress=off"])
+            print(f"== {name}: preset {preset} {' '.join(over + extra + tuned)}", flush=True)
+            t = time.time()
+            result = transrec.train(cfg)
+            wall = time.time() - t
+            valid = json.loads((run / "eval.json").read_text())["best"]["valid"]["ndcg@10"]
+            tried.append((valid, tuned, run, result, wall))
+        # selection by validation only: the test figures of the other grid points are never read
+        valid, tuned, run, result, wall = max(tried, key=lambda x: x[0])
+        if len(tried) > 1:
+            print(f"{name}: kept {' '.join(tuned)} by validation NDCG@10 ("
+                  + ", ".join(f"{' '.join(t)}: {v:.4f}" for v, t, *_ in tried) + ")", flush=True)
+        exp = work / f"export-{name}"
         transrec.export(run, exp)  # the best checkpoint by validation
         best = json.loads((run / "eval.json").read_text())["best"]
         kept[name] = (run, best["step"])
@@ -227,7 +267,8 @@ def one_world(args, work: Path, signal: float) -> None:
             if abs(groups["all"][1] - ref) > 2e-3:
                 print(f"warning: {name} {proto} all-user NDCG@10 {groups['all'][1]:.4f} differs from "
                       f"eval.json best.test {ref:.4f}", flush=True)
-            rows.append({"content_signal": signal, "model": name, "preset": preset, "steps": result.step,
+            rows.append({"content_signal": signal, "model": name, "preset": preset,
+                         "tuned": " ".join(tuned), "steps": result.step,
                          "best_step": best["step"],
                          "train_s": round(result.seconds, 1), "wall_s": round(wall, 1), "protocol": proto,
                          "valid_ndcg@10": round(best["valid"][key + "ndcg@10"], 4),
@@ -246,7 +287,8 @@ def one_world(args, work: Path, signal: float) -> None:
     for r in rows:
         vs = (f"{r['vs_id_ndcg@10']:+.4f} [{r['vs_id_ndcg@10_lo']:+.4f}, {r['vs_id_ndcg@10_hi']:+.4f}]"
               if "vs_id_ndcg@10" in r else "")
-        print(f"| {r['model']} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
+        label = f"{r['model']} ({r['tuned']})" if r["tuned"] else r["model"]
+        print(f"| {label} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
               f"| {r['all_ndcg@10']:.4f} [{r['all_ndcg@10_lo']:.4f}, {r['all_ndcg@10_hi']:.4f}] | {vs} "
               f"| {r['all_hr@10']:.4f} | {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
               f"| {r['warm_ndcg@10']:.4f} | {r['warm_hr@10']:.4f} |")
@@ -254,7 +296,8 @@ def one_world(args, work: Path, signal: float) -> None:
     if not args.no_csv:
         run = {**stamp(), "quick": args.quick, "n_users_world": args.users,
                "n_items_world": args.items, "test_users": len(users), "cold_users": n_cold,
-               "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed}
+               "content_user": args.content_user, "content_batch": args.content_batch, "seed": args.seed,
+               "patience": args.patience}
         append_rows(ROOT / "benchmarks" / "results" / "content_vs_id.csv", [{**run, **r} for r in rows])
 
 
