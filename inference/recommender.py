@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from transrec.errors import UserError
+from transrec.inference.ann import ItemIndex, check_kind, fetch_size
 from transrec.inference.metrics import DEFAULT_KS, ranking_metrics
 from transrec.inference.scoring import (
     SCORE_CHUNK,
@@ -54,6 +55,7 @@ from transrec.inference.scoring import (
     score_matrix,
     user_states,
 )
+from transrec.inference.vectors import export_fingerprint, read_vectors, write_vectors
 from transrec.models.content import open_data
 from transrec.models.export import export_config, read_export
 from transrec.models.sequential import SequentialRecommender, content_spec
@@ -107,9 +109,17 @@ class Recommender:
     """
 
     def __init__(self, model: SequentialRecommender, cfg, *, device="cpu", source: str = "",
-                 score_chunk: int = SCORE_CHUNK, item_ids: Sequence[str] | None = None):
+                 score_chunk: int = SCORE_CHUNK, item_ids: Sequence[str] | None = None,
+                 index: str = "exact", index_options: dict | None = None):
         if int(score_chunk) < 1:
             raise UserError(f"score_chunk must be at least 1, got {score_chunk}")
+        # top-k retrieval: "exact" scores every candidate; "hnsw" / "ivf" search a FAISS index over
+        # the scoring vectors (built on first use, kept up to date as items join)
+        self.index = check_kind(index)
+        self._index_options = dict(index_options or {})
+        self._ann: ItemIndex | None = None
+        self._in_index = np.zeros(0, dtype=bool)  # table row -> in the ANN index
+        self._fingerprint: str | None = None
         self.device = _device(device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
@@ -143,19 +153,22 @@ class Recommender:
             self._own = {str(i): r for r, i in enumerate(ids) if seen[r]}
 
     @classmethod
-    def from_export(cls, path: str | Path, device=None, *, score_chunk: int = SCORE_CHUNK) -> Recommender:
+    def from_export(cls, path: str | Path, device=None, *, score_chunk: int = SCORE_CHUNK,
+                    index: str = "exact", index_options: dict | None = None) -> Recommender:
         """The export's model (full or adapter export) on ``device`` (default: CUDA when present);
         ``score_chunk``: candidates scored per product (memory: ``eval.batch_size × score_chunk``
-        float32 scores at a time)."""
+        float32 scores at a time); ``index``: ``exact``, ``hnsw`` or ``ivf`` top-k retrieval
+        (:mod:`transrec.inference.ann`; ``index_options``: its parameters, e.g. ``ef_search``)."""
+        check_kind(index)
         meta = read_export(path)
         cfg = export_config(path)
         model = SequentialRecommender.from_export(path)
         return cls(model, cfg, device=device, source=str(path), score_chunk=score_chunk,
-                   item_ids=meta.get("item_ids"))
+                   item_ids=meta.get("item_ids"), index=index, index_options=index_options)
 
     def __repr__(self) -> str:
         return (f"Recommender({self.source!r}, kind={self.kind}, items={len(self._pool)}, "
-                f"device={self.device.type})")
+                f"index={self.index}, device={self.device.type})")
 
     # -- the pool -------------------------------------------------------------------------------
     @property
@@ -218,6 +231,90 @@ class Recommender:
             raise UserError(f"unknown item id {item_id!r} (not in the {len(self._pool)} encoded items; "
                             "add it with add_items)")
         return r
+
+    # -- vectors --------------------------------------------------------------------------------
+    @property
+    def metric(self) -> str:
+        """``cosine`` (users and items L2-normalised before the product) or ``dot``."""
+        return "cosine" if self.l2 else "dot"
+
+    def _item_keys(self) -> torch.Tensor:
+        table = self._all()
+        if self._keys is None:
+            self._keys = item_keys(table, self.l2)
+        return self._keys
+
+    def vectors(self, ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """``(ids, [n, d] float32)``: the scoring vectors of the pool (or of ``ids``), the rows a user
+        vector is scored against (unit rows for a cosine model), bit for bit."""
+        cand_ids, rows = self._candidates(ids)
+        return list(cand_ids), self._item_keys()[rows].cpu().numpy()
+
+    def embeddings(self, ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """``(ids, [n, d] float32)``: the item embeddings the user encoder reads for the pool (or
+        ``ids``): content embedding, plus the per-item vector of a hybrid model's trained items."""
+        cand_ids, rows = self._candidates(ids)
+        return list(cand_ids), self._all()[rows].cpu().numpy()
+
+    def add_vectors(self, ids: Sequence[str], embeddings) -> None:
+        """Add items to the pool by their embeddings ``[n, d]`` (what :meth:`embeddings` returns: the
+        user encoder's input rows, a hybrid item's per-item vector already in), no encoder run."""
+        ids = [str(i) for i in ids]
+        emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        dim = int(self.cfg.model.dim)
+        if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.shape[1] != dim:
+            raise UserError(f"add_vectors: {list(emb.shape)} embeddings for {len(ids)} ids; the model's "
+                            f"items have dimension {dim}")
+        if len(set(ids)) != len(ids):
+            raise UserError("add_vectors: an id is given twice")
+        if not bool(torch.isfinite(emb).all()):
+            raise UserError("add_vectors: embeddings hold NaN or inf")
+        rows = self._add_rows(emb)
+        for i, r in zip(ids, rows.tolist()):
+            self._pool[i] = int(r)
+        self._pool_cache = None
+
+    def _export_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            if not self.source or not Path(self.source, "export.json").is_file():
+                raise UserError("item vectors are tied to an export: make the Recommender with "
+                                "Recommender.from_export")
+            self._fingerprint = export_fingerprint(self.source)
+        return self._fingerprint
+
+    def save_vectors(self, out: str | Path, *, parquet: bool = False) -> dict:
+        """Write the pool's vectors to the folder ``out`` (:mod:`transrec.inference.vectors`), with
+        this Recommender's ANN index when it has one (built now if not yet); returns vectors.json."""
+        ids, vectors = self.vectors()
+        emb = self.embeddings()[1] if self.l2 else None
+        index = None
+        if self.index != "exact":  # an index over the file's rows (positions in ids)
+            index = ItemIndex(self.index, vectors.shape[1], metric=self.metric, **self._index_options)
+            index.add(vectors, np.arange(len(ids)))
+        return write_vectors(out, ids, vectors, emb, metric=self.metric, export=self.source,
+                             fingerprint=self._export_fingerprint(), model_kind=self.kind,
+                             own_vectors=sum(i in self._own for i in ids), parquet=parquet, index=index)
+
+    def load_vectors(self, folder: str | Path) -> int:
+        """Add the items of a vectors folder made with this export (every file's hash and the
+        export's fingerprint checked); a saved index of this Recommender's kind is loaded with them,
+        else the index is built on first use. Returns the number of items added."""
+        ids, vectors, emb, meta = read_vectors(folder, fingerprint=self._export_fingerprint())
+        if meta.get("metric") != self.metric:
+            raise UserError(f"{folder}: vectors for {meta.get('metric')} scoring, this model scores by "
+                            f"{self.metric}")
+        start = self._n
+        self.add_vectors(ids, emb if emb is not None else vectors)
+        if not torch.equal(self._item_keys()[start:start + len(ids)].cpu(), torch.from_numpy(vectors)):
+            raise UserError(f"{folder}: the stored scoring vectors differ from the embeddings' own; "
+                            "make the folder again with transrec vectors")
+        if self.index != "exact" and meta.get("index", {}).get("kind") == self.index and self._ann is None:
+            ann = ItemIndex.load(folder, self.index)
+            ann.rows = ann.rows + start
+            self._ann = ann
+            self._in_index = np.zeros(self._n, dtype=bool)
+            self._in_index[ann.rows] = True
+        return len(ids)
 
     # -- encoding -------------------------------------------------------------------------------
     def add_items(self, titles: Sequence[str] | None = None, images: Sequence | None = None, *,
@@ -450,6 +547,14 @@ class Recommender:
         cand_ids, cand = self._candidates(candidates)
         if not cand_ids:
             raise UserError("no candidate items")
+        if self.index != "exact" and (candidates is None or len(cand_ids) > self.score_chunk):
+            return self._recommend_ann(histories, k, exclude_history=exclude_history,
+                                       candidates=None if candidates is None else cand_ids)
+        return self._recommend_exact(histories, k, exclude_history=exclude_history, cand_ids=cand_ids,
+                                     cand=cand)
+
+    def _recommend_exact(self, histories, k: int, *, exclude_history: bool, cand_ids: list[str],
+                         cand: torch.Tensor) -> list[Recommendations]:
         out: list[Recommendations] = []
         for lo in range(0, len(histories), self.batch_size):
             rows = self._history_rows(histories[lo:lo + self.batch_size])
@@ -459,6 +564,81 @@ class Recommender:
                 keep = torch.isfinite(top[i])
                 out.append(Recommendations([cand_ids[j] for j in at[i][keep].tolist()],
                                            top[i][keep].tolist()))
+        return out
+
+    # -- approximate top-k ------------------------------------------------------------------------
+    def _ann_index(self) -> ItemIndex:
+        """The ANN index with every pool row in it (rows that joined since the last call added)."""
+        keys = self._item_keys()
+        if self._ann is None:
+            self._ann = ItemIndex(self.index, int(keys.shape[1]), metric=self.metric, **self._index_options)
+        if self._in_index.shape[0] < self._n:
+            grow = np.zeros(self._n - self._in_index.shape[0], dtype=bool)
+            self._in_index = np.concatenate([self._in_index, grow])
+        rows = np.unique(np.fromiter(self._pool.values(), dtype=np.int64, count=len(self._pool)))
+        todo = rows[~self._in_index[rows]]
+        if todo.size:
+            self._ann.add(keys[torch.as_tensor(todo, device=keys.device)].cpu().numpy(), todo)
+            self._in_index[todo] = True
+        return self._ann
+
+    def _pool_columns(self, cand_ids: list[str] | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, their rows sorted, the pool column of each sorted row) of the candidates: a row found
+        by the index maps to every candidate id it backs, in pool order."""
+        ids, rows = self._candidates(cand_ids)
+        rows = rows.cpu().numpy()
+        order = np.argsort(rows, kind="stable")
+        return ids, rows[order], order
+
+    def _recommend_ann(self, histories, k: int, *, exclude_history: bool,
+                       candidates: list[str] | None) -> list[Recommendations]:
+        """Top ``k`` by the ANN index: ask for more neighbours than ``k`` (history and non-candidates
+        are filtered after the search), and again with four times as many for a user left short; a
+        user still short when the whole index was asked for (a graph search need not reach every
+        item) is scored exactly."""
+        index = self._ann_index()
+        ids, sorted_rows, column = self._pool_columns(candidates)
+        n = len(index)
+        out: list[Recommendations] = []
+        for lo in range(0, len(histories), self.batch_size):
+            rows = self._history_rows(histories[lo:lo + self.batch_size])
+            with torch.no_grad():
+                users = item_keys(self._users(rows, self._all()), self.l2).cpu().numpy()
+            masked = [set(r) if exclude_history else set() for r in rows]
+            fetch = fetch_size(k, max(len(m) for m in masked), n)
+            if candidates is not None:  # a subset: its share of the index decides how far to look
+                fetch = min(n, int(fetch * max(1.0, n / max(len(ids), 1))))
+            result: list[Recommendations | None] = [None] * len(rows)
+            todo = list(range(len(rows)))
+            while todo and fetch <= n:
+                scores, found = index.search(users[todo], fetch)
+                short = []
+                for j, u in enumerate(todo):
+                    got_ids, got_scores = [], []
+                    for score, row in zip(scores[j].tolist(), found[j].tolist()):
+                        if row < 0 or len(got_ids) >= k:
+                            break
+                        if row in masked[u]:
+                            continue
+                        a = int(np.searchsorted(sorted_rows, row, "left"))
+                        b = int(np.searchsorted(sorted_rows, row, "right"))
+                        for c in sorted(column[a:b].tolist()):
+                            if len(got_ids) < k:
+                                got_ids.append(ids[c])
+                                got_scores.append(score)
+                    if len(got_ids) < k:
+                        short.append(u)
+                    else:
+                        result[u] = Recommendations(got_ids, got_scores)
+                todo, fetch = short, (min(n, fetch * 4) if fetch < n else n + 1)
+            if todo:
+                batch = histories[lo:lo + self.batch_size]
+                cand_ids, cand = self._candidates(candidates)
+                exact = self._recommend_exact([batch[u] for u in todo], k, exclude_history=exclude_history,
+                                              cand_ids=cand_ids, cand=cand)
+                for u, r in zip(todo, exact):
+                    result[u] = r
+            out.extend(r for r in result if r is not None)
         return out
 
     @torch.no_grad()
