@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from transrec.config import build_config
 from transrec.errors import UserError
 
 _RAW = argparse.RawDescriptionHelpFormatter
 PROGRESS = ("auto", "on", "off")  # run.progress
+ONNX_FILE = "user_encoder.onnx"  # transrec export --onnx, inside the export folder
 
 
 def _add_config_args(p: argparse.ArgumentParser, preset_default: str | None = "tiny") -> None:
@@ -110,6 +112,15 @@ def cmd_export(args) -> int:
     out = export_run(args.run, args.out, full=args.full, overwrite=args.overwrite, step=args.step)
     meta = read_export(out)
     print(f"exported {meta['kind']} weights of {args.run} (step {meta['step']}) to {out}")
+    if args.onnx:
+        from transrec.inference.onnx_export import export_user_encoder  # lazy: onnx, on request only
+        from transrec.models import SequentialRecommender  # lazy: fast --help
+        from transrec.models.export import export_config  # lazy: fast --help
+
+        side = export_user_encoder(SequentialRecommender.from_export(out), export_config(out),
+                                   Path(out) / ONNX_FILE)
+        print(f"user encoder as ONNX (opset {side['opset']}, {side['metric']} scoring, largest difference to "
+              f"PyTorch {side['parity_max_abs_diff']:.1e}) written to {Path(out) / ONNX_FILE}")
     return 0
 
 
@@ -277,6 +288,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty folder that is not an export (never a run or dataset folder)")
     p.add_argument("--full", action="store_true", help="LoRA runs: merge adapters into full weights")
+    p.add_argument("--onnx", action="store_true",
+                   help=f"also write the user encoder as EXPORT/{ONNX_FILE} (history item vectors in, user "
+                        "vector out; checked against PyTorch with onnxruntime)")
     p.add_argument("--step", default=None, metavar="last|best|N",
                    help="which checkpoint: last, best or a step number (default: best when the run "
                         "has one, else last)")
