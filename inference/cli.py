@@ -1,4 +1,4 @@
-"""Serving subcommands: recommend.
+"""Serving subcommands: recommend, vectors, serve.
 
 :func:`register` adds them to the ``transrec`` command line (:mod:`transrec.cli`, which imports this
 module; nothing here imports it back). Like the rest of this room, nothing here imports DeepSpeed or
@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from transrec.errors import UserError
+from transrec.inference import server
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -45,6 +46,24 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_vectors(args) -> int:
+    from transrec.inference.recommender import Recommender  # lazy: fast --help
+
+    if not args.data and not args.catalogue:
+        raise UserError("vectors: give the items with --data DIR and/or --catalogue DIR")
+    rec = Recommender.from_export(args.export, device=args.device, index=args.index)
+    if args.data:
+        rec.add_items(data=args.data)
+    if args.catalogue:
+        rec.add_items(catalogue=args.catalogue)
+    meta = rec.save_vectors(args.out, parquet=args.parquet)
+    extra = f", an {args.index} index" if args.index == "ivf" else f", a {args.index} index"
+    extra = extra if args.index != "exact" else ""
+    print(f"{meta['count']} item vectors ({meta['dim']} dimensions, {meta['metric']} scoring{extra}) of "
+          f"{args.export} written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "recommend", help="top-k items for histories from an export (new catalogue items included)",
@@ -71,3 +90,28 @@ def register(sub) -> None:
     p.add_argument("--include-history", action="store_true", help="allow items already in the history")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser(
+        "vectors", help="every item's scoring vector out of an export (safetensors, Parquet, ANN index)",
+        formatter_class=_RAW,
+        description="Encode the items of a dataset (--data) and/or a catalogue folder (--catalogue) with "
+                    "an export and write OUT/vectors.safetensors (the scoring vectors, and for a cosine "
+                    "model the user encoder's input embeddings), OUT/ids.json and OUT/vectors.json (metric, "
+                    "export fingerprint, hashes). Hybrid items carry their own vector. The vectors equal "
+                    "the Recommender's bit for bit; `transrec serve --vectors OUT` and "
+                    "Recommender.load_vectors(OUT) load them without running an encoder.",
+        epilog="examples:\n"
+               "  transrec vectors --export exports/pre --data data/source --out vectors/pre\n"
+               "  transrec vectors --export exports/pre --data data/source --catalogue new_items/ \\\n"
+               "      --out vectors/pre --parquet --index hnsw")
+    p.add_argument("--export", required=True, help="export folder (transrec export)")
+    p.add_argument("--data", help="dataset folder whose items are written")
+    p.add_argument("--catalogue", help="catalogue folder (items.csv + images/) whose items are written")
+    p.add_argument("--out", required=True, help="vectors folder: new, empty or an earlier vectors folder")
+    p.add_argument("--parquet", action="store_true", help="also OUT/vectors.parquet (id, vector)")
+    p.add_argument("--index", choices=["exact", "hnsw", "ivf"], default="exact",
+                   help="also build and save a FAISS index of this kind (default: none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.set_defaults(func=cmd_vectors)
+
+    server.add_parser(sub)

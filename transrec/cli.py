@@ -2,10 +2,11 @@
 
 Each room registers its own subcommands: ``transrec.shards.cli`` (``shards
 synth|build|convert|info``), ``transrec.engine.cli`` (``train``, ``eval``, ``export``,
-``transfer``, ``compare``, ``demo``, ``plot``, ``bench``) and ``transrec.inference.cli`` (``recommend``).
-Imports go one way: this module imports theirs, theirs never import it. Errors a user can fix are raised as
-:class:`transrec.errors.UserError` and printed as one line with a non-zero exit: 2, or the error's own
-``exit_code`` (a failed write, :class:`transrec.storage.WriteFailed`: 74).
+``transfer``, ``compare``, ``demo``, ``plot``, ``bench``, ``launch``) and ``transrec.inference.cli``
+(``recommend``, ``vectors``, ``serve``). Imports go one way: this module imports theirs, theirs never
+import it. Errors a user can fix are raised as :class:`transrec.errors.UserError` and printed as one
+line with a non-zero exit: 2, or the error's own ``exit_code`` (a failed write,
+:class:`transrec.storage.WriteFailed`: 74).
 """
 
 from __future__ import annotations
