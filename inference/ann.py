@@ -8,7 +8,7 @@ scores and one index kind serves both kinds of model:
 - ``hnsw``: ``IndexHNSWFlat`` (graph search; ``M`` links per node, ``ef_construction`` at build,
   ``ef_search`` at query). No training; items are added one batch after another.
 - ``ivf``: ``IndexIVFFlat`` over an inner-product coarse quantiser (``nlist`` lists, default about
-  4·√n; ``nprobe`` searched, default an eighth of them). Trained by k-means on the first vectors it
+  4·√n; ``nprobe`` searched, default 2·√nlist). Trained by k-means on the first vectors it
   is given (every vector when building from a pool); items added later go to the nearest list.
 
 A dot-product model's items differ in norm, and a graph or list search by inner product over such
@@ -42,11 +42,11 @@ from transrec.errors import UserError
 
 KINDS = ("exact", "hnsw", "ivf")  # "exact": no index, the Recommender's exact scoring pass
 
-# Defaults: recall@10 near 0.99 on trained item tables of 64-256 dimensions at a million items.
+# Defaults: recall@10 about 0.99 at a million items of 64 dimensions (benchmarks/ann_bench.py; a
+# smaller ef_search or nprobe is faster and finds less, docs/serving.md has the trade).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
-HNSW_EF_SEARCH = 256
-IVF_PROBE_SHARE = 8  # nprobe default: an eighth of the lists (recall@10 near 0.98 on trained tables)
+HNSW_EF_SEARCH = 128
 IVF_MIN_TRAIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 
 FORMAT = 1
@@ -133,7 +133,7 @@ class ItemIndex:
         index = faiss.IndexIVFFlat(quantizer, self._width, nlist, ip)
         index.cp.seed = 1234  # k-means start: the same index for the same vectors
         index.train(first)
-        self.params["nprobe"] = min(self.params["nprobe"] or max(1, nlist // IVF_PROBE_SHARE), nlist)
+        self.params["nprobe"] = min(self.params["nprobe"] or max(16, round(2 * math.sqrt(nlist))), nlist)
         index.nprobe = self.params["nprobe"]
         # the quantiser object must outlive the Python wrapper of this call
         self._quantizer = quantizer
@@ -189,6 +189,17 @@ class ItemIndex:
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return scores, rows
+
+    def set_search(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change how far a search looks (HNSW ``ef_search``, IVF ``nprobe``) without a rebuild."""
+        if ef_search is not None:
+            self.params["ef_search"] = int(ef_search)
+            if self._index is not None and self.kind == "hnsw":
+                self._index.hnsw.efSearch = int(ef_search)
+        if nprobe is not None:
+            self.params["nprobe"] = int(nprobe)
+            if self._index is not None and self.kind == "ivf":
+                self._index.nprobe = min(int(nprobe), self._index.nlist)
 
     # -- files ----------------------------------------------------------------------------------
     def save(self, folder: str | Path, stem: str | None = None) -> dict:

@@ -139,6 +139,7 @@ class Recommender:
         self._by_key: dict[str, int] = {}  # content key -> row
         self._pool: dict[str, int] = {}  # item id -> row (insertion order = pool order)
         self._pool_cache: tuple[list[str], torch.Tensor] | None = None
+        self._ann_cache: tuple | None = None  # (index synced with the pool, _pool_columns(None))
         # The hybrid (model.item.id_residual): item id -> row of the model's per-item vectors, for
         # the items of its training catalogue that training saw; every other item is its content.
         self._own: dict[str, int] = {}
@@ -212,7 +213,7 @@ class Recommender:
                 rows[at] = self._add_rows(content + vec.float().to(self.device))
         for i, r in zip(ids, rows.tolist()):
             self._pool[i] = int(r)
-        self._pool_cache = None
+        self._pool_cache = self._ann_cache = None
         return rows
 
     def _candidates(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
@@ -272,7 +273,7 @@ class Recommender:
         rows = self._add_rows(emb)
         for i, r in zip(ids, rows.tolist()):
             self._pool[i] = int(r)
-        self._pool_cache = None
+        self._pool_cache = self._ann_cache = None
 
     def _export_fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -310,6 +311,7 @@ class Recommender:
                             "make the folder again with transrec vectors")
         if self.index != "exact" and meta.get("index", {}).get("kind") == self.index and self._ann is None:
             ann = ItemIndex.load(folder, self.index)
+            ann.set_search(**{k: v for k, v in self._index_options.items() if k in ("ef_search", "nprobe")})
             ann.rows = ann.rows + start
             self._ann = ann
             self._in_index = np.zeros(self._n, dtype=bool)
@@ -512,13 +514,20 @@ class Recommender:
         return user_states(self.model, table, idx, idx >= 0)
 
     def _history_pairs(self, rows: list[list[int]], cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user row, candidate column) of every history item that is a candidate, on the device."""
-        col_of = torch.full((self._n,), -1, dtype=torch.long)  # table row -> candidate column
-        col_of[cand.cpu()] = torch.arange(cand.shape[0])
-        users = torch.tensor([u for u, r in enumerate(rows) for _ in r], dtype=torch.long)
-        cols = col_of[torch.tensor([x for r in rows for x in r], dtype=torch.long)]
-        keep = cols >= 0
-        return users[keep].to(self.device), cols[keep].to(self.device)
+        """(user row, candidate column) of every candidate a history item's table row backs, on the
+        device: every id of that content (two ids given one title share a row), as the index does."""
+        cand_rows = cand.cpu().numpy()
+        order = np.argsort(cand_rows, kind="stable")
+        ordered = cand_rows[order]
+        flat = np.asarray([x for r in rows for x in r], dtype=np.int64)
+        lo, hi = np.searchsorted(ordered, flat, "left"), np.searchsorted(ordered, flat, "right")
+        counts = hi - lo
+        users = np.repeat(np.asarray([u for u, r in enumerate(rows) for _ in r], dtype=np.int64), counts)
+        ends = np.cumsum(counts)
+        cols = order[np.repeat(lo, counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+                     - np.repeat(ends - counts, counts)]
+        cols = np.ascontiguousarray(cols)
+        return torch.from_numpy(users).to(self.device), torch.from_numpy(cols).to(self.device)
 
     def _score_batch(self, rows: list[list[int]], cand: torch.Tensor, *, exclude_history: bool,
                      **kw) -> Ranking:
@@ -582,13 +591,20 @@ class Recommender:
             self._in_index[todo] = True
         return self._ann
 
-    def _pool_columns(self, cand_ids: list[str] | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(ids, their rows sorted, the pool column of each sorted row) of the candidates: a row found
-        by the index maps to every candidate id it backs, in pool order."""
+    def _pool_columns(self, cand_ids: list[str] | None) -> tuple[list[str], np.ndarray, dict[int, list[int]]]:
+        """(ids, first, more) of the candidates: ``first[row]`` is the first candidate column a table
+        row backs (-1: none), ``more[row]`` every column of a row that backs several ids (two ids
+        given the same content), in pool order."""
         ids, rows = self._candidates(cand_ids)
         rows = rows.cpu().numpy()
-        order = np.argsort(rows, kind="stable")
-        return ids, rows[order], order
+        first = np.full(self._n, -1, dtype=np.int64)
+        first[rows[::-1]] = np.arange(len(rows) - 1, -1, -1)  # the lowest column wins
+        more: dict[int, list[int]] = {}
+        if len(np.unique(rows)) < len(rows):
+            for c, r in enumerate(rows.tolist()):
+                more.setdefault(r, []).append(c)
+            more = {r: cs for r, cs in more.items() if len(cs) > 1}
+        return ids, first, more
 
     def _recommend_ann(self, histories, k: int, *, exclude_history: bool,
                        candidates: list[str] | None) -> list[Recommendations]:
@@ -596,47 +612,49 @@ class Recommender:
         are filtered after the search), and again with four times as many for a user left short; a
         user still short when the whole index was asked for (a graph search need not reach every
         item) is scored exactly."""
-        index = self._ann_index()
-        ids, sorted_rows, column = self._pool_columns(candidates)
+        if self._ann_cache is None:  # the pool changed: new rows into the index, the column map anew
+            self._ann_cache = (self._ann_index(), self._pool_columns(None))
+        index = self._ann_cache[0]
+        ids, first, more = self._pool_columns(candidates) if candidates is not None else self._ann_cache[1]
         n = len(index)
         out: list[Recommendations] = []
         for lo in range(0, len(histories), self.batch_size):
             rows = self._history_rows(histories[lo:lo + self.batch_size])
             with torch.no_grad():
                 users = item_keys(self._users(rows, self._all()), self.l2).cpu().numpy()
-            masked = [set(r) if exclude_history else set() for r in rows]
-            fetch = fetch_size(k, max(len(m) for m in masked), n)
+            width = max(len(r) for r in rows) if exclude_history else 0
+            hist = np.full((len(rows), max(width, 1)), -2, dtype=np.int64)  # -2: no row
+            if exclude_history:
+                for u, r in enumerate(rows):
+                    hist[u, :len(r)] = r
+            fetch = fetch_size(k, width, n)
             if candidates is not None:  # a subset: its share of the index decides how far to look
                 fetch = min(n, int(fetch * max(1.0, n / max(len(ids), 1))))
             result: list[Recommendations | None] = [None] * len(rows)
-            todo = list(range(len(rows)))
-            while todo and fetch <= n:
+            todo = np.arange(len(rows))
+            while todo.size and fetch <= n:
                 scores, found = index.search(users[todo], fetch)
+                cols = np.where(found >= 0, first[np.clip(found, 0, None)], -1)
+                keep = (cols >= 0) & ~(found[:, :, None] == hist[todo][:, None, :]).any(-1)
                 short = []
-                for j, u in enumerate(todo):
-                    got_ids, got_scores = [], []
-                    for score, row in zip(scores[j].tolist(), found[j].tolist()):
-                        if row < 0 or len(got_ids) >= k:
-                            break
-                        if row in masked[u]:
-                            continue
-                        a = int(np.searchsorted(sorted_rows, row, "left"))
-                        b = int(np.searchsorted(sorted_rows, row, "right"))
-                        for c in sorted(column[a:b].tolist()):
-                            if len(got_ids) < k:
-                                got_ids.append(ids[c])
-                                got_scores.append(score)
-                    if len(got_ids) < k:
+                for j, u in enumerate(todo.tolist()):
+                    at = np.flatnonzero(keep[j])
+                    if more and any(int(found[j, a]) in more for a in at[:k]):
+                        got = [(c, float(scores[j, a])) for a in at for c in more.get(int(found[j, a]),
+                                                                                       [int(cols[j, a])])][:k]
+                    else:
+                        got = [(int(cols[j, a]), float(scores[j, a])) for a in at[:k]]
+                    if len(got) < k:
                         short.append(u)
                     else:
-                        result[u] = Recommendations(got_ids, got_scores)
-                todo, fetch = short, (min(n, fetch * 4) if fetch < n else n + 1)
-            if todo:
+                        result[u] = Recommendations([ids[c] for c, _ in got], [x for _, x in got])
+                todo, fetch = np.asarray(short, dtype=np.int64), (min(n, fetch * 4) if fetch < n else n + 1)
+            if todo.size:
                 batch = histories[lo:lo + self.batch_size]
                 cand_ids, cand = self._candidates(candidates)
-                exact = self._recommend_exact([batch[u] for u in todo], k, exclude_history=exclude_history,
-                                              cand_ids=cand_ids, cand=cand)
-                for u, r in zip(todo, exact):
+                exact = self._recommend_exact([batch[u] for u in todo.tolist()], k,
+                                              exclude_history=exclude_history, cand_ids=cand_ids, cand=cand)
+                for u, r in zip(todo.tolist(), exact):
                     result[u] = r
             out.extend(r for r in result if r is not None)
         return out

@@ -544,13 +544,13 @@ def serve(rec, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "i
 
 
 # -- the command line ---------------------------------------------------------------------------------
-def _from_export(export: str, device, index: str):
+def _from_export(export: str, device, index: str, options: dict | None = None):
     """``Recommender.from_export`` with ``index``; an export that cannot be loaded is one line (a
     UserError), whatever the loader raised."""
     from transrec.inference.recommender import Recommender  # lazy: fast --help
 
     try:
-        return Recommender.from_export(export, device=device, index=index)
+        return Recommender.from_export(export, device=device, index=index, index_options=options)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as the loader's own type
@@ -569,7 +569,10 @@ def cmd_serve(args) -> int:
         raise UserError(f"--max-body-mib must be positive, got {args.max_body_mib}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
-    rec = _from_export(args.export, args.device, args.index)
+    options = {k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v is not None}
+    if any(v < 1 for v in options.values()):
+        raise UserError(f"--ef-search and --nprobe must be at least 1, got {options}")
+    rec = _from_export(args.export, args.device, args.index, options)
     if args.vectors:
         rec.load_vectors(args.vectors)
     if args.data:
@@ -625,6 +628,10 @@ def add_parser(sub) -> None:
     p.add_argument("--index", choices=INDEXES, default="exact",
                    help="exact: score every item; hnsw, ivf: a FAISS approximate index "
                         "(default: %(default)s)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw: candidates a search keeps (more: higher recall, slower; default 128)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="ivf: lists a search visits (more: higher recall, slower; default 2·√lists)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000,
                    help="port (0: a free one, printed; default: %(default)s)")

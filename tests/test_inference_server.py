@@ -332,7 +332,6 @@ def test_an_id_model_refuses_content_with_422(tmp_path, world):
 
 
 def test_an_ann_index_is_served_and_reported(world):
-    pytest.importorskip("faiss")
     _, data, exp, hists = world
     rec = Recommender.from_export(exp, device="cpu", index="hnsw")
     rec.add_items(data=data)
