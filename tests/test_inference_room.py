@@ -244,7 +244,7 @@ def test_evaluation_and_the_recommender_agree_at_every_chunk_size(exact_model):
 # ----------------------------------------------------------------------------- the room's boundary
 
 ALLOWED = ("transrec.inference", "transrec.models", "transrec.shards", "transrec.errors", "transrec.config",
-           "transrec._toplevel")
+           "transrec.storage", "transrec._toplevel")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "inference").glob("*.py")), ids=lambda p: p.name)
