@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from transrec.errors import UserError
 from transrec.models.export import WEIGHTS, read_export
-from transrec.storage import WriteFailed, failure_line, guarded_write, is_write_failure
+from transrec.storage import guarded_write, replace_folder, temporary_beside
 
 FORMAT = 1
 VECTORS = "vectors.safetensors"
@@ -84,17 +82,7 @@ def write_vectors(out: str | Path, ids: list[str], vectors: np.ndarray, embeddin
     if embeddings is not None:
         tensors["embeddings"] = np.ascontiguousarray(embeddings, dtype=np.float32)
     what = "writing the item vectors"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as exc:
-        if is_write_failure(exc):
-            raise WriteFailed(failure_line(what, out, needed=None, written=None,
-                                           reason=exc.strerror or str(exc))) from None
-        raise UserError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+    tmp = temporary_beside(what, out, noun="the vectors")
     with guarded_write(what, out, tmp):
         save_file(tensors, str(tmp / VECTORS))
         (tmp / IDS).write_text(json.dumps([str(i) for i in ids]))
@@ -111,12 +99,7 @@ def write_vectors(out: str | Path, ids: list[str], vectors: np.ndarray, embeddin
                       f"index-{index.kind}.json"]
         meta["sha256"] = {f: _sha256(tmp / f) for f in files}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder(tmp, out)
     return meta
 
 

@@ -24,7 +24,12 @@ from transrec.config import Config, from_dict, load_yaml, save_yaml
 from transrec.errors import ConfigError, UserError
 from transrec.locking import pid_alive
 from transrec.models.lora import load_base_weights
-from transrec.storage import WriteFailed, check_space, failure_line, guarded_write, is_write_failure
+from transrec.storage import (
+    check_space,
+    guarded_write,
+    replace_folder,
+    temporary_beside,
+)
 
 EXPORT_FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -138,26 +143,11 @@ def write_export(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Config,
     what, basis = "writing the export", "its weights' size"
     needed = sum(int(t.nbytes) for t in tensors.values()) + 64 * 1024  # + safetensors header, config
     check_space(what, out, needed, basis=basis)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temporaries(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as exc:
-        if is_write_failure(exc):
-            raise WriteFailed(failure_line(what, out, needed=needed, written=None,
-                                           reason=exc.strerror or str(exc), basis=basis)) from None
-        raise UserError(f"{out}: cannot write the export there ({exc.strerror or exc})") from None
+    _remove_dead_temporaries(out)
+    tmp = temporary_beside(what, out, needed=needed, basis=basis, noun="the export")
     with guarded_write(what, out, tmp, needed=needed, basis=basis):
         save_file(tensors, str(tmp / WEIGHTS))
         save_yaml(cfg, tmp / "config.yaml")
         (tmp / META).write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)  # the previous export stays whole until the new one is in place
-    os.rename(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder(tmp, out)  # the previous export stays whole until the new one is in place
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_exports import tiny_world
 
 from transrec.config import build_config
 from transrec.engine.data import NoContent, make_loader
@@ -39,11 +40,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small synthetic dataset and a random-init tiny content export of it."""
-    root = tmp_path_factory.mktemp("room")
-    data = synthesize(root / "data", domain="target", n_users=30, n_items=40, seed=4, min_len=4, max_len=10)
-    cfg = build_config("tiny", None, [f"data.path={data}", "eval.item_chunk=16", "eval.batch_size=8"])
-    torch.manual_seed(0)
-    exp = build_model(cfg.model).save_export(root / "export", cfg, {"kind": "full", "step": 0})
+    data, _, exp = tiny_world(tmp_path_factory.mktemp("room"), seed=4)
     return data, exp
 
 

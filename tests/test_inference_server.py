@@ -28,13 +28,13 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
+from tiny_exports import tiny_world
 
 from transrec.config import build_config
 from transrec.inference.histories import dataset_sequences
 from transrec.inference.recommender import Recommender
 from transrec.inference.server import RecommendService, Refused, listen, make_app
 from transrec.models import build_model
-from transrec.shards.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = [sys.executable, "-m", "transrec.cli", "serve"]
@@ -45,10 +45,7 @@ WAIT_S = 120  # the longest any wait here may take (a loaded 2-core machine impo
 def world(tmp_path_factory):
     """A small synthetic dataset, a random-init tiny content export of it and some histories."""
     root = tmp_path_factory.mktemp("serve")
-    data = synthesize(root / "data", domain="target", n_users=30, n_items=40, seed=5, min_len=4, max_len=10)
-    cfg = build_config("tiny", None, [f"data.path={data}", "eval.item_chunk=16", "eval.batch_size=8"])
-    torch.manual_seed(0)
-    exp = build_model(cfg.model).save_export(root / "export", cfg, {"kind": "full", "step": 0})
+    data, _, exp = tiny_world(root, seed=5)
     hists = [h[:6] for _, h in dataset_sequences(data)]
     return root, data, exp, hists
 

@@ -142,6 +142,36 @@ def guarded_write(what: str, folder: str | Path, tmp: str | Path, *,
         raise
 
 
+def temporary_beside(what: str, out: Path, *, needed: int | None = None, basis: str = LAST_SIZE,
+                     noun: str = "it") -> Path:
+    """A fresh temporary folder ``.NAME.tmp-PID`` beside the folder ``out`` (parents made), where a
+    folder is built before :func:`replace_folder` puts it in place: a failed write is
+    :class:`WriteFailed` (one line), any other refusal one line naming ``out``."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise WriteFailed(failure_line(what, out, needed=needed, written=None,
+                                           reason=exc.strerror or str(exc), basis=basis)) from None
+        raise UserError(f"{out}: cannot write {noun} there ({exc.strerror or exc})") from None
+    return tmp
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``: an earlier ``out`` stays whole until the new one
+    is in place, then goes."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def space_short(folder: str | Path, needed: int | None) -> bool:
     """True when the free space under ``folder`` is known and smaller than ``needed``."""
     free = free_bytes(folder)
