@@ -402,13 +402,15 @@ def budget_leaders(rows: list[dict], protocol: str = "masked",
 def leaders_line(rows: list[dict], metric: str = "ndcg@10") -> str:
     """Two lines, one per protocol: at each budget the mode that leads test ``metric`` beyond noise
     (95 % paired bootstrap interval of its difference to the runner-up excluding zero), or the
-    modes that tie within noise."""
+    modes that tie within noise ("alone" for a budget that ran one mode: it leads nothing)."""
     lines = []
     for protocol, name in (("masked", "history masked"), ("ranked", "history ranked")):
         parts = []
         for b, lead, tied in budget_leaders(rows, protocol, metric):
             at = f"{b} steps: " if b is not None else ""
-            parts.append(f"{at}{lead} leads" if lead else f"{at}tie within noise: {', '.join(tied)}")
+            alone = sum(r.get("budget") == b for r in rows) == 1  # nothing to lead
+            parts.append(f"{at}{tied[0]} alone" if alone and tied else f"{at}{lead} leads" if lead
+                         else f"{at}tie within noise: {', '.join(tied)}")
         lines.append(f"test {metric.upper()}, {name}: " + "; ".join(parts))
     return "\n".join(lines)
 

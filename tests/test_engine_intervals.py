@@ -105,6 +105,9 @@ def test_leaders_by_budget_and_protocol(tmp_path):
     assert line.splitlines() == [
         "test NDCG@10, history masked: 30 steps: tie within noise: scratch, full; 100 steps: full leads",
         "test NDCG@10, history ranked: 30 steps: tie within noise: scratch, full; 100 steps: full leads"]
+    one = [dict(r) for r in rows if r["mode"] == "full"]  # one mode per budget: nothing to lead
+    assert leaders_line(one).splitlines()[0] == ("test NDCG@10, history masked: 30 steps: full alone; "
+                                                 "100 steps: full alone")
     full100 = next(r for r in rows if r["mode"] == "full" and r["budget"] == 100)
     assert full100["masked_ndcg@10_lo"] < full100["masked_ndcg@10"] < full100["masked_ndcg@10_hi"]
     (tmp_path / "out").mkdir()
