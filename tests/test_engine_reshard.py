@@ -327,6 +327,7 @@ def _toy_first(rank: int, port: int, root: str) -> None:
         states = _toy_states(engine)
         if rank == 0:
             torch.save(states, f"{root}/z{stage}/reference.pt")
+    _leave()
 
 
 def _toy_states(engine) -> dict:
@@ -364,6 +365,14 @@ def _toy_second(rank: int, port: int, root: str, world: int) -> None:
         states = _toy_states(engine)
         if rank == 0:
             torch.save(states, f"{root}/z{stage}/on{world}.pt")
+    _leave()
+
+
+def _leave() -> None:
+    """Every rank done, then the process group closed: a rank that exits while gloo's threads still
+    serve the group may abort at interpreter exit ("terminate called without an active exception")."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
