@@ -236,11 +236,6 @@ class _Job:
     out: object = field(default=None)  # list of results, or a Refused / Exception
 
 
-def index_name(rec) -> str:
-    """The search index a Recommender uses, as ``/health`` reports it."""
-    return str(rec.index)
-
-
 class RecommendService:
     """The routes' logic around one Recommender: validation, the lock, coalescing, error mapping.
 
@@ -248,8 +243,7 @@ class RecommendService:
     worker thread, one call into the Recommender at a time."""
 
     def __init__(self, rec, *, max_batch: int = MAX_BATCH, max_k: int = MAX_K, max_history: int = MAX_HISTORY,
-                 max_body_bytes: int = MAX_BODY_BYTES, max_add: int = MAX_ADD, coalesce: int = COALESCE,
-                 index: str | None = None):
+                 max_body_bytes: int = MAX_BODY_BYTES, max_add: int = MAX_ADD, coalesce: int = COALESCE):
         for name, v in (("max_batch", max_batch), ("max_k", max_k), ("max_history", max_history),
                         ("max_body_bytes", max_body_bytes), ("max_add", max_add), ("coalesce", coalesce)):
             if not _is_int(v) or v < 1:
@@ -257,7 +251,6 @@ class RecommendService:
         self.rec = rec
         self.max_batch, self.max_k, self.max_history = max_batch, max_k, max_history
         self.max_body_bytes, self.max_add, self.coalesce = max_body_bytes, max_add, coalesce
-        self.index = index or index_name(rec)
         self._lock: asyncio.Lock | None = None
         self._pending: list[_Job] = []
         self._drainer: asyncio.Task | None = None
@@ -401,7 +394,7 @@ class RecommendService:
 
     def health(self) -> dict:
         rec = self.rec
-        return {"status": "ok", "items": len(rec), "index": self.index, "model": getattr(rec, "kind", None),
+        return {"status": "ok", "items": len(rec), "index": rec.index, "model": getattr(rec, "kind", None),
                 "export": str(getattr(rec, "source", "")), "device": str(getattr(rec, "device", ""))}
 
 
@@ -427,13 +420,11 @@ def _error(status: int, message: str):
 
 
 def make_app(rec, *, max_batch: int = MAX_BATCH, max_k: int = MAX_K, max_history: int = MAX_HISTORY,
-             max_body_bytes: int = MAX_BODY_BYTES, max_add: int = MAX_ADD, coalesce: int = COALESCE,
-             index: str | None = None):
+             max_body_bytes: int = MAX_BODY_BYTES, max_add: int = MAX_ADD, coalesce: int = COALESCE):
     """The starlette app serving ``rec`` (see the module docstring); ``app.state.service`` is its
     :class:`RecommendService`. Limits: ``max_batch`` histories per request, ``k`` up to ``max_k``,
     ``max_history`` items per history, ``max_body_bytes`` per body, ``max_add`` items per ``/items``;
-    ``coalesce``: users per scoring pass across concurrent requests; ``index``: the name ``/health``
-    reports (default: the Recommender's)."""
+    ``coalesce``: users per scoring pass across concurrent requests."""
     try:
         from starlette.applications import Starlette  # optional: starlette (the serve extra)
         from starlette.exceptions import HTTPException  # optional: starlette (the serve extra)
@@ -443,7 +434,7 @@ def make_app(rec, *, max_batch: int = MAX_BATCH, max_k: int = MAX_K, max_history
         raise UserError(_NEED_EXTRA) from None
 
     service = RecommendService(rec, max_batch=max_batch, max_k=max_k, max_history=max_history,
-                               max_body_bytes=max_body_bytes, max_add=max_add, coalesce=coalesce, index=index)
+                               max_body_bytes=max_body_bytes, max_add=max_add, coalesce=coalesce)
 
     def endpoint(route: str, work: Callable):
         async def handle(request):
@@ -584,7 +575,7 @@ def cmd_serve(args) -> int:
     # one pass before listening: the table, the index and the first-call costs are paid here, and a
     # model that cannot score stops the command instead of failing every request
     rec.recommend_many([[rec.item_ids[0]]], 1, exclude_history=False)
-    index = index_name(rec)
+    index = rec.index
 
     def banner(host: str, port: int) -> None:
         shown = f"[{host}]" if ":" in host else host
@@ -593,7 +584,7 @@ def cmd_serve(args) -> int:
 
     serve(rec, host=args.host, port=args.port, log_level=args.log_level, on_listen=banner,
           max_batch=args.max_batch, max_k=args.max_k, max_body_bytes=int(args.max_body_mib * (1 << 20)),
-          coalesce=args.coalesce, index=index)
+          coalesce=args.coalesce)
     return 0
 
 
