@@ -11,7 +11,8 @@ Run: .venv/bin/python benchmarks/content_vs_id.py            # default size, ~20
 
 ``--tune KEY=V1,V2`` (repeatable) runs every model, the ID model's included, at each combination and
 keeps, per model, the run with the best validation NDCG@10; only that run is exported and tested.
-``--patience N`` stops every model's run after N validations without gain.
+``--patience N`` stops every model's run after N validations without gain. ``--set MODEL:KEY=VALUE``
+(repeatable) overrides one model only, for example with the value an earlier tuned run chose for it.
 
 ``--content-signal F[,F...]`` makes the world once per value (:func:`transrec.shards.synth.synthesize`'s
 ``content_signal``: how much of what drives tastes the titles show) and runs every model on each.
@@ -77,6 +78,7 @@ from transrec.shards.synth import synthesize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"masked": True, "unmasked": False}  # name -> exclude_history
+MODELS = ("id-sasrec", "transrec-minilm", "transrec-minilm-hybrid")
 
 # Content TransRec: MiniLM titles, top 2 of 6 blocks trained, on the tiny preset's CPU loop.
 CONTENT = ["model.text.name=minilm", "model.text.trainable=2", "model.text.max_len=32", "model.dim=128",
@@ -154,6 +156,9 @@ def main() -> int:
     ap.add_argument("--patience", type=int, default=0,
                     help="run.patience of every model: stop after this many validations without gain "
                          "(0: run the whole budget)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODEL:KEY=VALUE", dest="model_set",
+                    help="an override for one model only (repeatable), for example a value an earlier run's "
+                         "tuning chose for it: id-sasrec:model.user.dropout=0.5")
     ap.add_argument("extra", nargs="*", help="key=value overrides for content TransRec")
     args = ap.parse_args()
     if args.quick:
@@ -168,6 +173,7 @@ def main() -> int:
         ap.error(f"--content-signal: numbers in [0, 1], got {args.content_signal!r}")
     try:
         args.grid = tune_grid(args.tune)
+        args.model_set = model_sets(args.model_set)
     except ValueError as exc:
         ap.error(str(exc))
     t0 = time.time()
@@ -188,6 +194,17 @@ def tune_grid(specs: list[str]) -> list[list[str]]:
             raise ValueError(f"--tune: KEY=V1,V2,... expected, got {spec!r}")
         grid = [g + [f"{key.strip()}={v}"] for g in grid for v in vals]
     return grid
+
+
+def model_sets(specs: list[str]) -> dict[str, list[str]]:
+    """``--set MODEL:KEY=VALUE`` as ``{model: [KEY=VALUE, ...]}`` (models checked against MODELS)."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, _, over = spec.partition(":")
+        if name.strip() not in MODELS or "=" not in over or not over.partition("=")[0].strip():
+            raise ValueError(f"--set: MODEL:KEY=VALUE with MODEL one of {', '.join(MODELS)}, got {spec!r}")
+        out.setdefault(name.strip(), []).append(over.strip())
+    return out
 
 
 def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]]) -> None:
@@ -239,6 +256,7 @@ def one_world(args, work: Path, signal: float) -> None:
         raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(runs)})")
     for name in names:
         preset, over = runs[name]
+        over = over + args.model_set.get(name, [])
         tried = []  # (valid NDCG@10, tuned overrides, run folder, result, wall s) of each grid point
         for j, tuned in enumerate(args.grid):
             run = work / (f"run-{name}" + (f"-t{j}" if len(args.grid) > 1 else ""))
@@ -268,7 +286,8 @@ def one_world(args, work: Path, signal: float) -> None:
                 print(f"warning: {name} {proto} all-user NDCG@10 {groups['all'][1]:.4f} differs from "
                       f"eval.json best.test {ref:.4f}", flush=True)
             rows.append({"content_signal": signal, "model": name, "preset": preset,
-                         "tuned": " ".join(tuned), "steps": result.step,
+                         "tuned": " ".join(tuned), "set": " ".join(args.model_set.get(name, [])),
+                         "steps": result.step,
                          "best_step": best["step"],
                          "train_s": round(result.seconds, 1), "wall_s": round(wall, 1), "protocol": proto,
                          "valid_ndcg@10": round(best["valid"][key + "ndcg@10"], 4),
@@ -287,7 +306,8 @@ def one_world(args, work: Path, signal: float) -> None:
     for r in rows:
         vs = (f"{r['vs_id_ndcg@10']:+.4f} [{r['vs_id_ndcg@10_lo']:+.4f}, {r['vs_id_ndcg@10_hi']:+.4f}]"
               if "vs_id_ndcg@10" in r else "")
-        label = f"{r['model']} ({r['tuned']})" if r["tuned"] else r["model"]
+        chosen = " ".join(x for x in (r["set"], r["tuned"]) if x)
+        label = f"{r['model']} ({chosen})" if chosen else r["model"]
         print(f"| {label} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
               f"| {r['all_ndcg@10']:.4f} [{r['all_ndcg@10_lo']:.4f}, {r['all_ndcg@10_hi']:.4f}] | {vs} "
               f"| {r['all_hr@10']:.4f} | {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
