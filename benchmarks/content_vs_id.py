@@ -17,8 +17,9 @@ keeps, per model, the run with the best validation NDCG@10; only that run is exp
 ``--content-signal F[,F...]`` makes the world once per value (:func:`transrec.shards.synth.synthesize`'s
 ``content_signal``: how much of what drives tastes the titles show) and runs every model on each.
 Each row's all-user test NDCG@10 gets a 95 % bootstrap interval over the test users, and every
-model's difference to ``id-sasrec`` a paired one (:mod:`transrec.engine.intervals`, from the ranks
-each run's final evaluation keeps), under both protocols.
+model's difference to ``id-sasrec`` a paired one, over all users and over the warm ones
+(:mod:`transrec.engine.intervals`, from the ranks each run's final evaluation keeps), under both
+protocols.
 
 The synthetic source world is written with titles only (``image_frac=0``). Items are drawn at
 random into a held-out set until their share of the users' test targets (last items) reaches
@@ -207,8 +208,9 @@ def model_sets(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]]) -> None:
-    """Each row's all-user test NDCG@10 interval, and its paired difference to id-sasrec."""
+def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]], warm: np.ndarray) -> None:
+    """Each row's all-user test NDCG@10 interval, and its paired difference to id-sasrec over all
+    users and over the warm ones (``warm``: per dataset user index, the target was trained on)."""
     for r in rows:
         proto = "masked" if r["protocol"] == "masked" else "ranked"
         users, ranks = load_ranks(*runs[r["model"]])
@@ -216,9 +218,12 @@ def intervals(rows: list[dict], runs: dict[str, tuple[Path, int]]) -> None:
         r["all_ndcg@10_lo"], r["all_ndcg@10_hi"] = (round(x, 4) for x in bootstrap_interval(v))
         if "id-sasrec" in runs and r["model"] != "id-sasrec":
             u_id, ranks_id = load_ranks(*runs["id-sasrec"])
-            d, lo, hi = paired_interval(users, v, u_id, user_values(ranks_id, "ndcg@10", proto))
-            r["vs_id_ndcg@10"], r["vs_id_ndcg@10_lo"], r["vs_id_ndcg@10_hi"] = (round(d, 4), round(lo, 4),
-                                                                                round(hi, 4))
+            v_id = user_values(ranks_id, "ndcg@10", proto)
+            for key, a, b in (("vs_id", slice(None), slice(None)),
+                              ("vs_id_warm", warm[users], warm[u_id])):
+                d, lo, hi = paired_interval(users[a], v[a], u_id[b], v_id[b])
+                r[f"{key}_ndcg@10"], r[f"{key}_ndcg@10_lo"], r[f"{key}_ndcg@10_hi"] = (
+                    round(d, 4), round(lo, 4), round(hi, 4))
 
 
 def one_world(args, work: Path, signal: float) -> None:
@@ -231,8 +236,9 @@ def one_world(args, work: Path, signal: float) -> None:
     ds = Dataset.open(data)
     count = {unsanitize_key(k): int(c) for k, c in zip(ds.item_ids, ds.train_count)}
     assert all(count[i] == 0 for i in cold), "a held-out item was trained on"
-    users = [(items[:-1], items[-1], count[items[-1]] == 0)
-             for _, items in dataset_sequences(ds) if len(items) >= 3]
+    seqs = [items for _, items in dataset_sequences(ds)]  # in dataset user index order
+    warm = np.array([count[items[-1]] > 0 for items in seqs], dtype=bool)
+    users = [(items[:-1], items[-1], count[items[-1]] == 0) for items in seqs if len(items) >= 3]
     n_cold = sum(c for _, _, c in users)
     print(f"world: {args.users} users, {args.items} titles; {len(cold)} items held out of training; "
           f"{len(users)} test users, {n_cold} ({n_cold / len(users):.1%}) with a never-trained target",
@@ -294,24 +300,24 @@ def one_world(args, work: Path, signal: float) -> None:
                          **{f"{g}_{m}@10": round(v[j], 4) for g, v in groups.items()
                             for j, m in enumerate(("hr", "ndcg"))}})
 
-    intervals(rows, kept)
+    intervals(rows, kept, warm)
     print(f"\ncontent vs ID on the synthetic source world (titles only, content signal {signal:g}): "
           f"{args.users} users, {args.items} items; {n_cold} of {len(users)} test targets "
           f"({n_cold / len(users):.1%}) never trained on; seed {args.seed}; {stamp()['machine']}; "
           f"commit {stamp()['commit']}")
     print(f"| model | protocol | best step / steps | train s | NDCG@10 all [95% CI] | to id-sasrec [95% CI] "
           f"| HR@10 all | NDCG@10 cold ({n_cold}) | HR@10 cold | NDCG@10 warm ({len(users) - n_cold}) "
-          f"| HR@10 warm |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| warm to id-sasrec [95% CI] | HR@10 warm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        vs = (f"{r['vs_id_ndcg@10']:+.4f} [{r['vs_id_ndcg@10_lo']:+.4f}, {r['vs_id_ndcg@10_hi']:+.4f}]"
-              if "vs_id_ndcg@10" in r else "")
+        vs, vs_warm = (f"{r[k + '_ndcg@10']:+.4f} [{r[k + '_ndcg@10_lo']:+.4f}, {r[k + '_ndcg@10_hi']:+.4f}]"
+                       if k + "_ndcg@10" in r else "" for k in ("vs_id", "vs_id_warm"))
         chosen = " ".join(x for x in (r["set"], r["tuned"]) if x)
         label = f"{r['model']} ({chosen})" if chosen else r["model"]
         print(f"| {label} | {r['protocol']} | {r['best_step']} / {r['steps']} | {r['train_s']:.0f} "
               f"| {r['all_ndcg@10']:.4f} [{r['all_ndcg@10_lo']:.4f}, {r['all_ndcg@10_hi']:.4f}] | {vs} "
               f"| {r['all_hr@10']:.4f} | {r['cold_ndcg@10']:.4f} | {r['cold_hr@10']:.4f} "
-              f"| {r['warm_ndcg@10']:.4f} | {r['warm_hr@10']:.4f} |")
+              f"| {r['warm_ndcg@10']:.4f} | {vs_warm} | {r['warm_hr@10']:.4f} |")
     print(f"world done in {time.time() - t0:.0f} s")
     if not args.no_csv:
         run = {**stamp(), "quick": args.quick, "n_users_world": args.users,
