@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from transrec.engine.intervals import save_ranks
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
-    spec = importlib.util.spec_from_file_location("content_vs_id", ROOT / "benchmarks" / "content_vs_id.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(monkeypatch, "content_vs_id.py")
 
 
 def test_set_overrides_one_model_and_refuses_what_it_cannot_place(script):

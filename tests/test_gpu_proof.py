@@ -6,7 +6,6 @@ the bench rows merged under the command's columns."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from transrec.engine import bench
 
@@ -125,11 +125,7 @@ def test_usage_and_bad_flags():
 
 
 def _proof_summary(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
-    spec = importlib.util.spec_from_file_location("proof_summary", ROOT / "benchmarks" / "proof_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(monkeypatch, "proof_summary.py")
 
 
 def _bench_row(label: str, seq_per_s: float) -> dict:

@@ -5,25 +5,18 @@ their rows."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
 
 from transrec.kernels import triton_config as tc
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernel_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark(monkeypatch, "kernel_bench.py", "bench_kernels")
 
 
 def test_cpu_benchmark_smoke(tmp_path, capsys, monkeypatch):
